@@ -1,0 +1,337 @@
+"""The one composition root: the credential and every Azure client the product uses.
+
+Built once per process (cold start) from validated `Settings` and passed to handlers;
+handlers never construct clients. Every client gets the same retry configuration, the
+same user agent (`apim-remediator/<version>`), the cloud profile's endpoints and token
+scopes, and the operator's CA bundle when one is configured.
+
+Sync clients serve one-shot paths (CLI, HTTP API); async clients serve fan-out (sweeps,
+scans). Async clients are bound to the event loop that first uses them: one factory per
+loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from azure.core.credentials import TokenCredential
+from azure.core.credentials_async import AsyncTokenCredential
+from azure.data.tables import TableServiceClient
+from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
+from azure.identity import DefaultAzureCredential
+from azure.identity.aio import DefaultAzureCredential as AsyncDefaultAzureCredential
+from azure.keyvault.secrets import SecretClient
+from azure.keyvault.secrets.aio import SecretClient as AsyncSecretClient
+from azure.mgmt.apimanagement import ApiManagementClient
+from azure.mgmt.apimanagement.aio import ApiManagementClient as AsyncApiManagementClient
+from azure.mgmt.monitor import MonitorManagementClient
+from azure.mgmt.monitor.aio import MonitorManagementClient as AsyncMonitorManagementClient
+from azure.mgmt.resourcegraph import ResourceGraphClient
+from azure.mgmt.resourcegraph.aio import ResourceGraphClient as AsyncResourceGraphClient
+from azure.monitor.query import LogsQueryClient
+from azure.monitor.query.aio import LogsQueryClient as AsyncLogsQueryClient
+from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import ExponentialRetry as BlobRetry
+from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
+from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient, QueueServiceClient
+from azure.storage.queue import ExponentialRetry as QueueRetry
+from azure.storage.queue.aio import QueueClient as AsyncQueueClient
+from azure.storage.queue.aio import QueueServiceClient as AsyncQueueServiceClient
+
+from shared import __version__
+from shared.errors import PermanentError
+from shared.settings import CloudName, Settings
+
+USER_AGENT = f"apim-remediator/{__version__}"
+
+# Diagnostic settings live in the multi-api monitor client; pin the version the product
+# and the twin speak.
+DIAGNOSTIC_SETTINGS_API_VERSION = "2021-05-01-preview"
+
+# Key Vault DNS suffixes of the public clouds. A vault URL outside them is refused so a
+# crafted URL (from a tag or an event) cannot make the product send a token elsewhere.
+KEYVAULT_SUFFIXES: dict[CloudName, str] = {
+    CloudName.AZURE_CLOUD: ".vault.azure.net",
+    CloudName.AZURE_US_GOVERNMENT: ".vault.usgovcloudapi.net",
+    CloudName.AZURE_CHINA_CLOUD: ".vault.azure.cn",
+}
+
+_C = TypeVar("_C")
+
+
+class ClientFactory:
+    """Builds and memoises the credential and clients for one process (or one event loop)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    # -- shared configuration ------------------------------------------------------------
+
+    def _transport_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"user_agent": USER_AGENT}
+        if self.settings.ca_bundle:
+            kwargs["connection_verify"] = self.settings.ca_bundle
+        return kwargs
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        """Retry + transport options for azure-core pipelines (ARM, Key Vault, Logs)."""
+        retry = self.settings.retry
+        return {
+            **self._transport_kwargs(),
+            "retry_total": retry.total,
+            "retry_backoff_factor": retry.backoff_factor,
+            "retry_backoff_max": retry.backoff_max,
+        }
+
+    def _credential_kwargs(self) -> dict[str, Any]:
+        cloud = self.settings.cloud
+        kwargs: dict[str, Any] = {
+            "authority": cloud.authority_host,
+            # Instance discovery asks login.microsoftonline.com about the authority; a
+            # custom cloud's authority is not known there.
+            "disable_instance_discovery": cloud.is_custom,
+        }
+        if self.settings.managed_identity_client_id:
+            kwargs["managed_identity_client_id"] = self.settings.managed_identity_client_id
+        if self.settings.ca_bundle:
+            kwargs["connection_verify"] = self.settings.ca_bundle
+        return kwargs
+
+    def _memo(self, kind: str, key: str, build: Any) -> Any:
+        slot = (kind, key)
+        if slot not in self._cache:
+            self._cache[slot] = build()
+        return self._cache[slot]
+
+    # -- credentials ---------------------------------------------------------------------
+
+    def credential(self) -> TokenCredential:
+        """Managed identity in Azure; environment (service principal) credentials locally."""
+        cred: TokenCredential = self._memo(
+            "credential", "", lambda: DefaultAzureCredential(**self._credential_kwargs())
+        )
+        return cred
+
+    def async_credential(self) -> AsyncTokenCredential:
+        cred: AsyncTokenCredential = self._memo(
+            "credential_async", "", lambda: AsyncDefaultAzureCredential(**self._credential_kwargs())
+        )
+        return cred
+
+    # -- ARM -----------------------------------------------------------------------------
+
+    def _arm_kwargs(self) -> dict[str, Any]:
+        cloud = self.settings.cloud
+        return {
+            **self._client_kwargs(),
+            "base_url": cloud.resource_manager,
+            "credential_scopes": [cloud.arm_scope],
+        }
+
+    def apim(self, subscription_id: str) -> ApiManagementClient:
+        client: ApiManagementClient = self._memo(
+            "apim",
+            subscription_id,
+            lambda: ApiManagementClient(self.credential(), subscription_id, **self._arm_kwargs()),
+        )
+        return client
+
+    def apim_async(self, subscription_id: str) -> AsyncApiManagementClient:
+        client: AsyncApiManagementClient = self._memo(
+            "apim_async",
+            subscription_id,
+            lambda: AsyncApiManagementClient(self.async_credential(), subscription_id, **self._arm_kwargs()),
+        )
+        return client
+
+    def monitor(self, subscription_id: str) -> MonitorManagementClient:
+        """Azure Monitor management (diagnostic settings on any resource id)."""
+        client: MonitorManagementClient = self._memo(
+            "monitor",
+            subscription_id,
+            lambda: MonitorManagementClient(
+                self.credential(),
+                subscription_id,
+                api_version=DIAGNOSTIC_SETTINGS_API_VERSION,
+                **self._arm_kwargs(),
+            ),
+        )
+        return client
+
+    def monitor_async(self, subscription_id: str) -> AsyncMonitorManagementClient:
+        client: AsyncMonitorManagementClient = self._memo(
+            "monitor_async",
+            subscription_id,
+            lambda: AsyncMonitorManagementClient(
+                self.async_credential(),
+                subscription_id,
+                api_version=DIAGNOSTIC_SETTINGS_API_VERSION,
+                **self._arm_kwargs(),
+            ),
+        )
+        return client
+
+    def _graph_kwargs(self) -> dict[str, Any]:
+        return {**self._arm_kwargs(), "base_url": self.settings.cloud.resource_graph}
+
+    def resource_graph(self) -> ResourceGraphClient:
+        client: ResourceGraphClient = self._memo(
+            "resource_graph", "", lambda: ResourceGraphClient(self.credential(), **self._graph_kwargs())
+        )
+        return client
+
+    def resource_graph_async(self) -> AsyncResourceGraphClient:
+        client: AsyncResourceGraphClient = self._memo(
+            "resource_graph_async",
+            "",
+            lambda: AsyncResourceGraphClient(self.async_credential(), **self._graph_kwargs()),
+        )
+        return client
+
+    # -- Key Vault -----------------------------------------------------------------------
+
+    def _vault_url(self, vault_url: str) -> str:
+        parts = urlsplit(vault_url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise PermanentError(f"Key Vault URL must be https://<vault-host>/, got {vault_url!r}")
+        suffix = KEYVAULT_SUFFIXES.get(self.settings.cloud.name)
+        if suffix and not parts.hostname.lower().endswith(suffix):
+            raise PermanentError(
+                f"Key Vault URL {vault_url!r} is not in the {self.settings.cloud.name.value} "
+                f"cloud (expected a host ending in {suffix})"
+            )
+        return f"https://{parts.netloc.lower()}"
+
+    def _secrets_kwargs(self) -> dict[str, Any]:
+        return {
+            **self._client_kwargs(),
+            "verify_challenge_resource": self.settings.cloud.keyvault_verify_challenge_resource,
+        }
+
+    def secrets(self, vault_url: str) -> SecretClient:
+        url = self._vault_url(vault_url)
+        client: SecretClient = self._memo(
+            "secrets", url, lambda: SecretClient(url, self.credential(), **self._secrets_kwargs())
+        )
+        return client
+
+    def secrets_async(self, vault_url: str) -> AsyncSecretClient:
+        url = self._vault_url(vault_url)
+        client: AsyncSecretClient = self._memo(
+            "secrets_async",
+            url,
+            lambda: AsyncSecretClient(url, self.async_credential(), **self._secrets_kwargs()),
+        )
+        return client
+
+    # -- Log Analytics -------------------------------------------------------------------
+
+    def _logs_kwargs(self) -> dict[str, Any]:
+        cloud = self.settings.cloud
+        # Without audience the SDK asks for a token scoped to the endpoint's own host.
+        return {**self._client_kwargs(), "endpoint": cloud.log_analytics, "audience": cloud.log_analytics}
+
+    def logs(self) -> LogsQueryClient:
+        client: LogsQueryClient = self._memo(
+            "logs", "", lambda: LogsQueryClient(self.credential(), **self._logs_kwargs())
+        )
+        return client
+
+    def logs_async(self) -> AsyncLogsQueryClient:
+        client: AsyncLogsQueryClient = self._memo(
+            "logs_async", "", lambda: AsyncLogsQueryClient(self.async_credential(), **self._logs_kwargs())
+        )
+        return client
+
+    # -- Storage (the product's own queue, journal, leases) ------------------------------
+
+    def _storage_kwargs(self, service: str) -> dict[str, Any]:
+        """Blob and queue SDKs bring their own retry policy; give it the same budget."""
+        retry = self.settings.retry
+        if service == "table":
+            return self._client_kwargs()
+        policy_class = QueueRetry if service == "queue" else BlobRetry
+        kwargs: dict[str, Any] = {
+            **self._transport_kwargs(),
+            "retry_policy": policy_class(
+                initial_backoff=max(1, round(retry.backoff_factor)),
+                increment_base=2,
+                retry_total=retry.total,
+            ),
+        }
+        return kwargs
+
+    def _storage_client(self, service: str, cls: Any, *, is_async: bool) -> Any:
+        storage = self.settings.storage
+        kind = f"{service}_async" if is_async else service
+        kwargs = self._storage_kwargs(service)
+        if storage.connection_string is not None:
+            conn = storage.connection_string.reveal()
+            return self._memo(kind, "", lambda: cls.from_connection_string(conn, **kwargs))
+        url = {"blob": storage.blob_url, "queue": storage.queue_url, "table": storage.table_url}[service]
+        if url is None:
+            raise PermanentError(f"no {service} storage endpoint is configured")
+        credential = self.async_credential() if is_async else self.credential()
+        return self._memo(kind, url, lambda: cls(url, credential=credential, **kwargs))
+
+    def blob_service(self) -> BlobServiceClient:
+        client: BlobServiceClient = self._storage_client("blob", BlobServiceClient, is_async=False)
+        return client
+
+    def blob_service_async(self) -> AsyncBlobServiceClient:
+        client: AsyncBlobServiceClient = self._storage_client("blob", AsyncBlobServiceClient, is_async=True)
+        return client
+
+    def queue_service(self) -> QueueServiceClient:
+        client: QueueServiceClient = self._storage_client("queue", QueueServiceClient, is_async=False)
+        return client
+
+    def queue_service_async(self) -> AsyncQueueServiceClient:
+        client: AsyncQueueServiceClient = self._storage_client("queue", AsyncQueueServiceClient, is_async=True)
+        return client
+
+    def queue(self, name: str) -> QueueClient:
+        """A queue the Functions host reads: messages base64-encoded, as host.json says."""
+        client: QueueClient = self._memo(
+            "queue_client",
+            name,
+            lambda: self.queue_service().get_queue_client(
+                name, message_encode_policy=BinaryBase64EncodePolicy(), message_decode_policy=BinaryBase64DecodePolicy()
+            ),
+        )
+        return client
+
+    def queue_async(self, name: str) -> AsyncQueueClient:
+        client: AsyncQueueClient = self._memo(
+            "queue_client_async",
+            name,
+            lambda: self.queue_service_async().get_queue_client(
+                name, message_encode_policy=BinaryBase64EncodePolicy(), message_decode_policy=BinaryBase64DecodePolicy()
+            ),
+        )
+        return client
+
+    def table_service(self) -> TableServiceClient:
+        client: TableServiceClient = self._storage_client("table", TableServiceClient, is_async=False)
+        return client
+
+    def table_service_async(self) -> AsyncTableServiceClient:
+        client: AsyncTableServiceClient = self._storage_client("table", AsyncTableServiceClient, is_async=True)
+        return client
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every sync client and the sync credential (async ones: `aclose`)."""
+        for (kind, _), client in list(self._cache.items()):
+            if not kind.endswith("_async") and hasattr(client, "close"):
+                client.close()
+                del self._cache[(kind, _)]
+
+    async def aclose(self) -> None:
+        for (kind, key), client in list(self._cache.items()):
+            if kind.endswith("_async") and hasattr(client, "close"):
+                await client.close()
+                del self._cache[(kind, key)]

@@ -1,0 +1,36 @@
+"""One exception hierarchy for the product.
+
+Handlers turn these into HTTP status codes, incident records or retries. Transient and
+permanent failures are different types so a caller never has to parse a message to know
+whether to retry. Messages never carry secret values: raise with names and ids only.
+"""
+
+from __future__ import annotations
+
+
+class RemediatorError(Exception):
+    """Base of every error the product raises on purpose."""
+
+
+class SettingsError(RemediatorError):
+    """App settings are missing or malformed; lists every problem at once."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(
+            f"{len(self.problems)} problem(s) in the app settings "
+            f"(fix them in local.settings.json or the Function App's configuration):\n{lines}"
+        )
+
+
+class TransientError(RemediatorError):
+    """Worth retrying later: throttling, timeouts, a service that is briefly down."""
+
+
+class PermanentError(RemediatorError):
+    """Retrying will not help: becomes an incident or a clear error to the caller."""
+
+
+class OutOfScopeError(PermanentError):
+    """The request names a resource outside the configured scope."""

@@ -1,0 +1,408 @@
+"""Typed settings read from app settings (environment), validated once at start-up.
+
+This is the only module that reads the product's settings. `load_settings()` checks every
+setting and raises one `SettingsError` naming each problem and the setting to fix, so an
+operator fixes a misconfigured deployment in one pass instead of one error per restart.
+Values of secret settings never appear in messages or reprs.
+
+Cloud profiles: the three public sovereign clouds have fixed endpoints; `Custom` takes
+explicit endpoints (Azure Stack, or the local twin the tests use — it is just a custom
+cloud, with no twin-only code path in the product).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from shared.errors import SettingsError
+
+PREFIX = "APIMR_"
+
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# Storage account names: 3-24 lowercase letters and digits.
+_ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class CloudName(StrEnum):
+    AZURE_CLOUD = "AzureCloud"
+    AZURE_US_GOVERNMENT = "AzureUSGovernment"
+    AZURE_CHINA_CLOUD = "AzureChinaCloud"
+    CUSTOM = "Custom"
+
+
+@dataclass(frozen=True)
+class CloudProfile:
+    """Endpoints of one Azure cloud. URLs carry no trailing slash."""
+
+    name: CloudName
+    resource_manager: str
+    arm_audience: str
+    authority_host: str
+    log_analytics: str
+    resource_graph: str
+    storage_suffix: str
+    keyvault_verify_challenge_resource: bool = True
+
+    @property
+    def arm_scope(self) -> str:
+        return f"{self.arm_audience}/.default"
+
+    @property
+    def log_analytics_scope(self) -> str:
+        return f"{self.log_analytics}/.default"
+
+    @property
+    def is_custom(self) -> bool:
+        return self.name is CloudName.CUSTOM
+
+
+def _public(name: CloudName, arm: str, authority: str, la: str, suffix: str) -> CloudProfile:
+    return CloudProfile(
+        name=name,
+        resource_manager=arm,
+        arm_audience=arm,
+        authority_host=authority,
+        log_analytics=la,
+        resource_graph=arm,
+        storage_suffix=suffix,
+    )
+
+
+PUBLIC_CLOUDS: dict[CloudName, CloudProfile] = {
+    CloudName.AZURE_CLOUD: _public(
+        CloudName.AZURE_CLOUD,
+        "https://management.azure.com",
+        "https://login.microsoftonline.com",
+        "https://api.loganalytics.io",
+        "core.windows.net",
+    ),
+    CloudName.AZURE_US_GOVERNMENT: _public(
+        CloudName.AZURE_US_GOVERNMENT,
+        "https://management.usgovcloudapi.net",
+        "https://login.microsoftonline.us",
+        "https://api.loganalytics.us",
+        "core.usgovcloudapi.net",
+    ),
+    CloudName.AZURE_CHINA_CLOUD: _public(
+        CloudName.AZURE_CHINA_CLOUD,
+        "https://management.chinacloudapi.cn",
+        "https://login.chinacloudapi.cn",
+        "https://api.loganalytics.azure.cn",
+        "core.chinacloudapi.cn",
+    ),
+}
+
+_CUSTOM_ONLY = (
+    "ARM_ENDPOINT",
+    "ARM_AUDIENCE",
+    "AUTHORITY_HOST",
+    "LOG_ANALYTICS_ENDPOINT",
+    "RESOURCE_GRAPH_ENDPOINT",
+    "KEYVAULT_VERIFY_CHALLENGE_RESOURCE",
+    "STORAGE_ENDPOINT_SUFFIX",
+)
+
+
+class Secret:
+    """A setting value that must never be printed; `reveal()` is the only way to read it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where the product keeps its queue, journal and leases.
+
+    Identity-based (account name or explicit service URLs) unless the operator configured a
+    connection string.
+    """
+
+    blob_url: str | None = None
+    queue_url: str | None = None
+    table_url: str | None = None
+    connection_string: Secret | None = None
+
+    @property
+    def uses_connection_string(self) -> bool:
+        return self.connection_string is not None
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """The one retry configuration every client gets."""
+
+    total: int = 5
+    backoff_factor: float = 0.8
+    backoff_max: float = 60.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    cloud: CloudProfile
+    subscription_ids: tuple[str, ...]
+    storage: StorageSettings
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    managed_identity_client_id: str | None = None
+    ca_bundle: str | None = None
+    log_level: str = "INFO"
+
+    def describe(self) -> dict[str, object]:
+        """A secret-free view for health checks and logs."""
+        return {
+            "cloud": self.cloud.name.value,
+            "resource_manager": self.cloud.resource_manager,
+            "authority_host": self.cloud.authority_host,
+            "subscriptions": len(self.subscription_ids),
+            "storage": "connection string" if self.storage.uses_connection_string else self.storage.blob_url,
+            "log_level": self.log_level,
+        }
+
+
+class _Reader:
+    """Reads raw values and collects problems instead of failing on the first."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def raw(self, key: str) -> str | None:
+        value = self.env.get(PREFIX + key)
+        if value is None:
+            return None
+        value = value.strip()
+        return value or None
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{PREFIX}{key}: {message}")
+
+    def https_url(self, key: str, *, required: bool) -> str | None:
+        value = self.raw(key)
+        if value is None:
+            if required:
+                self.problem(key, "is required (an https:// URL)")
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.netloc:
+            self.problem(key, f"must be an https:// URL, got {value!r}")
+            return None
+        if parts.query or parts.fragment:
+            self.problem(key, f"must not carry a query or fragment, got {value!r}")
+            return None
+        return value.rstrip("/")
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        self.problem(key, f"must be true or false, got {value!r}")
+        return default
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.raw(key)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            self.problem(key, f"must be a whole number from {low} to {high}, got {value!r}")
+            return default
+        if not low <= number <= high:
+            self.problem(key, f"must be from {low} to {high}, got {number}")
+            return default
+        return number
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self.raw(key)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            self.problem(key, f"must be a number from {low:g} to {high:g}, got {value!r}")
+            return default
+        if not low <= number <= high:
+            self.problem(key, f"must be from {low:g} to {high:g}, got {number:g}")
+            return default
+        return number
+
+
+def _cloud(r: _Reader) -> CloudProfile:
+    raw = r.raw("CLOUD") or CloudName.AZURE_CLOUD.value
+    names = {c.value.lower(): c for c in CloudName}
+    name = names.get(raw.lower())
+    if name is None:
+        allowed = ", ".join(c.value for c in CloudName)
+        r.problem("CLOUD", f"unknown cloud {raw!r}; allowed: {allowed}")
+        name = CloudName.AZURE_CLOUD
+    if name is not CloudName.CUSTOM:
+        for key in _CUSTOM_ONLY:
+            if r.raw(key) is not None:
+                r.problem(key, f"is only read when {PREFIX}CLOUD=Custom (it is {name.value}); remove it")
+        return PUBLIC_CLOUDS[name]
+    arm = r.https_url("ARM_ENDPOINT", required=True)
+    authority = r.https_url("AUTHORITY_HOST", required=True)
+    la = r.https_url("LOG_ANALYTICS_ENDPOINT", required=True)
+    audience = r.https_url("ARM_AUDIENCE", required=False) or arm
+    graph = r.https_url("RESOURCE_GRAPH_ENDPOINT", required=False) or arm
+    verify = r.boolean("KEYVAULT_VERIFY_CHALLENGE_RESOURCE", True)
+    suffix = r.raw("STORAGE_ENDPOINT_SUFFIX") or ""
+    if suffix and ("/" in suffix or ":" in suffix or suffix.startswith(".")):
+        r.problem("STORAGE_ENDPOINT_SUFFIX", f"must be a DNS suffix like core.windows.net, got {suffix!r}")
+    return CloudProfile(
+        name=CloudName.CUSTOM,
+        resource_manager=arm or "https://invalid",
+        arm_audience=audience or "https://invalid",
+        authority_host=authority or "https://invalid",
+        log_analytics=la or "https://invalid",
+        resource_graph=graph or "https://invalid",
+        storage_suffix=suffix,
+        keyvault_verify_challenge_resource=verify,
+    )
+
+
+def _subscriptions(r: _Reader) -> tuple[str, ...]:
+    raw = r.raw("SUBSCRIPTION_IDS")
+    if raw is None:
+        r.problem("SUBSCRIPTION_IDS", "is required: the comma-separated subscription ids in scope")
+        return ()
+    ids = [part.strip() for part in raw.split(",") if part.strip()]
+    bad = [i for i in ids if not _GUID.match(i)]
+    if bad:
+        r.problem("SUBSCRIPTION_IDS", f"not subscription ids (GUIDs): {', '.join(repr(b) for b in bad)}")
+    if not ids:
+        r.problem("SUBSCRIPTION_IDS", "names no subscription")
+    seen: dict[str, None] = {}
+    for i in ids:
+        seen.setdefault(i.lower(), None)
+    return tuple(seen)
+
+
+def _storage(r: _Reader, cloud: CloudProfile) -> StorageSettings:
+    account = r.raw("STORAGE_ACCOUNT")
+    conn = r.raw("STORAGE_CONNECTION_STRING")
+    urls = {k: r.raw(f"STORAGE_{k}_ENDPOINT") for k in ("BLOB", "QUEUE", "TABLE")}
+    given_urls = [k for k, v in urls.items() if v is not None]
+    ways = [w for w, present in (("account", account), ("connection", conn), ("urls", given_urls)) if present]
+    hint = (
+        f"set exactly one of {PREFIX}STORAGE_ACCOUNT (identity-based), "
+        f"{PREFIX}STORAGE_BLOB_ENDPOINT + _QUEUE_ENDPOINT + _TABLE_ENDPOINT (identity-based), "
+        f"or {PREFIX}STORAGE_CONNECTION_STRING"
+    )
+    if len(ways) != 1:
+        what = "none is set" if not ways else "more than one is set"
+        r.problem("STORAGE_ACCOUNT", f"storage is misconfigured ({what}): {hint}")
+        return StorageSettings()
+    if conn is not None:
+        if "AccountName=" not in conn and "UseDevelopmentStorage=" not in conn and "Endpoint=" not in conn:
+            # Never echo the value: it may hold an account key.
+            r.problem("STORAGE_CONNECTION_STRING", "is not a storage connection string (no AccountName= or *Endpoint=)")
+        return StorageSettings(connection_string=Secret(conn))
+    if account is not None:
+        if not _ACCOUNT.match(account):
+            r.problem("STORAGE_ACCOUNT", f"must be 3-24 lowercase letters and digits, got {account!r}")
+            return StorageSettings()
+        if not cloud.storage_suffix:
+            r.problem(
+                "STORAGE_ACCOUNT",
+                f"needs {PREFIX}STORAGE_ENDPOINT_SUFFIX with a Custom cloud, "
+                f"or use {PREFIX}STORAGE_BLOB_ENDPOINT/_QUEUE_ENDPOINT/_TABLE_ENDPOINT",
+            )
+            return StorageSettings()
+        return StorageSettings(
+            blob_url=f"https://{account}.blob.{cloud.storage_suffix}",
+            queue_url=f"https://{account}.queue.{cloud.storage_suffix}",
+            table_url=f"https://{account}.table.{cloud.storage_suffix}",
+        )
+    missing = [k for k, v in urls.items() if v is None]
+    for k in missing:
+        r.problem(f"STORAGE_{k}_ENDPOINT", "is required when the other storage endpoints are set")
+    blob = r.https_url("STORAGE_BLOB_ENDPOINT", required=False)
+    queue = r.https_url("STORAGE_QUEUE_ENDPOINT", required=False)
+    table = r.https_url("STORAGE_TABLE_ENDPOINT", required=False)
+    return StorageSettings(blob_url=blob, queue_url=queue, table_url=table)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting; raise one SettingsError listing all problems."""
+    r = _Reader(os.environ if env is None else env)
+    cloud = _cloud(r)
+    subscriptions = _subscriptions(r)
+    storage = _storage(r, cloud)
+    retry = RetrySettings(
+        total=r.integer("RETRY_TOTAL", 5, 0, 20),
+        backoff_factor=r.number("RETRY_BACKOFF_FACTOR", 0.8, 0.0, 30.0),
+        backoff_max=r.number("RETRY_BACKOFF_MAX", 60.0, 0.0, 600.0),
+    )
+    mi_client = r.raw("MANAGED_IDENTITY_CLIENT_ID")
+    if mi_client is not None and not _GUID.match(mi_client):
+        r.problem("MANAGED_IDENTITY_CLIENT_ID", f"must be a client id (GUID), got {mi_client!r}")
+    ca_bundle = r.raw("CA_BUNDLE")
+    if ca_bundle is not None and not Path(ca_bundle).is_file():
+        r.problem("CA_BUNDLE", f"no such file: {ca_bundle!r} (a PEM file of CA certificates to trust)")
+    log_level = (r.raw("LOG_LEVEL") or "INFO").upper()
+    if log_level not in _LOG_LEVELS:
+        r.problem("LOG_LEVEL", f"must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+        log_level = "INFO"
+    if r.problems:
+        raise SettingsError(r.problems)
+    return Settings(
+        cloud=cloud,
+        subscription_ids=subscriptions,
+        storage=storage,
+        retry=retry,
+        managed_identity_client_id=mi_client,
+        ca_bundle=ca_bundle,
+        log_level=log_level,
+    )
+
+
+# Every setting this module reads, for local.settings.sample.json and the README (a test
+# keeps the three in agreement).
+SETTING_NAMES: tuple[str, ...] = tuple(
+    PREFIX + key
+    for key in (
+        "CLOUD",
+        *_CUSTOM_ONLY,
+        "SUBSCRIPTION_IDS",
+        "STORAGE_ACCOUNT",
+        "STORAGE_BLOB_ENDPOINT",
+        "STORAGE_QUEUE_ENDPOINT",
+        "STORAGE_TABLE_ENDPOINT",
+        "STORAGE_CONNECTION_STRING",
+        "RETRY_TOTAL",
+        "RETRY_BACKOFF_FACTOR",
+        "RETRY_BACKOFF_MAX",
+        "MANAGED_IDENTITY_CLIENT_ID",
+        "CA_BUNDLE",
+        "LOG_LEVEL",
+    )
+)

@@ -1,0 +1,97 @@
+"""function_app.py through the azure-functions library: it indexes, its bindings are
+valid, and its functions answer real func.* request objects."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections import Counter
+from typing import Any
+
+import azure.functions as func
+import pytest
+
+import function_app
+from shared.settings import SETTING_NAMES
+
+TRIGGERS = {"httpTrigger", "timerTrigger", "queueTrigger", "eventGridTrigger", "blobTrigger"}
+OUTPUTS = {"http", "queue", "blob", "table", "eventGrid"}
+SUB = "11111111-2222-3333-4444-555555555555"
+
+
+@functools.cache
+def indexed() -> tuple[Any, ...]:
+    # get_functions() builds and validates the app; the library allows it once per app.
+    return tuple(function_app.app.get_functions())
+
+
+def bindings(fn: Any) -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in fn.get_raw_bindings()]
+
+
+def test_app_indexes_with_unique_function_names() -> None:
+    names = [fn.get_function_name() for fn in indexed()]
+    assert names, "function_app.py registers no function"
+    duplicates = [n for n, count in Counter(names).items() if count > 1]
+    assert duplicates == []
+
+
+def test_every_function_has_one_trigger_and_valid_bindings() -> None:
+    for fn in indexed():
+        found = bindings(fn)
+        json.loads(fn.get_function_json())  # serialises
+        triggers = [b for b in found if b["type"] in TRIGGERS]
+        assert len(triggers) == 1, (fn.get_function_name(), found)
+        params = set(inspect.signature(fn.get_user_function()).parameters)
+        for b in found:
+            assert b["direction"] in {"IN", "OUT", "INOUT"}, b
+            assert b["type"] in TRIGGERS | OUTPUTS, b
+            if b["name"] != "$return":
+                assert b["name"] in params, (fn.get_function_name(), b["name"], params)
+        for p in params:
+            assert any(b["name"] == p for b in found), f"{fn.get_function_name()}: parameter {p} has no binding"
+
+
+def test_http_routes_do_not_collide() -> None:
+    routes = []
+    for fn in indexed():
+        for b in bindings(fn):
+            if b["type"] == "httpTrigger":
+                routes.extend((method, b["route"]) for method in b.get("methods", ["*"]))
+    assert len(routes) == len(set(routes)), routes
+
+
+def function(name: str) -> Any:
+    for fn in indexed():
+        if fn.get_function_name() == name:
+            return fn.get_user_function()
+    raise AssertionError(f"no function named {name}")
+
+
+def test_health_reports_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APIMR_SUBSCRIPTION_IDS", SUB)
+    monkeypatch.setenv("APIMR_STORAGE_ACCOUNT", "apimrstate")
+    request = func.HttpRequest(method="GET", url="/api/health", body=b"")
+    response = function("health")(request)
+    assert response.status_code == 200
+    body = json.loads(response.get_body())
+    assert body["status"] == "healthy"
+    assert body["settings"]["cloud"] == "AzureCloud"
+
+
+def test_health_names_every_problem_without_secret_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    canary = "CANARY-5f0c1d2e-key"
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("APIMR_STORAGE_CONNECTION_STRING", f"nonsense;AccountKey={canary}")
+    monkeypatch.setenv("APIMR_CLOUD", "Mars")
+    response = function("health")(func.HttpRequest(method="GET", url="/api/health", body=b""))
+    assert response.status_code == 503
+    text = response.get_body().decode()
+    assert canary not in text
+    body = json.loads(text)
+    assert body["status"] == "misconfigured"
+    assert any(p.startswith("APIMR_CLOUD:") for p in body["problems"])
+    assert any(p.startswith("APIMR_SUBSCRIPTION_IDS:") for p in body["problems"])
+    assert any(p.startswith("APIMR_STORAGE_CONNECTION_STRING:") for p in body["problems"])

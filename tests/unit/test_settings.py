@@ -1,0 +1,214 @@
+"""Settings validation: every bad input gives one clear message naming the setting."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from shared.errors import SettingsError
+from shared.settings import SETTING_NAMES, CloudName, Secret, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SUB = "11111111-2222-3333-4444-555555555555"
+
+
+def base(**extra: str) -> dict[str, str]:
+    env = {"APIMR_SUBSCRIPTION_IDS": SUB, "APIMR_STORAGE_ACCOUNT": "apimrstate"}
+    env.update(extra)
+    return env
+
+
+def custom(**extra: str) -> dict[str, str]:
+    env = base(
+        APIMR_CLOUD="Custom",
+        APIMR_ARM_ENDPOINT="https://127.0.0.1:8443/",
+        APIMR_AUTHORITY_HOST="https://127.0.0.1:8443",
+        APIMR_LOG_ANALYTICS_ENDPOINT="https://127.0.0.1:8443/la",
+        APIMR_STORAGE_ENDPOINT_SUFFIX="storage.local",
+    )
+    env.update(extra)
+    return env
+
+
+def problems(env: Mapping[str, str]) -> list[str]:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    return info.value.problems
+
+
+def test_public_cloud_defaults() -> None:
+    s = load_settings(base())
+    assert s.cloud.name is CloudName.AZURE_CLOUD
+    assert s.cloud.resource_manager == "https://management.azure.com"
+    assert s.cloud.arm_scope == "https://management.azure.com/.default"
+    assert s.cloud.log_analytics_scope == "https://api.loganalytics.io/.default"
+    assert s.subscription_ids == (SUB,)
+    assert s.storage.blob_url == "https://apimrstate.blob.core.windows.net"
+    assert s.storage.table_url == "https://apimrstate.table.core.windows.net"
+    assert s.retry.total == 5
+    assert s.log_level == "INFO"
+
+
+@pytest.mark.parametrize(
+    ("cloud", "arm", "authority", "la", "blob"),
+    [
+        (
+            "AzureUSGovernment",
+            "https://management.usgovcloudapi.net",
+            "https://login.microsoftonline.us",
+            "https://api.loganalytics.us",
+            "https://apimrstate.blob.core.usgovcloudapi.net",
+        ),
+        (
+            "azurechinacloud",
+            "https://management.chinacloudapi.cn",
+            "https://login.chinacloudapi.cn",
+            "https://api.loganalytics.azure.cn",
+            "https://apimrstate.blob.core.chinacloudapi.cn",
+        ),
+    ],
+)
+def test_sovereign_clouds(cloud: str, arm: str, authority: str, la: str, blob: str) -> None:
+    s = load_settings(base(APIMR_CLOUD=cloud))
+    assert (s.cloud.resource_manager, s.cloud.authority_host, s.cloud.log_analytics) == (arm, authority, la)
+    assert s.cloud.resource_graph == arm
+    assert s.storage.blob_url == blob
+
+
+def test_custom_cloud_endpoints_and_defaults() -> None:
+    s = load_settings(custom(APIMR_KEYVAULT_VERIFY_CHALLENGE_RESOURCE="false"))
+    assert s.cloud.is_custom
+    assert s.cloud.resource_manager == "https://127.0.0.1:8443"  # trailing slash removed
+    assert s.cloud.resource_graph == s.cloud.resource_manager
+    assert s.cloud.arm_audience == s.cloud.resource_manager
+    assert s.cloud.keyvault_verify_challenge_resource is False
+
+
+def test_custom_cloud_requires_its_endpoints_all_named_at_once() -> None:
+    found = problems(base(APIMR_CLOUD="Custom", APIMR_STORAGE_ENDPOINT_SUFFIX="storage.local"))
+    assert any(p.startswith("APIMR_ARM_ENDPOINT: is required") for p in found)
+    assert any(p.startswith("APIMR_AUTHORITY_HOST: is required") for p in found)
+    assert any(p.startswith("APIMR_LOG_ANALYTICS_ENDPOINT: is required") for p in found)
+    assert len(found) == 3
+
+
+def test_custom_cloud_account_needs_suffix_or_urls() -> None:
+    without_suffix = custom()
+    del without_suffix["APIMR_STORAGE_ENDPOINT_SUFFIX"]
+    assert any("APIMR_STORAGE_ENDPOINT_SUFFIX" in p for p in problems(without_suffix))
+    s = load_settings(custom())
+    assert s.storage.queue_url == "https://apimrstate.queue.storage.local"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (base(APIMR_CLOUD="Moon"), "APIMR_CLOUD: unknown cloud 'Moon'; allowed: AzureCloud"),
+        (base(APIMR_ARM_ENDPOINT="https://x"), "APIMR_ARM_ENDPOINT: is only read when APIMR_CLOUD=Custom"),
+        (custom(APIMR_ARM_ENDPOINT="http://127.0.0.1:1"), "APIMR_ARM_ENDPOINT: must be an https:// URL"),
+        (custom(APIMR_AUTHORITY_HOST="https://h/?x=1"), "APIMR_AUTHORITY_HOST: must not carry a query"),
+        (custom(APIMR_KEYVAULT_VERIFY_CHALLENGE_RESOURCE="maybe"), "must be true or false, got 'maybe'"),
+        (base(APIMR_SUBSCRIPTION_IDS="abc, " + SUB), "APIMR_SUBSCRIPTION_IDS: not subscription ids (GUIDs): 'abc'"),
+        (base(APIMR_SUBSCRIPTION_IDS=" , "), "APIMR_SUBSCRIPTION_IDS: names no subscription"),
+        (base(APIMR_STORAGE_ACCOUNT="Bad_Name"), "APIMR_STORAGE_ACCOUNT: must be 3-24 lowercase letters and digits"),
+        (base(APIMR_RETRY_TOTAL="many"), "APIMR_RETRY_TOTAL: must be a whole number from 0 to 20, got 'many'"),
+        (base(APIMR_RETRY_TOTAL="21"), "APIMR_RETRY_TOTAL: must be from 0 to 20, got 21"),
+        (base(APIMR_RETRY_BACKOFF_MAX="-1"), "APIMR_RETRY_BACKOFF_MAX: must be from 0 to 600, got -1"),
+        (base(APIMR_RETRY_BACKOFF_FACTOR="x"), "APIMR_RETRY_BACKOFF_FACTOR: must be a number"),
+        (base(APIMR_MANAGED_IDENTITY_CLIENT_ID="me"), "APIMR_MANAGED_IDENTITY_CLIENT_ID: must be a client id (GUID)"),
+        (base(APIMR_CA_BUNDLE="/nonexistent/ca.pem"), "APIMR_CA_BUNDLE: no such file: '/nonexistent/ca.pem'"),
+        (base(APIMR_LOG_LEVEL="chatty"), "APIMR_LOG_LEVEL: must be one of DEBUG, INFO, WARNING, ERROR"),
+    ],
+)
+def test_each_bad_value_is_named(env: dict[str, str], expected: str) -> None:
+    found = problems(env)
+    assert any(expected in p for p in found), found
+
+
+def test_missing_required_settings_reported_together() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({})
+    message = str(info.value)
+    assert "2 problem(s)" in message
+    assert "APIMR_SUBSCRIPTION_IDS: is required" in message
+    assert "APIMR_STORAGE_ACCOUNT: storage is misconfigured (none is set)" in message
+
+
+def test_storage_ways_are_exclusive() -> None:
+    found = problems(base(APIMR_STORAGE_CONNECTION_STRING="UseDevelopmentStorage=true"))
+    assert any("more than one is set" in p for p in found)
+
+
+def test_storage_urls_must_come_as_a_set() -> None:
+    env = {"APIMR_SUBSCRIPTION_IDS": SUB, "APIMR_STORAGE_BLOB_ENDPOINT": "https://127.0.0.1:10000/devstoreaccount1"}
+    found = problems(env)
+    assert "APIMR_STORAGE_QUEUE_ENDPOINT: is required when the other storage endpoints are set" in found
+    assert "APIMR_STORAGE_TABLE_ENDPOINT: is required when the other storage endpoints are set" in found
+
+
+def test_connection_string_is_secret_and_never_echoed() -> None:
+    canary = "AccountKey=CANARY-c2VjcmV0LWtleS1kby1ub3QtcHJpbnQ="
+    s = load_settings(
+        {
+            "APIMR_SUBSCRIPTION_IDS": SUB,
+            "APIMR_STORAGE_CONNECTION_STRING": f"DefaultEndpointsProtocol=https;AccountName=a;{canary}",
+        }
+    )
+    assert isinstance(s.storage.connection_string, Secret)
+    assert canary in s.storage.connection_string.reveal()
+    assert "CANARY" not in repr(s)
+    assert "CANARY" not in str(s.describe())
+    bad = f"garbage;{canary}"
+    with pytest.raises(SettingsError) as info:
+        load_settings({"APIMR_SUBSCRIPTION_IDS": "nope", "APIMR_STORAGE_CONNECTION_STRING": bad})
+    assert "CANARY" not in str(info.value)
+    assert "APIMR_STORAGE_CONNECTION_STRING: is not a storage connection string" in str(info.value)
+
+
+def test_duplicate_subscriptions_collapse_case_insensitively() -> None:
+    s = load_settings(base(APIMR_SUBSCRIPTION_IDS=f"{SUB},{SUB.upper()}"))
+    assert s.subscription_ids == (SUB,)
+
+
+class RecordingEnv(Mapping[str, str]):
+    """Records every key the settings module asks for."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+        self.asked: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.asked.add(key)
+        return self.values[key]
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        self.asked.add(key)
+        return self.values.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def test_setting_names_are_exactly_what_is_read() -> None:
+    env = RecordingEnv(custom())
+    load_settings(env)
+    assert env.asked == set(SETTING_NAMES)
+
+
+def test_sample_settings_list_every_setting_and_load() -> None:
+    sample = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
+    product_keys = {k for k in sample if k.startswith("APIMR_")}
+    assert product_keys == set(SETTING_NAMES)
+    load_settings(sample)
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in SETTING_NAMES if f"`{name}`" not in readme]
+    assert not missing, f"README settings table lacks {missing}"
