@@ -34,8 +34,12 @@ from azure.monitor.query.aio import LogsQueryClient as AsyncLogsQueryClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.blob import ExponentialRetry as BlobRetry
 from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
+from azure.storage.blob.aio import ExponentialRetry as AsyncBlobRetry
 from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient, QueueServiceClient
 from azure.storage.queue import ExponentialRetry as QueueRetry
+
+# Not re-exported by azure.storage.queue.aio; the async policy lives in its _shared package.
+from azure.storage.queue._shared.policies_async import ExponentialRetry as AsyncQueueRetry
 from azure.storage.queue.aio import QueueClient as AsyncQueueClient
 from azure.storage.queue.aio import QueueServiceClient as AsyncQueueServiceClient
 
@@ -247,12 +251,18 @@ class ClientFactory:
 
     # -- Storage (the product's own queue, journal, leases) ------------------------------
 
-    def _storage_kwargs(self, service: str) -> dict[str, Any]:
-        """Blob and queue SDKs bring their own retry policy; give it the same budget."""
+    def _storage_kwargs(self, service: str, *, is_async: bool) -> dict[str, Any]:
+        """Blob and queue SDKs bring their own retry policy (sync and async kinds); give it
+        the same budget."""
         retry = self.settings.retry
         if service == "table":
             return self._client_kwargs()
-        policy_class = QueueRetry if service == "queue" else BlobRetry
+        policy_class: Any = {
+            ("blob", False): BlobRetry,
+            ("blob", True): AsyncBlobRetry,
+            ("queue", False): QueueRetry,
+            ("queue", True): AsyncQueueRetry,
+        }[(service, is_async)]
         kwargs: dict[str, Any] = {
             **self._transport_kwargs(),
             "retry_policy": policy_class(
@@ -266,7 +276,7 @@ class ClientFactory:
     def _storage_client(self, service: str, cls: Any, *, is_async: bool) -> Any:
         storage = self.settings.storage
         kind = f"{service}_async" if is_async else service
-        kwargs = self._storage_kwargs(service)
+        kwargs = self._storage_kwargs(service, is_async=is_async)
         if storage.connection_string is not None:
             conn = storage.connection_string.reveal()
             return self._memo(kind, "", lambda: cls.from_connection_string(conn, **kwargs))

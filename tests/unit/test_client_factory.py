@@ -134,6 +134,8 @@ def test_storage_clients_are_identity_based(cloud: str) -> None:
         assert client._config.retry_policy.total_retries == 3
         assert user_agent(client).startswith("apim-remediator/")
     assert blob.credential is factory.credential()
+    # Async clients need the async kind of the storage retry policy (the sync one breaks them).
+    assert type(blob_async._config.retry_policy).__module__.startswith("azure.storage.blob._shared.policies_async")
     assert blob_async.credential is factory.async_credential()
     queue = factory.queue_service()
     assert queue.url.rstrip("/") == expected["blob"].replace(".blob.", ".queue.")
@@ -192,4 +194,4 @@ def test_ca_bundle_reaches_every_pipeline(tmp_path: Any) -> None:
     factory = ClientFactory(settings)
     assert factory._client_kwargs()["connection_verify"] == str(bundle)
     assert factory._credential_kwargs()["connection_verify"] == str(bundle)
-    assert factory._storage_kwargs("blob")["connection_verify"] == str(bundle)
+    assert factory._storage_kwargs("blob", is_async=False)["connection_verify"] == str(bundle)
