@@ -1,0 +1,48 @@
+"""`python -m twin serve --estate estates/demo.yaml [--env-file twin.env]`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from twin.estate import EstateError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m twin", description="The local Azure twin.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the twin until interrupted")
+    serve.add_argument("--estate", type=Path, default=Path("estates/demo.yaml"))
+    serve.add_argument("--env-file", type=Path, help="write the client environment (KEY=value lines) here")
+    serve.add_argument("--workdir", type=Path, default=Path(".twin"), help="certificates and Azurite data")
+    serve.add_argument("--no-azurite", action="store_true", help="do not start Azurite (no storage, no backups)")
+    args = parser.parse_args(argv)
+
+    from twin.server import TwinServer
+
+    try:
+        server = TwinServer(args.estate, args.workdir, with_azurite=not args.no_azurite)
+        server.start()
+    except (EstateError, RuntimeError) as error:
+        print(f"twin: {error}", file=sys.stderr)
+        return 2
+    for name, url in sorted(server.state.urls.items()):
+        print(f"{name:>12}  {url}")
+    print(f"{'CA':>12}  {server.certs.ca}")
+    if args.env_file:
+        server.write_env_file(args.env_file)
+        print(f"{'env file':>12}  {args.env_file}  (source it: set -a; . {args.env_file}; set +a)")
+    print("serving; Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""ARM's own basics: subscriptions, resource groups, /metadata/endpoints, and the
+long-running-operation machinery every provider uses.
+
+LROs: `start_operation` answers 202 with Azure-AsyncOperation and/or Location; the status
+URL answers `{"status": "InProgress"}` for `state.lro.polls` reads (or until its deadline),
+then Succeeded/Failed/Canceled; the Location URL answers 202 while running, then the result
+(200) or 204; a failed operation answers its error there.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from twin.state import Operation, TwinState
+from twin.web import LRO_FAIL, ServiceError, add_route, arm_version_error, json_response, params, state_of
+
+# api-versions per provider namespace (lowercase). Provider modules add theirs.
+PROVIDER_VERSIONS: dict[str, frozenset[str]] = {}
+RESOURCES_VERSIONS = frozenset(
+    {
+        "2016-06-01",
+        "2019-06-01",
+        "2019-11-01",
+        "2020-01-01",
+        "2021-01-01",
+        "2021-04-01",
+        "2022-09-01",
+        "2022-12-01",
+        "2024-03-01",
+        "2024-07-01",
+        "2024-11-01",
+        "2025-03-01",
+    }
+)
+METADATA_VERSIONS = frozenset({"2015-01-01", "2018-01-01", "2019-05-01", "2020-06-01", "2022-09-01"})
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def arm_base(state: TwinState) -> str:
+    return state.urls["arm"]
+
+
+def start_operation(
+    request: web.Request,
+    *,
+    resource_id: str,
+    status_parent: str,
+    on_complete: Callable[[], dict[str, Any] | None],
+    style: str = "both",
+    status: int = 202,
+    body: dict[str, Any] | None = None,
+) -> web.Response:
+    """Begin an LRO whose effect `on_complete` applies when it succeeds.
+
+    `status_parent` is the resource the status URL hangs under (APIM: the service id).
+    `style`: "both" (Azure-AsyncOperation + Location), "location" or "async".
+    """
+    state = state_of(request)
+    op_id = uuid.uuid4().hex
+    fault = request.get(LRO_FAIL)
+    outcome = "Failed" if fault is not None else "Succeeded"
+    error = (
+        {
+            "code": getattr(fault, "code", "OperationFailed"),
+            "message": "The operation failed (fault injected by the twin).",
+        }
+        if fault is not None
+        else None
+    )
+    state.operations[op_id] = Operation(
+        id=op_id,
+        resource_id=resource_id,
+        polls_left=state.lro.polls,
+        outcome=outcome,
+        result=None,
+        error=error,
+        on_complete=on_complete,
+    )
+    version = request.query.get("api-version", "")
+    url = f"{arm_base(state)}{status_parent}/operationresults/{op_id}?api-version={version}"
+    headers = {"Retry-After": state.lro.retry_after}
+    if style in ("both", "async"):
+        headers["Azure-AsyncOperation"] = url + "&asyncResponse"
+    if style in ("both", "location"):
+        headers["Location"] = url
+    if body is None:
+        return web.Response(status=status, headers=headers)
+    return json_response(body, status=status, headers=headers)
+
+
+async def operation_status(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    namespace = params(request)["namespace"].lower()
+    allowed = PROVIDER_VERSIONS.get(namespace)
+    version = request.query.get("api-version")
+    if allowed is None:
+        raise ServiceError(404, "InvalidResourceNamespace", f"The resource namespace '{namespace}' is invalid.")
+    if version not in allowed:
+        raise arm_version_error(version, allowed)
+    op = state.operations.get(params(request)["op_id"])
+    if op is None:
+        raise ServiceError(404, "OperationNotFound", f"Operation '{params(request)['op_id']}' was not found.")
+    status = op.status()
+    retry = {"Retry-After": state.lro.retry_after}
+    if "asyncResponse" in request.query:
+        body: dict[str, Any] = {"id": request.path, "name": op.id, "status": status}
+        if status == "Failed" and op.error:
+            body["error"] = op.error
+        return json_response(body, headers=retry if status == "InProgress" else None)
+    if status == "InProgress":
+        return web.Response(status=202, headers={**retry, "Location": str(request.url)})
+    if status == "Failed":
+        raise ServiceError(
+            500, str((op.error or {}).get("code", "OperationFailed")), str((op.error or {}).get("message"))
+        )
+    if status == "Canceled":
+        raise ServiceError(409, "OperationCanceled", "The operation was canceled.")
+    if op.result is None:
+        return web.Response(status=204)
+    return json_response(op.result)
+
+
+# -- subscriptions and resource groups -----------------------------------------------------
+
+
+def _subscription_body(sub: dict[str, Any], tenant_id: str) -> dict[str, Any]:
+    return {
+        "id": f"/subscriptions/{sub['subscriptionId']}",
+        "subscriptionId": sub["subscriptionId"],
+        "tenantId": tenant_id,
+        "displayName": sub["displayName"],
+        "state": "Enabled",
+        "subscriptionPolicies": {
+            "locationPlacementId": "Public_2014-09-01",
+            "quotaId": "PayAsYouGo_2014-09-01",
+            "spendingLimit": "Off",
+        },
+        "authorizationSource": "RoleBased",
+    }
+
+
+def subscription_or_404(state: TwinState, subscription_id: str) -> dict[str, Any]:
+    sub = state.subscriptions.get(subscription_id.lower())
+    if sub is None:
+        raise ServiceError(404, "SubscriptionNotFound", f"The subscription '{subscription_id}' could not be found.")
+    return sub
+
+
+def resource_group_or_404(state: TwinState, subscription_id: str, name: str) -> dict[str, Any]:
+    sub = subscription_or_404(state, subscription_id)
+    group = sub["resourceGroups"].get(name.lower())
+    if group is None:
+        raise ServiceError(404, "ResourceGroupNotFound", f"Resource group '{name}' could not be found.")
+    return dict(group)
+
+
+async def list_subscriptions(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    return json_response(
+        {
+            "value": [_subscription_body(s, state.tenant_id) for s in state.subscriptions.values()],
+            "count": {"type": "Total", "value": len(state.subscriptions)},
+        }
+    )
+
+
+async def get_subscription(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    return json_response(_subscription_body(subscription_or_404(state, params(request)["sub"]), state.tenant_id))
+
+
+def _group_body(sub_id: str, group: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": f"/subscriptions/{sub_id}/resourceGroups/{group['name']}",
+        "name": group["name"],
+        "type": "Microsoft.Resources/resourceGroups",
+        "location": group["location"],
+        "tags": group.get("tags", {}),
+        "properties": {"provisioningState": "Succeeded"},
+    }
+
+
+async def list_groups(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    sub = subscription_or_404(state, params(request)["sub"])
+    return json_response({"value": [_group_body(sub["subscriptionId"], g) for g in sub["resourceGroups"].values()]})
+
+
+async def get_group(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    sub = subscription_or_404(state, params(request)["sub"])
+    group = resource_group_or_404(state, params(request)["sub"], params(request)["rg"])
+    return json_response(_group_body(sub["subscriptionId"], group))
+
+
+async def metadata_endpoints(request: web.Request) -> web.StreamResponse:
+    """What `az cloud register --endpoint-resource-manager` reads."""
+    state = state_of(request)
+    arm = state.urls["arm"]
+    login = state.urls["login"]
+    if request.query.get("api-version") == "2015-01-01":
+        return json_response(
+            {
+                "galleryEndpoint": arm + "/",
+                "graphEndpoint": arm + "/",
+                "portalEndpoint": arm + "/",
+                "authentication": {"loginEndpoint": login + "/", "audiences": [arm + "/"]},
+            }
+        )
+    cloud = {
+        "name": "AzureTwin",
+        "portal": arm,
+        "resourceManager": arm + "/",
+        "authentication": {
+            "loginEndpoint": login + "/",
+            "audiences": [arm + "/"],
+            "tenant": "common",
+            "identityProvider": "AAD",
+        },
+        "media": arm,
+        "graphAudience": arm,
+        "graph": arm + "/",
+        "gallery": arm + "/",
+        "batch": arm + "/",
+        "sqlManagement": arm + "/",
+        "microsoftGraphResourceId": arm + "/",
+        "appInsightsResourceId": arm,
+        "appInsightsTelemetryChannelResourceId": arm,
+        "attestationResourceId": arm,
+        "synapseAnalyticsResourceId": arm,
+        "logAnalyticsResourceId": state.urls["logs"],
+        "ossrDbmsResourceId": arm,
+        "suffixes": {
+            "keyVaultDns": "vault.azure.net",
+            "storage": "core.windows.net",
+            "acrLoginServer": "azurecr.io",
+            "sqlServerHostname": "database.windows.net",
+        },
+    }
+    # 2022-09-01 answers this cloud's object (what `az cloud register` reads); the older
+    # versions answer the list of clouds (what ARM_CLOUD_METADATA_URL points at).
+    if request.query.get("api-version") == "2022-09-01":
+        return json_response(cloud)
+    return json_response([cloud])
+
+
+def setup(app: web.Application) -> None:
+    add_route(app, "GET", "/subscriptions", list_subscriptions, versions=RESOURCES_VERSIONS)
+    add_route(app, "GET", "/subscriptions/{sub}", get_subscription, versions=RESOURCES_VERSIONS)
+    add_route(app, "GET", "/subscriptions/{sub}/resourceGroups", list_groups, versions=RESOURCES_VERSIONS)
+    add_route(app, "GET", "/subscriptions/{sub}/resourceGroups/{rg}", get_group, versions=RESOURCES_VERSIONS)
+    add_route(
+        app,
+        "GET",
+        "/subscriptions/{sub}/resourceGroups/{rg}/providers/{namespace}/{rtype}/{name}/operationresults/{op_id}",
+        operation_status,
+        versions=None,  # checked against the provider's own versions
+    )
+    add_route(app, "GET", "/metadata/endpoints", metadata_endpoints, versions=METADATA_VERSIONS)

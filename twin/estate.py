@@ -1,0 +1,135 @@
+"""Estate files: the world a test or the demo starts from (YAML).
+
+Top level: `tenant_id`, `principals` (service principals that can get tokens),
+`storage_accounts` (Azurite accounts), `subscriptions` with `resource_groups`, and inside
+a resource group one section per service (`apim`, `key_vaults`, `workspaces`, ...),
+seeded by the module that serves it. An unknown key is an error naming where it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from twin.state import TwinState
+from twin.tokens import Principal
+
+_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
+
+
+class EstateError(ValueError):
+    """The estate file is wrong; the message names where and what."""
+
+
+@dataclass(frozen=True)
+class SeedContext:
+    subscription_id: str
+    resource_group: str
+    location: str
+
+    @property
+    def group_id(self) -> str:
+        return f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+
+
+Seeder = Callable[[TwinState, SeedContext, list[dict[str, Any]]], None]
+
+
+def _section_seeders() -> dict[str, Seeder]:
+    # Imported here: the service modules import this module for EstateError/SeedContext.
+    import twin.apim as apim
+    import twin.graph as graph
+    import twin.insights as insights
+    import twin.keyvault as keyvault
+    import twin.loganalytics as loganalytics
+
+    return {
+        "apim": apim.seed,
+        "key_vaults": keyvault.seed,
+        "workspaces": loganalytics.seed,
+        "diagnostic_settings": insights.seed,
+        "graph_resources": graph.seed,
+    }
+
+
+def load_estate_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise EstateError(f"{path}: cannot read the estate: {error}") from error
+    if not isinstance(data, dict):
+        raise EstateError(f"{path}: the estate must be a mapping at the top level")
+    return data
+
+
+def _expect(value: Any, kind: type, where: str) -> Any:
+    if not isinstance(value, kind):
+        raise EstateError(f"{where}: expected a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def apply_estate(state: TwinState, data: dict[str, Any], *, source: str = "estate") -> None:
+    """Seed (or merge into) `state` from an estate mapping."""
+    known = {"tenant_id", "principals", "storage_accounts", "subscriptions", "description"}
+    for key in data:
+        if key not in known:
+            raise EstateError(f"{source}: unknown key '{key}' (allowed: {', '.join(sorted(known))})")
+    if "tenant_id" in data and data["tenant_id"] != state.tenant_id:
+        raise EstateError(f"{source}.tenant_id: the twin runs tenant {state.tenant_id}; an estate cannot change it")
+    for i, item in enumerate(_expect(data.get("principals", []), list, f"{source}.principals")):
+        where = f"{source}.principals[{i}]"
+        _expect(item, dict, where)
+        for field in ("client_id", "client_secret", "object_id"):
+            if not isinstance(item.get(field), str):
+                raise EstateError(f"{where}.{field}: required (a string)")
+        principal = Principal(
+            client_id=item["client_id"],
+            object_id=item["object_id"],
+            display_name=str(item.get("name", item["client_id"])),
+            roles=tuple(item.get("roles", [])),
+        )
+        state.principals[item["client_id"]] = (item["client_secret"], principal)
+    accounts = state.extra.setdefault("storage_accounts", [])
+    for i, item in enumerate(_expect(data.get("storage_accounts", []), list, f"{source}.storage_accounts")):
+        name = _expect(item, dict, f"{source}.storage_accounts[{i}]").get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9]{3,24}", name):
+            raise EstateError(f"{source}.storage_accounts[{i}].name: 3-24 lowercase letters and digits")
+        if name not in accounts:
+            accounts.append(name)
+    seeders = _section_seeders()
+    for i, sub in enumerate(_expect(data.get("subscriptions", []), list, f"{source}.subscriptions")):
+        where = f"{source}.subscriptions[{i}]"
+        _expect(sub, dict, where)
+        sub_id = sub.get("id")
+        if not isinstance(sub_id, str) or not _GUID.match(sub_id):
+            raise EstateError(f"{where}.id: a subscription id (GUID) is required")
+        record = state.subscriptions.setdefault(
+            sub_id.lower(),
+            {"subscriptionId": sub_id, "displayName": sub.get("display_name", sub_id), "resourceGroups": {}},
+        )
+        for j, group in enumerate(_expect(sub.get("resource_groups", []), list, f"{where}.resource_groups")):
+            gwhere = f"{where}.resource_groups[{j}]"
+            _expect(group, dict, gwhere)
+            name = group.get("name")
+            if not isinstance(name, str) or not name:
+                raise EstateError(f"{gwhere}.name: required")
+            location = str(group.get("location", "westeurope"))
+            record["resourceGroups"].setdefault(
+                name.lower(), {"name": name, "location": location, "tags": dict(group.get("tags", {}))}
+            )
+            ctx = SeedContext(subscription_id=sub_id, resource_group=name, location=location)
+            for key, items in group.items():
+                if key in ("name", "location", "tags"):
+                    continue
+                seeder = seeders.get(key)
+                if seeder is None:
+                    raise EstateError(f"{gwhere}: unknown section '{key}' (allowed: {', '.join(sorted(seeders))})")
+                try:
+                    seeder(state, ctx, _expect(items, list, f"{gwhere}.{key}"))
+                except EstateError as error:
+                    raise EstateError(f"{gwhere}.{key}: {error}") from error

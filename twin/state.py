@@ -1,0 +1,286 @@
+"""The twin's whole world: estate, clock, request log, faults, throttling, events.
+
+Everything lives in one `TwinState` owned by the server's event loop (no locks needed:
+aiohttp handlers run on that loop). `reset()` brings it back to the seeded estate.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from twin.tokens import Principal
+
+
+def norm(resource_id: str) -> str:
+    """ARM ids compare case-insensitively; keys use the lowercased id without trailing slash."""
+    return resource_id.rstrip("/").lower()
+
+
+def new_etag() -> str:
+    return f'"{uuid.uuid4().hex}"'
+
+
+class Clock:
+    """Real UTC time plus an offset tests can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, delta: timedelta) -> None:
+        self.offset += delta
+
+
+@dataclass
+class Resource:
+    id: str
+    body: dict[str, Any]
+    etag: str = field(default_factory=new_etag)
+
+
+class ArmStore:
+    """Every ARM resource by normalised id. Children are found by id prefix."""
+
+    def __init__(self) -> None:
+        self.resources: dict[str, Resource] = {}
+
+    def get(self, resource_id: str) -> Resource | None:
+        return self.resources.get(norm(resource_id))
+
+    def put(self, resource_id: str, body: dict[str, Any]) -> Resource:
+        key = norm(resource_id)
+        existing = self.resources.get(key)
+        if existing is not None:
+            existing.body = body
+            existing.etag = new_etag()
+            return existing
+        resource = Resource(id=resource_id.rstrip("/"), body=body)
+        self.resources[key] = resource
+        return resource
+
+    def delete(self, resource_id: str) -> Resource | None:
+        key = norm(resource_id)
+        gone = self.resources.pop(key, None)
+        if gone is not None:
+            for child in [k for k in self.resources if k.startswith(key + "/")]:
+                del self.resources[child]
+        return gone
+
+    def children(self, parent_id: str, child_type: str) -> list[Resource]:
+        """Direct children `{parent}/{child_type}/{name}` in insertion order."""
+        prefix = norm(parent_id) + "/" + child_type.lower() + "/"
+        return [r for k, r in self.resources.items() if k.startswith(prefix) and "/" not in k[len(prefix) :]]
+
+    def by_type(self, resource_type: str) -> list[Resource]:
+        wanted = resource_type.lower()
+        return [r for r in self.resources.values() if str(r.body.get("type", "")).lower() == wanted]
+
+
+@dataclass
+class LogEntry:
+    at: float
+    service: str
+    method: str
+    path: str
+    query: str
+    route: str
+    status: int
+    principal: str | None
+    subscription: str | None
+
+    @property
+    def kind(self) -> str:
+        if self.method in ("GET", "HEAD"):
+            return "read"
+        if self.method == "DELETE":
+            return "delete"
+        return "write"
+
+
+@dataclass
+class Fault:
+    """An injected failure. Matches service, method and a regex over the path."""
+
+    id: str
+    service: str  # arm, login, logs, keyvault, or * for all
+    path: str  # regex searched in the request path
+    method: str = "*"
+    action: str = "status"  # status | reset | delay | lro_fail
+    status: int = 500
+    code: str = "InternalServerError"
+    retry_after: float | None = None
+    delay: float = 0.0
+    times: int = 1  # how many matching requests it affects; 0 = until removed
+
+    def matches(self, service: str, method: str, path: str) -> bool:
+        return (
+            self.service in ("*", service)
+            and self.method in ("*", method)
+            and re.search(self.path, path, re.IGNORECASE) is not None
+        )
+
+
+@dataclass
+class Bucket:
+    capacity: float
+    refill: float
+    tokens: float
+    stamp: float
+
+    def take(self) -> tuple[bool, float]:
+        """Take one token; return (allowed, seconds until one is available)."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.refill)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True, 0.0
+        return False, (1 - self.tokens) / self.refill
+
+
+# ARM's documented token buckets (per region, per subscription and principal).
+ARM_LIMITS = {"read": (250.0, 25.0), "write": (200.0, 10.0), "delete": (200.0, 10.0)}
+
+
+@dataclass
+class Throttle:
+    enabled: bool = False
+    scale: float = 1.0
+    buckets: dict[tuple[str, str, str], Bucket] = field(default_factory=dict)
+
+    def bucket(self, scope: str, principal: str, kind: str) -> Bucket:
+        key = (scope, principal, kind)
+        if key not in self.buckets:
+            capacity, refill = ARM_LIMITS[kind]
+            capacity, refill = capacity * self.scale, refill * self.scale
+            self.buckets[key] = Bucket(capacity, refill, capacity, time.monotonic())
+        return self.buckets[key]
+
+
+@dataclass
+class Operation:
+    """A long-running operation: finishes after `polls` status reads."""
+
+    id: str
+    resource_id: str
+    polls_left: int
+    outcome: str  # Succeeded | Failed | Canceled
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None = None
+    on_complete: Callable[[], dict[str, Any] | None] | None = None
+    completed: bool = False
+    # Azure finishes an operation whether or not anybody polls: so does the twin, by then.
+    deadline: float = field(default_factory=lambda: time.monotonic() + 2.0)
+
+    def finish(self) -> None:
+        self.completed = True
+        if self.outcome == "Succeeded" and self.on_complete is not None:
+            self.result = self.on_complete()
+
+    def status(self) -> str:
+        if self.completed:
+            return self.outcome
+        if self.polls_left > 0 and time.monotonic() < self.deadline:
+            self.polls_left -= 1
+            return "InProgress"
+        self.finish()
+        return self.outcome
+
+
+@dataclass
+class LroConfig:
+    polls: int = 1  # status reads that answer InProgress before the outcome
+    retry_after: str = "0.02"  # Azure sends whole seconds; tests want speed (azure-core parses floats)
+
+
+@dataclass
+class TwinState:
+    tenant_id: str
+    clock: Clock = field(default_factory=Clock)
+    principals: dict[str, tuple[str, Principal]] = field(default_factory=dict)  # client_id -> (secret, principal)
+    subscriptions: dict[str, dict[str, Any]] = field(default_factory=dict)  # lowercase id -> {id, displayName, ...}
+    store: ArmStore = field(default_factory=ArmStore)
+    extra: dict[str, Any] = field(default_factory=dict)  # per-service state (vaults, workspaces, ...)
+    log: list[LogEntry] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    throttle: Throttle = field(default_factory=Throttle)
+    operations: dict[str, Operation] = field(default_factory=dict)
+    lro: LroConfig = field(default_factory=LroConfig)
+    events: list[dict[str, Any]] = field(default_factory=list)  # emitted Event Grid events, newest last
+    event_listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    urls: dict[str, str] = field(default_factory=dict)  # service -> base URL, filled by the server
+    # Set by the server: runs after an estate fragment is merged at run time (new vault ports).
+    after_seed: Callable[[], Awaitable[None]] | None = None
+    _seed: dict[str, Any] | None = None
+
+    # -- snapshots for reset ----------------------------------------------------------------
+
+    def mark_seeded(self) -> None:
+        self._seed = {
+            "subscriptions": copy.deepcopy(self.subscriptions),
+            "resources": copy.deepcopy(self.store.resources),
+            "extra": copy.deepcopy(self.extra),
+        }
+
+    def reset(self) -> None:
+        """Back to the seeded estate: state, clock, log, faults, throttling, operations, events."""
+        assert self._seed is not None, "reset() before the estate was seeded"
+        self.subscriptions = copy.deepcopy(self._seed["subscriptions"])
+        self.store.resources = copy.deepcopy(self._seed["resources"])
+        self.extra = copy.deepcopy(self._seed["extra"])
+        self.clock = Clock()
+        self.log.clear()
+        self.faults.clear()
+        self.throttle = Throttle()
+        self.operations.clear()
+        self.lro = LroConfig()
+        self.events.clear()
+
+    # -- helpers for services ---------------------------------------------------------------
+
+    def principal(self, client_id: str) -> Principal | None:
+        found = self.principals.get(client_id)
+        return found[1] if found else None
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        for listener in list(self.event_listeners):
+            listener(event)
+
+    def take_fault(self, service: str, method: str, path: str) -> Fault | None:
+        for fault in self.faults:
+            if fault.matches(service, method, path):
+                if fault.times > 0:
+                    fault.times -= 1
+                    if fault.times == 0:
+                        self.faults.remove(fault)
+                return fault
+        return None
+
+    def settle_due_operations(self) -> None:
+        now = time.monotonic()
+        for operation in self.operations.values():
+            if not operation.completed and now >= operation.deadline:
+                operation.finish()
+
+    def counters(self) -> dict[str, Any]:
+        by_kind = Counter(e.kind for e in self.log)
+        return {
+            "total": len(self.log),
+            "reads": by_kind["read"],
+            "writes": by_kind["write"],
+            "deletes": by_kind["delete"],
+            "by_route": dict(Counter(f"{e.method} {e.route}" for e in self.log)),
+            "by_principal": dict(Counter(e.principal or "-" for e in self.log)),
+            "by_status": dict(Counter(str(e.status) for e in self.log)),
+        }
