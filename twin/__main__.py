@@ -19,14 +19,33 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--env-file", type=Path, help="write the client environment (KEY=value lines) here")
     serve.add_argument("--workdir", type=Path, default=Path(".twin"), help="certificates and Azurite data")
     serve.add_argument("--no-azurite", action="store_true", help="do not start Azurite (no storage, no backups)")
+    serve.add_argument(
+        "--azurite-ports",
+        help="use an Azurite already running on these blob,queue,table ports (started with the twin's "
+        "certs/cert.pem and certs/key.pem from --workdir, --oauth basic, and AZURITE_ACCOUNTS)",
+    )
+    serve.add_argument("--azurite-accounts", help="that Azurite's AZURITE_ACCOUNTS value ('name:key;...')")
     args = parser.parse_args(argv)
+    ports: tuple[int, int, int] | None = None
+    if args.azurite_ports:
+        try:
+            blob, queue, table = (int(p) for p in args.azurite_ports.split(","))
+        except ValueError:
+            parser.error("--azurite-ports takes three ports: blob,queue,table")
+        ports = (blob, queue, table)
 
     from twin.server import TwinServer
 
     try:
-        server = TwinServer(args.estate, args.workdir, with_azurite=not args.no_azurite)
+        server = TwinServer(
+            args.estate,
+            args.workdir,
+            with_azurite=not args.no_azurite,
+            azurite_ports=ports,
+            azurite_accounts=args.azurite_accounts,
+        )
         server.start()
-    except (EstateError, RuntimeError) as error:
+    except (EstateError, RuntimeError, ValueError) as error:
         print(f"twin: {error}", file=sys.stderr)
         return 2
     for name, url in sorted(server.state.urls.items()):

@@ -37,11 +37,33 @@ class Azurite:
     keys: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    external: bool = False  # somebody else runs it: never start or stop it
+
+    @classmethod
+    def running(cls, workdir: Path, certs: CertFiles, ports: tuple[int, int, int], accounts: str) -> Azurite:
+        """An Azurite already listening (started with the twin's cert and key, `--oauth basic`
+        and AZURITE_ACCOUNTS=`accounts`), on blob, queue and table `ports`."""
+        keys = {}
+        for pair in accounts.split(";"):
+            name, sep, key = pair.partition(":")
+            if not sep or not name or not key:
+                raise ValueError(f"Azurite accounts must look like 'name:key;name2:key2', got {pair!r}")
+            keys[name] = key
+        found = cls(workdir, certs, list(keys), keys=keys, external=True)
+        found.ports = dict(zip(("blob", "queue", "table"), ports, strict=True))
+        return found
 
     def url(self, service: str, account: str) -> str:
         return f"https://127.0.0.1:{self.ports[service]}/{account}"
 
     def start(self) -> None:
+        if self.external:
+            for port in self.ports.values():
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                except OSError as error:
+                    raise RuntimeError(f"no Azurite listening on 127.0.0.1:{port}: {error}") from error
+            return
         if not AZURITE_JS.exists():
             raise RuntimeError(f"Azurite is not installed at {AZURITE_JS}: run `make node` (npm ci)")
         self.keys = {a: base64.b64encode(secrets.token_bytes(32)).decode() for a in self.accounts}
@@ -76,6 +98,8 @@ class Azurite:
                     time.sleep(0.05)
 
     def stop(self) -> None:
+        if self.external:
+            return
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

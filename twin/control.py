@@ -76,8 +76,8 @@ async def add_fault(request: web.Request) -> web.StreamResponse:
         raise ServiceError(
             400, "InvalidFault", f"unknown fault fields {sorted(unknown)}; allowed {sorted(_FAULT_FIELDS)}"
         )
-    if body.get("action", "status") not in ("status", "reset", "delay", "lro_fail"):
-        raise ServiceError(400, "InvalidFault", "action must be status, reset, delay or lro_fail")
+    if body.get("action", "status") not in ("status", "reset", "delay", "lro_fail", "lro_cancel"):
+        raise ServiceError(400, "InvalidFault", "action must be status, reset, delay, lro_fail or lro_cancel")
     if "path" not in body:
         raise ServiceError(400, "InvalidFault", "path (a regex over the request path) is required")
     fault = Fault(id=uuid.uuid4().hex[:8], service=body.pop("service", "*"), path=body.pop("path"), **body)
@@ -127,9 +127,25 @@ async def set_lro(request: web.Request) -> web.StreamResponse:
     polls = body.get("polls", state.lro.polls)
     if not isinstance(polls, int) or polls < 0:
         raise ServiceError(400, "InvalidLro", "polls must be a whole number >= 0")
+    style = body.get("style", state.lro.style)
+    if style not in (None, "async", "location", "both"):
+        raise ServiceError(400, "InvalidLro", "style must be async, location, both or null")
     state.lro.polls = polls
     state.lro.retry_after = str(body.get("retry_after", state.lro.retry_after))
+    state.lro.style = style
     return json_response(dataclasses.asdict(state.lro))
+
+
+async def set_latency(request: web.Request) -> web.StreamResponse:
+    """Seconds added to every answer of a service (arm, login, logs, keyvault): a latency model."""
+    body = await read_json(request, required=False)
+    state = state_of(request)
+    bad = {k: v for k, v in body.items() if not isinstance(v, int | float) or v < 0 or v > 30}
+    if bad:
+        raise ServiceError(400, "InvalidLatency", f"latency must be 0..30 seconds per service, got {bad}")
+    state.latency.clear()
+    state.latency.update({k: float(v) for k, v in body.items()})
+    return json_response(state.latency)
 
 
 async def mint_token(request: web.Request) -> web.StreamResponse:
@@ -166,3 +182,4 @@ def setup(app: web.Application) -> None:
     add_route(app, "POST", "/_twin/clock/advance", advance_clock, versions=None)
     add_route(app, "PUT", "/_twin/lro", set_lro, versions=None)
     add_route(app, "POST", "/_twin/token", mint_token, versions=None)
+    add_route(app, "PUT", "/_twin/latency", set_latency, versions=None)

@@ -39,7 +39,10 @@ class TwinServer:
         *,
         with_azurite: bool = True,
         tenant_id: str | None = None,
+        azurite_ports: tuple[int, int, int] | None = None,
+        azurite_accounts: str | None = None,
     ) -> None:
+        """`azurite_ports` + `azurite_accounts`: use an Azurite somebody else runs."""
         self.estate_path = estate
         self.workdir = workdir
         self.with_azurite = with_azurite
@@ -49,6 +52,10 @@ class TwinServer:
         self.issuer = TokenIssuer(self.state.tenant_id)
         self.certs: CertFiles = make_certs(workdir / "certs")
         self.azurite: Azurite | None = None
+        if azurite_ports is not None:
+            if not azurite_accounts:
+                raise ValueError("an external Azurite needs its accounts ('name:key;...')")
+            self.azurite = Azurite.running(workdir, self.certs, azurite_ports, azurite_accounts)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runners: list[web.AppRunner] = []
@@ -137,7 +144,12 @@ class TwinServer:
         if PRODUCT_STORAGE_ACCOUNT not in state.extra.setdefault("storage_accounts", []):
             state.extra["storage_accounts"].insert(0, PRODUCT_STORAGE_ACCOUNT)
         if self.with_azurite:
-            self.azurite = Azurite(self.workdir, self.certs, list(state.extra["storage_accounts"]))
+            if self.azurite is None:
+                self.azurite = Azurite(self.workdir, self.certs, list(state.extra["storage_accounts"]))
+            else:
+                missing = set(state.extra["storage_accounts"]) - set(self.azurite.accounts)
+                if missing:
+                    raise EstateError(f"the running Azurite lacks the estate's storage accounts {sorted(missing)}")
             await asyncio.get_running_loop().run_in_executor(None, self.azurite.start)
             state.extra["storage"] = {
                 name: {

@@ -115,7 +115,7 @@ class Fault:
     service: str  # arm, login, logs, keyvault, or * for all
     path: str  # regex searched in the request path
     method: str = "*"
-    action: str = "status"  # status | reset | delay | lro_fail
+    action: str = "status"  # status | reset | delay | lro_fail | lro_cancel
     status: int = 500
     code: str = "InternalServerError"
     retry_after: float | None = None
@@ -201,6 +201,7 @@ class Operation:
 class LroConfig:
     polls: int = 1  # status reads that answer InProgress before the outcome
     retry_after: str = "0.02"  # Azure sends whole seconds; tests want speed (azure-core parses floats)
+    style: str | None = None  # force "async", "location" or "both" headers on every LRO (tests)
 
 
 @dataclass
@@ -217,6 +218,7 @@ class TwinState:
     operations: dict[str, Operation] = field(default_factory=dict)
     lro: LroConfig = field(default_factory=LroConfig)
     events: list[dict[str, Any]] = field(default_factory=list)  # emitted Event Grid events, newest last
+    latency: dict[str, float] = field(default_factory=dict)  # service -> seconds added to every answer
     event_listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)  # service -> base URL, filled by the server
     # Set by the server: runs after an estate fragment is merged at run time (new vault ports).
@@ -245,6 +247,7 @@ class TwinState:
         self.operations.clear()
         self.lro = LroConfig()
         self.events.clear()
+        self.latency.clear()
 
     # -- helpers for services ---------------------------------------------------------------
 

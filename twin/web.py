@@ -220,8 +220,11 @@ def make_app(state: TwinState, service: str, issuer: TokenIssuer, auth: AuthPoli
     async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/_twin/"):
             return await handler(request)
+        latency = state.latency.get(service)
+        if latency:
+            await asyncio.sleep(latency)
         fault = state.take_fault(service, request.method, request.path)
-        if fault is None or fault.action == "lro_fail":
+        if fault is None or fault.action in ("lro_fail", "lro_cancel"):
             if fault is not None:
                 request[LRO_FAIL] = fault
             return await handler(request)

@@ -68,3 +68,52 @@ def test_bad_estate_is_refused_clearly(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "subscriptions[0].id: a subscription id (GUID) is required" in result.stderr
+
+
+def test_twin_uses_an_azurite_somebody_else_runs(tmp_path: Path) -> None:
+    from azure.identity import ClientSecretCredential
+    from azure.storage.blob import BlobServiceClient
+
+    from twin.azurite import Azurite
+    from twin.certs import make_certs
+    from twin.server import TwinServer
+
+    certs = make_certs(tmp_path / "certs")
+    own = Azurite(tmp_path / "own", certs, ["apimrstate", "apimrbackups"])
+    own.start()
+    try:
+        accounts = ";".join(f"{name}:{key}" for name, key in own.keys.items())
+        ports = (own.ports["blob"], own.ports["queue"], own.ports["table"])
+        server = TwinServer(ROOT / "estates" / "test.yaml", tmp_path, azurite_ports=ports, azurite_accounts=accounts)
+        server.start()
+        try:
+            env = server.env()
+            credential = ClientSecretCredential(
+                env["AZURE_TENANT_ID"], env["AZURE_CLIENT_ID"], env["AZURE_CLIENT_SECRET"],
+                authority=env["AZURE_AUTHORITY_HOST"], disable_instance_discovery=True, connection_verify=str(certs.ca),
+            )  # fmt: skip
+            blobs = BlobServiceClient(
+                env["APIMR_STORAGE_BLOB_ENDPOINT"], credential=credential, connection_verify=str(certs.ca)
+            )
+            blobs.create_container("external")
+            assert [c.name for c in blobs.list_containers()] == ["external"]
+        finally:
+            server.stop()
+        assert own.process is not None
+        assert own.process.poll() is None  # the twin left somebody else's Azurite running
+    finally:
+        own.stop()
+
+
+def test_external_azurite_missing_an_estate_account_is_refused(tmp_path: Path) -> None:
+    from twin.azurite import free_port
+    from twin.server import TwinServer
+
+    with pytest.raises(ValueError, match="name:key"):
+        TwinServer(ROOT / "estates" / "test.yaml", tmp_path, azurite_ports=(1, 2, 3), azurite_accounts="broken")
+    server = TwinServer(
+        ROOT / "estates" / "test.yaml", tmp_path, azurite_ports=(free_port(), free_port(), free_port()),
+        azurite_accounts="apimrstate:a2V5",
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="lacks the estate's storage accounts \\['apimrbackups'\\]"):
+        server.start()
