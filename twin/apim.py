@@ -29,12 +29,12 @@ from typing import Any
 from aiohttp import web
 
 from twin import arm
+from twin.arm import WriteContext, resource_event, write_context
 from twin.estate import EstateError, SeedContext
 from twin.state import Resource, TwinState, norm
 from twin.web import (
     ServiceError,
     add_route,
-    caller,
     int_param,
     json_response,
     page,
@@ -258,105 +258,6 @@ def _set_keys(state: TwinState, resource_id: str, primary: str | None, secondary
 # -- events ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class WriteContext:
-    """What an Event Grid resource event says about the caller, captured when the request arrived."""
-
-    claims: dict[str, Any]
-    method: str
-    url: str
-    correlation_id: str
-    client_request_id: str
-    client_ip: str
-    tenant_id: str
-
-
-def write_context(request: web.Request) -> WriteContext:
-    state = state_of(request)
-    return WriteContext(
-        claims=caller(request),
-        method=request.method,
-        url=str(request.url),
-        correlation_id=request.headers.get("x-ms-correlation-request-id", str(uuid.uuid4())),
-        client_request_id=request.headers.get("x-ms-client-request-id", ""),
-        client_ip=request.remote or "127.0.0.1",
-        tenant_id=state.tenant_id,
-    )
-
-
-def _resource_type_of(resource_uri: str) -> str:
-    """`Microsoft.ApiManagement/service/subscriptions` from an APIM resource id."""
-    parts = resource_uri.strip("/").split("/")
-    lowered = [p.lower() for p in parts]
-    start = lowered.index("providers") + 1
-    namespace, rest = parts[start], parts[start + 1 :]
-    return "/".join([namespace, *rest[0::2]])
-
-
-def resource_event(
-    ctx: WriteContext, *, resource_uri: str, kind: str, action: str | None = None, at: datetime
-) -> dict[str, Any]:
-    """A `Microsoft.Resources.Resource{Write|Delete|Action}Success` event in Event Grid schema.
-
-    `kind` is "write", "delete" or "action" (then `action` names it, e.g. regeneratePrimaryKey).
-    The topic is the Azure subscription, the subject the resource, as the subscription's
-    system topic sends them.
-    """
-    match = re.match(r"^/subscriptions/([^/]+)(?:/resourceGroups/([^/]+))?", resource_uri, re.IGNORECASE)
-    subscription_id = match.group(1) if match else ""
-    group = match.group(2) if match and match.group(2) else None
-    resource_type = _resource_type_of(resource_uri)
-    if kind == "write":
-        operation, event_type = f"{resource_type}/write", "Microsoft.Resources.ResourceWriteSuccess"
-    elif kind == "delete":
-        operation, event_type = f"{resource_type}/delete", "Microsoft.Resources.ResourceDeleteSuccess"
-    elif kind == "action" and action:
-        operation, event_type = f"{resource_type}/{action}/action", "Microsoft.Resources.ResourceActionSuccess"
-    else:
-        raise ValueError(f"unknown event kind {kind!r}")
-    principal_id = str(ctx.claims.get("oid", ""))
-    data: dict[str, Any] = {
-        "authorization": {
-            "scope": resource_uri,
-            "action": operation,
-            "evidence": {
-                "role": "Contributor",
-                "roleAssignmentScope": f"/subscriptions/{subscription_id}",
-                "roleAssignmentId": uuid.uuid5(uuid.NAMESPACE_URL, principal_id + subscription_id).hex,
-                "roleDefinitionId": "b24988ac618042a0ab8820f7382dd24c",
-                "principalId": principal_id.replace("-", ""),
-                "principalType": "ServicePrincipal",
-            },
-        },
-        "claims": {k: v if isinstance(v, str) else json.dumps(v) for k, v in ctx.claims.items()},
-        "correlationId": ctx.correlation_id,
-        "httpRequest": {
-            "clientRequestId": ctx.client_request_id,
-            "clientIpAddress": ctx.client_ip,
-            "method": ctx.method,
-            "url": ctx.url,
-        },
-        "resourceProvider": PROVIDER,
-        "resourceUri": resource_uri,
-        "operationName": operation,
-        "status": "Succeeded",
-        "subscriptionId": subscription_id,
-        "tenantId": ctx.tenant_id,
-    }
-    if group:
-        data["resourceGroup"] = group
-    return {
-        "id": str(uuid.uuid4()),
-        "topic": f"/subscriptions/{subscription_id}",
-        "subject": resource_uri,
-        "eventType": event_type,
-        "eventTime": _iso(at),
-        "data": data,
-        "dataVersion": "2",
-        "metadataVersion": "1",
-    }
-
-
 def apim_event(service_id: str, resource_uri: str, event_type: str, at: datetime) -> dict[str, Any]:
     """A `Microsoft.ApiManagement.*` event: topic the service, subject the entity below it."""
     subject = resource_uri[len(service_id) :] if norm(resource_uri).startswith(norm(service_id)) else resource_uri
@@ -389,12 +290,7 @@ def _service(request: web.Request) -> Resource:
     group = arm.resource_group_or_404(state, p["sub"], p["rg"])
     service = state.store.get(_service_id(p["sub"], p["rg"], p["service"]))
     if service is None or service.body.get("type") != SERVICE_TYPE:
-        raise ServiceError(
-            404,
-            "ResourceNotFound",
-            f"The Resource '{SERVICE_TYPE}/{p['service']}' under resource group '{group['name']}' was not found. "
-            "For more details please go to https://aka.ms/ARMResourceNotFoundFix",
-        )
+        raise arm.resource_not_found(SERVICE_TYPE, p["service"], group["name"])
     return service
 
 

@@ -9,15 +9,18 @@ then Succeeded/Failed/Canceled; the Location URL answers 202 while running, then
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from twin.state import Operation, TwinState
-from twin.web import LRO_FAIL, ServiceError, add_route, arm_version_error, json_response, params, state_of
+from twin.web import LRO_FAIL, ServiceError, add_route, arm_version_error, caller, json_response, params, state_of
 
 # api-versions per provider namespace (lowercase). Provider modules add theirs.
 PROVIDER_VERSIONS: dict[str, frozenset[str]] = {}
@@ -147,6 +150,16 @@ def _subscription_body(sub: dict[str, Any], tenant_id: str) -> dict[str, Any]:
     }
 
 
+def resource_not_found(resource_type: str, name: str, resource_group: str) -> ServiceError:
+    """ARM's 404 for a resource that does not exist, in ARM's words."""
+    return ServiceError(
+        404,
+        "ResourceNotFound",
+        f"The Resource '{resource_type}/{name}' under resource group '{resource_group}' was not found. "
+        "For more details please go to https://aka.ms/ARMResourceNotFoundFix",
+    )
+
+
 def subscription_or_404(state: TwinState, subscription_id: str) -> dict[str, Any]:
     sub = state.subscriptions.get(subscription_id.lower())
     if sub is None:
@@ -265,3 +278,117 @@ def setup(app: web.Application) -> None:
         versions=None,  # checked against the provider's own versions
     )
     add_route(app, "GET", "/metadata/endpoints", metadata_endpoints, versions=METADATA_VERSIONS)
+
+
+# -- Event Grid events for ARM writes ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WriteContext:
+    """What an Event Grid resource event says about the caller, captured when the request arrived."""
+
+    claims: dict[str, Any]
+    method: str
+    url: str
+    correlation_id: str
+    client_request_id: str
+    client_ip: str
+    tenant_id: str
+
+
+def write_context(request: web.Request) -> WriteContext:
+    state = state_of(request)
+    return WriteContext(
+        claims=caller(request),
+        method=request.method,
+        url=str(request.url),
+        correlation_id=request.headers.get("x-ms-correlation-request-id", str(uuid.uuid4())),
+        client_request_id=request.headers.get("x-ms-client-request-id", ""),
+        client_ip=request.remote or "127.0.0.1",
+        tenant_id=state.tenant_id,
+    )
+
+
+def emit_resource_event(request: web.Request, resource_uri: str, kind: str, action: str | None = None) -> None:
+    """Raise the Microsoft.Resources event Azure raises for a successful write now."""
+    state = state_of(request)
+    state.emit(
+        resource_event(
+            write_context(request), resource_uri=resource_uri, kind=kind, action=action, at=state.clock.now()
+        )
+    )
+
+
+def _resource_type_of(resource_uri: str) -> str:
+    """`Microsoft.ApiManagement/service/subscriptions` from a resource id."""
+    parts = resource_uri.strip("/").split("/")
+    lowered = [p.lower() for p in parts]
+    # The last provider segment: an extension resource (diagnostic settings, Sentinel
+    # incidents) is typed by its own provider, not by the resource it hangs under.
+    start = len(lowered) - 1 - lowered[::-1].index("providers") + 1
+    namespace, rest = parts[start], parts[start + 1 :]
+    return "/".join([namespace, *rest[0::2]])
+
+
+def resource_event(
+    ctx: WriteContext, *, resource_uri: str, kind: str, action: str | None = None, at: datetime
+) -> dict[str, Any]:
+    """A `Microsoft.Resources.Resource{Write|Delete|Action}Success` event in Event Grid schema.
+
+    `kind` is "write", "delete" or "action" (then `action` names it, e.g. regeneratePrimaryKey).
+    The topic is the Azure subscription, the subject the resource, as the subscription's
+    system topic sends them.
+    """
+    match = re.match(r"^/subscriptions/([^/]+)(?:/resourceGroups/([^/]+))?", resource_uri, re.IGNORECASE)
+    subscription_id = match.group(1) if match else ""
+    group = match.group(2) if match and match.group(2) else None
+    resource_type = _resource_type_of(resource_uri)
+    if kind == "write":
+        operation, event_type = f"{resource_type}/write", "Microsoft.Resources.ResourceWriteSuccess"
+    elif kind == "delete":
+        operation, event_type = f"{resource_type}/delete", "Microsoft.Resources.ResourceDeleteSuccess"
+    elif kind == "action" and action:
+        operation, event_type = f"{resource_type}/{action}/action", "Microsoft.Resources.ResourceActionSuccess"
+    else:
+        raise ValueError(f"unknown event kind {kind!r}")
+    principal_id = str(ctx.claims.get("oid", ""))
+    data: dict[str, Any] = {
+        "authorization": {
+            "scope": resource_uri,
+            "action": operation,
+            "evidence": {
+                "role": "Contributor",
+                "roleAssignmentScope": f"/subscriptions/{subscription_id}",
+                "roleAssignmentId": uuid.uuid5(uuid.NAMESPACE_URL, principal_id + subscription_id).hex,
+                "roleDefinitionId": "b24988ac618042a0ab8820f7382dd24c",
+                "principalId": principal_id.replace("-", ""),
+                "principalType": "ServicePrincipal",
+            },
+        },
+        "claims": {k: v if isinstance(v, str) else json.dumps(v) for k, v in ctx.claims.items()},
+        "correlationId": ctx.correlation_id,
+        "httpRequest": {
+            "clientRequestId": ctx.client_request_id,
+            "clientIpAddress": ctx.client_ip,
+            "method": ctx.method,
+            "url": ctx.url,
+        },
+        "resourceProvider": resource_type.split("/")[0],
+        "resourceUri": resource_uri,
+        "operationName": operation,
+        "status": "Succeeded",
+        "subscriptionId": subscription_id,
+        "tenantId": ctx.tenant_id,
+    }
+    if group:
+        data["resourceGroup"] = group
+    return {
+        "id": str(uuid.uuid4()),
+        "topic": f"/subscriptions/{subscription_id}",
+        "subject": resource_uri,
+        "eventType": event_type,
+        "eventTime": iso(at),
+        "data": data,
+        "dataVersion": "2",
+        "metadataVersion": "1",
+    }

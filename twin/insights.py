@@ -23,7 +23,13 @@ from typing import Any
 
 from aiohttp import web
 
-from twin.arm import PROVIDER_VERSIONS, resource_group_or_404, subscription_or_404
+from twin.arm import (
+    PROVIDER_VERSIONS,
+    emit_resource_event,
+    resource_group_or_404,
+    resource_not_found,
+    subscription_or_404,
+)
 from twin.estate import EstateError, SeedContext
 from twin.state import TwinState
 from twin.web import ServiceError, add_route, json_response, params, read_json, state_of
@@ -95,12 +101,7 @@ def _target_or_404(state: TwinState, resource_id: str) -> dict[str, Any]:
     if found is None:
         rtype = _resource_type(resource_id)
         name = "/".join(match.group("rest").split("/")[1::2])
-        raise ServiceError(
-            404,
-            "ResourceNotFound",
-            f"The Resource '{rtype}/{name}' under resource group '{match.group('rg')}' was not found. "
-            "For more details please go to https://aka.ms/ARMResourceNotFoundFix",
-        )
+        raise resource_not_found(rtype, name, match.group("rg"))
     return found.body
 
 
@@ -142,12 +143,7 @@ def validate(state: TwinState, target: str, target_type: str, props: Any, versio
         if found is None or str(found.body.get("type", "")).lower() != WORKSPACE_TYPE:
             name = workspace.rstrip("/").split("/")[-1]
             group = workspace.split("/")[4]
-            raise ServiceError(
-                404,
-                "ResourceNotFound",
-                f"The Resource 'Microsoft.OperationalInsights/workspaces/{name}' under resource group '{group}' "
-                "was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix",
-            )
+            raise resource_not_found("Microsoft.OperationalInsights/workspaces", name, group)
     for field in ("storageAccountId", "eventHubAuthorizationRuleId"):
         if props.get(field):
             _check_linked_id(props[field], f"properties.{field}")
@@ -303,6 +299,7 @@ async def put_setting(request: web.Request) -> web.StreamResponse:
     _check_sinks(state, target, name, props)
     stored = _body(target, name, props)
     state.store.put(stored["id"], stored)
+    emit_resource_event(request, stored["id"], "write")
     return json_response(stored)
 
 
@@ -311,6 +308,8 @@ async def delete_setting(request: web.Request) -> web.StreamResponse:
     target = _target_id(request)
     _target_or_404(state, target)
     gone = state.store.delete(_setting_id(target, params(request)["setting"]))
+    if gone is not None:
+        emit_resource_event(request, gone.id, "delete")
     return web.Response(status=200 if gone is not None else 204)
 
 

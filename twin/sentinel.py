@@ -30,7 +30,14 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from twin.arm import PROVIDER_VERSIONS, iso, resource_group_or_404, subscription_or_404
+from twin.arm import (
+    PROVIDER_VERSIONS,
+    emit_resource_event,
+    iso,
+    resource_group_or_404,
+    resource_not_found,
+    subscription_or_404,
+)
 from twin.state import TwinState
 from twin.web import ServiceError, add_route, json_response, params, read_json, state_of
 
@@ -94,12 +101,7 @@ def _workspace_or_404(request: web.Request) -> str:
     workspace = _workspace_id(request)
     found = state.store.get(workspace)
     if found is None or str(found.body.get("type", "")).lower() != WORKSPACE_TYPE:
-        raise ServiceError(
-            404,
-            "ResourceNotFound",
-            f"The Resource 'Microsoft.OperationalInsights/workspaces/{p['ws']}' under resource group '{p['rg']}' "
-            "was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix",
-        )
+        raise resource_not_found("Microsoft.OperationalInsights/workspaces", p["ws"], p["rg"])
     return found.id
 
 
@@ -242,6 +244,7 @@ async def put_incident(request: web.Request) -> web.StreamResponse:
     stored = {"id": resource_id, "name": name, "etag": "", "type": INCIDENT_TYPE, "properties": full}
     resource = state.store.put(resource_id, stored)
     stored["etag"] = resource.etag
+    emit_resource_event(request, resource_id, "write")
     return json_response(stored, status=201 if existing is None else 200, headers={"ETag": resource.etag})
 
 
@@ -270,6 +273,8 @@ async def delete_incident(request: web.Request) -> web.StreamResponse:
     ):
         raise ServiceError(412, "PreconditionFailed", f"The If-Match condition ({if_match}) does not match.")
     gone = state.store.delete(resource_id)
+    if gone is not None:
+        emit_resource_event(request, gone.id, "delete")
     return web.Response(status=200 if gone is not None else 204)
 
 

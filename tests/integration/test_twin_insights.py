@@ -293,3 +293,19 @@ def test_settings_on_a_service_seeded_by_the_apim_section(twin: TwinHandle) -> N
     monitor = client(twin)
     monitor.diagnostic_settings.create_or_update(service, "to-law", gateway_logs())
     assert [s.name for s in monitor.diagnostic_settings.list(service)] == ["to-law"]
+
+
+def test_writes_raise_resource_events_typed_by_the_extension_provider(seeded: TwinHandle) -> None:
+    """Azure raises Microsoft.Resources events for diagnostic-setting writes, typed by the
+    Insights provider, whatever resource the setting hangs under."""
+    twin = seeded
+    monitor = client(twin)
+    monitor.diagnostic_settings.create_or_update(APIM_ID, "to-law", gateway_logs())
+    monitor.diagnostic_settings.delete(APIM_ID, "to-law")
+    _, body = twin.control("GET", "/_twin/events?type=Microsoft.Resources.ResourceWriteSuccess")
+    writes = [e for e in body["value"] if e["subject"].endswith("/diagnosticSettings/to-law")]
+    assert len(writes) == 1
+    assert writes[0]["data"]["operationName"] == "Microsoft.Insights/diagnosticSettings/write"
+    assert writes[0]["data"]["claims"]["appid"] == twin.client_id
+    _, deletes = twin.control("GET", "/_twin/events?type=Microsoft.Resources.ResourceDeleteSuccess")
+    assert [e["data"]["operationName"] for e in deletes["value"]] == ["Microsoft.Insights/diagnosticSettings/delete"]
