@@ -1,6 +1,6 @@
 """Health: is this deployment configured well enough to run?
 
-Reports the product version and, when the settings are valid, a secret-free summary of
+Reports the product version and, when the settings and the policy file are valid, a secret-free summary of
 them; otherwise the list of settings problems (names and reasons, never values of secret
 settings). Needs no Azure permission: it makes no Azure call.
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from shared import __version__
 from shared.errors import SettingsError
+from shared.policy import PolicyError, load_policy
 from shared.settings import load_settings
 
 
@@ -36,9 +37,10 @@ class HealthReport:
 
 
 def check_health(env: Mapping[str, str] | None = None) -> HealthReport:
-    """Validate the settings and summarise them."""
+    """Validate the settings and the policy file they name, and summarise them."""
     try:
         settings = load_settings(env)
-    except SettingsError as error:
+        load_policy(settings.policy_file)
+    except (SettingsError, PolicyError) as error:
         return HealthReport(healthy=False, version=__version__, problems=tuple(error.problems))
     return HealthReport(healthy=True, version=__version__, settings=settings.describe())

@@ -161,11 +161,25 @@ class RetrySettings:
 
 
 @dataclass(frozen=True)
+class ScopeSettings:
+    """Which APIM instances the product looks at, within the subscriptions."""
+
+    resource_groups: tuple[str, ...] = ()  # lowercase; empty = all
+    tags: tuple[tuple[str, str], ...] = ()  # every (name, value) must match; empty = no tag filter
+
+
+DEFAULT_POLICY_FILE = str(Path(__file__).resolve().parent / "baseline.yaml")
+
+
+@dataclass(frozen=True)
 class Settings:
     cloud: CloudProfile
     subscription_ids: tuple[str, ...]
     storage: StorageSettings
     retry: RetrySettings = field(default_factory=RetrySettings)
+    scope: ScopeSettings = field(default_factory=ScopeSettings)
+    key_vault_url: str | None = None  # the key ledger: one secret per tracked APIM subscription
+    policy_file: str = DEFAULT_POLICY_FILE
     managed_identity_client_id: str | None = None
     ca_bundle: str | None = None
     log_level: str = "INFO"
@@ -351,6 +365,24 @@ def _storage(r: _Reader, cloud: CloudProfile) -> StorageSettings:
     return StorageSettings(blob_url=blob, queue_url=queue, table_url=table)
 
 
+def _scope(r: _Reader) -> ScopeSettings:
+    groups_raw = r.raw("RESOURCE_GROUPS")
+    groups = tuple(g.strip().lower() for g in (groups_raw or "").split(",") if g.strip())
+    bad_groups = [g for g in groups if not re.fullmatch(r"[-\w._()]{1,90}", g)]
+    if bad_groups:
+        r.problem("RESOURCE_GROUPS", f"not resource group names: {', '.join(repr(g) for g in bad_groups)}")
+    tags: list[tuple[str, str]] = []
+    for pair in (r.raw("TAG_SELECTOR") or "").split(","):
+        if not pair.strip():
+            continue
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            r.problem("TAG_SELECTOR", f"must be name=value pairs separated by commas, got {pair.strip()!r}")
+            continue
+        tags.append((name.strip(), value.strip()))
+    return ScopeSettings(resource_groups=groups, tags=tuple(tags))
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting; raise one SettingsError listing all problems."""
     r = _Reader(os.environ if env is None else env)
@@ -362,6 +394,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         backoff_factor=r.number("RETRY_BACKOFF_FACTOR", 0.8, 0.0, 30.0),
         backoff_max=r.number("RETRY_BACKOFF_MAX", 60.0, 0.0, 600.0),
     )
+    scope = _scope(r)
+    key_vault_url = r.https_url("KEY_VAULT_URL", required=False)
+    policy_file = r.raw("POLICY_FILE") or DEFAULT_POLICY_FILE
+    if not Path(policy_file).is_file():
+        r.problem("POLICY_FILE", f"no such file: {policy_file!r} (the policy-as-code YAML)")
     mi_client = r.raw("MANAGED_IDENTITY_CLIENT_ID")
     if mi_client is not None and not _GUID.match(mi_client):
         r.problem("MANAGED_IDENTITY_CLIENT_ID", f"must be a client id (GUID), got {mi_client!r}")
@@ -379,6 +416,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         subscription_ids=subscriptions,
         storage=storage,
         retry=retry,
+        scope=scope,
+        key_vault_url=key_vault_url,
+        policy_file=policy_file,
         managed_identity_client_id=mi_client,
         ca_bundle=ca_bundle,
         log_level=log_level,
@@ -401,6 +441,10 @@ SETTING_NAMES: tuple[str, ...] = tuple(
         "RETRY_TOTAL",
         "RETRY_BACKOFF_FACTOR",
         "RETRY_BACKOFF_MAX",
+        "RESOURCE_GROUPS",
+        "TAG_SELECTOR",
+        "KEY_VAULT_URL",
+        "POLICY_FILE",
         "MANAGED_IDENTITY_CLIENT_ID",
         "CA_BUNDLE",
         "LOG_LEVEL",

@@ -80,6 +80,18 @@ def test_health_reports_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     assert body["settings"]["cloud"] == "AzureCloud"
 
 
+def test_health_reports_a_broken_policy_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nrules:\n  NOPE-001: {mode: detect}\n")
+    monkeypatch.setenv("APIMR_SUBSCRIPTION_IDS", SUB)
+    monkeypatch.setenv("APIMR_STORAGE_ACCOUNT", "apimrstate")
+    monkeypatch.setenv("APIMR_POLICY_FILE", str(policy))
+    response = function("health")(func.HttpRequest(method="GET", url="/api/health", body=b""))
+    assert response.status_code == 503
+    [problem] = json.loads(response.get_body())["problems"]
+    assert problem.startswith(f"{policy}:3: rules.NOPE-001: unknown rule id")
+
+
 def test_health_names_every_problem_without_secret_values(monkeypatch: pytest.MonkeyPatch) -> None:
     canary = "CANARY-5f0c1d2e-key"
     for name in SETTING_NAMES:

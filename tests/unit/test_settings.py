@@ -212,3 +212,34 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in SETTING_NAMES if f"`{name}`" not in readme]
     assert not missing, f"README settings table lacks {missing}"
+
+
+def test_scope_key_vault_and_policy_file(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\n")
+    s = load_settings(
+        base(
+            APIMR_RESOURCE_GROUPS="rg-APIM-prod, rg-edge",
+            APIMR_TAG_SELECTOR="env=prod, owner = platform",
+            APIMR_KEY_VAULT_URL="https://kv-apim.vault.azure.net/",
+            APIMR_POLICY_FILE=str(policy),
+        )
+    )
+    assert s.scope.resource_groups == ("rg-apim-prod", "rg-edge")
+    assert s.scope.tags == (("env", "prod"), ("owner", "platform"))
+    assert s.key_vault_url == "https://kv-apim.vault.azure.net"
+    assert s.policy_file == str(policy)
+    assert Path(load_settings(base()).policy_file).name == "baseline.yaml"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (base(APIMR_TAG_SELECTOR="env"), "APIMR_TAG_SELECTOR: must be name=value pairs"),
+        (base(APIMR_RESOURCE_GROUPS="rg/bad"), "APIMR_RESOURCE_GROUPS: not resource group names: 'rg/bad'"),
+        (base(APIMR_KEY_VAULT_URL="http://kv"), "APIMR_KEY_VAULT_URL: must be an https:// URL"),
+        (base(APIMR_POLICY_FILE="/nope/policy.yaml"), "APIMR_POLICY_FILE: no such file: '/nope/policy.yaml'"),
+    ],
+)
+def test_scope_settings_problems(env: dict[str, str], expected: str) -> None:
+    assert any(expected in p for p in problems(env))

@@ -1,0 +1,121 @@
+"""The `apim-remediator` command: the same use cases as the Functions app, from a shell.
+
+A thin adapter like function_app.py: parse arguments, build the composition root once,
+call a handler, print, exit with a code pipelines can gate on.
+Exit codes: 0 clean, 1 findings at or above --fail-on (or an instance not scanned),
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TextIO
+
+from handlers.scan import Progress, ScanRequest, scan
+from shared import __version__
+from shared.azure import ClientFactory
+from shared.errors import RemediatorError
+from shared.model import Severity
+from shared.policy import load_policy
+from shared.report import RENDERERS, ScanReport, render_rules_markdown
+from shared.rules import REGISTRY
+from shared.settings import load_settings
+from shared.source import AzureInstanceSource
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apim-remediator", description="Keep Azure API Management secure.")
+    parser.add_argument("--version", action="version", version=f"apim-remediator {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    scan_cmd = commands.add_parser("scan", help="detect drift on the APIM instances in scope (read-only)")
+    scan_cmd.add_argument("--subscription", action="append", default=[], metavar="ID", help="only this subscription")
+    scan_cmd.add_argument("--resource-group", action="append", default=[], metavar="NAME", help="only this group")
+    scan_cmd.add_argument("--instance", action="append", default=[], metavar="ID", help="only this APIM resource id")
+    scan_cmd.add_argument("--format", choices=sorted(RENDERERS), default="table")
+    scan_cmd.add_argument("--output", metavar="FILE", help="write the report here instead of stdout")
+    scan_cmd.add_argument(
+        "--fail-on",
+        choices=[s.value for s in Severity],
+        help="exit 1 when a finding no exemption covers is at least this severe",
+    )
+    scan_cmd.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    rules_cmd = commands.add_parser("rules", help="list the rule catalogue")
+    rules_cmd.add_argument("--format", choices=["table", "markdown"], default="table")
+    return parser
+
+
+def _rules(args: argparse.Namespace, out: TextIO) -> int:
+    if args.format == "markdown":
+        out.write(render_rules_markdown())
+        return 0
+    for rule_id in sorted(REGISTRY):
+        rule = REGISTRY[rule_id]
+        fix = "fix" if rule.remediable else "detect"
+        out.write(f"{rule.id:<9} {rule.severity.value:<8} {fix:<6} {rule.title}\n")
+    return 0
+
+
+def _progress(stream: TextIO) -> Progress:
+    def report(done: int, total: int, instance_id: str) -> None:
+        print(f"[{done}/{total}] scanned {instance_id.rsplit('/', 1)[-1]}", file=stream, flush=True)
+
+    return report
+
+
+async def _scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    settings = load_settings()
+    policy = load_policy(settings.policy_file, today=datetime.now(UTC).date())
+    outside = [s for s in args.subscription if s.lower() not in settings.subscription_ids]
+    if outside:
+        print(f"apim-remediator: subscription(s) outside APIMR_SUBSCRIPTION_IDS: {', '.join(outside)}", file=err)
+        return 2
+    factory = ClientFactory(settings)
+    try:
+        report = await scan(
+            ScanRequest(
+                subscription_ids=tuple(args.subscription),
+                resource_groups=tuple(args.resource_group),
+                instance_ids=tuple(args.instance),
+            ),
+            AzureInstanceSource(factory, settings),
+            policy,
+            policy_file=settings.policy_file,
+            progress=None if args.quiet else _progress(err),
+        )
+    finally:
+        await factory.aclose()
+        factory.close()
+    return _print_report(report, args, out)
+
+
+def _print_report(report: ScanReport, args: argparse.Namespace, out: TextIO) -> int:
+    rendered = RENDERERS[args.format](report)
+    if args.output:
+        Path(args.output).write_text(rendered, encoding="utf-8")
+    else:
+        out.write(rendered)
+    return 1 if report.fails(Severity(args.fail_on) if args.fail_on else None) else 0
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "scan":
+            return asyncio.run(_scan(args, out, err))
+        if args.command == "rules":
+            return _rules(args, out)
+    except RemediatorError as error:
+        print(f"apim-remediator: {error}", file=err)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Scan: find the APIM instances in scope, read each one's snapshot, run the catalogue.
+
+Read-only. Azure actions needed (least privilege, also granted by infra/):
+Microsoft.ResourceGraph/resources/read, Microsoft.ApiManagement/service/read and
+service/*/read for every sub-resource read, Microsoft.ApiManagement/service/subscriptions/
+listSecrets/action (only for subscriptions tracked in the key ledger, to compare hashes),
+Microsoft.Insights/diagnosticSettings/read, and Key Vault "Key Vault Secrets User" on the
+key-ledger vault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Protocol
+
+from shared.errors import OutOfScopeError, RemediatorError
+from shared.evaluation import evaluate_snapshot
+from shared.inventory import InstanceRef
+from shared.model import Snapshot
+from shared.policy import Policy
+from shared.report import InstanceResult, ScanReport
+
+# Instances read at once: each reads its sub-resources concurrently too, and ARM's read
+# budget (250, refilling 25/s per principal and subscription) is shared by all of them.
+MAX_PARALLEL_INSTANCES = 4
+
+
+class InstanceSource(Protocol):
+    """What a scan needs from Azure."""
+
+    async def discover(self) -> tuple[InstanceRef, ...]: ...
+
+    async def read(self, ref: InstanceRef) -> Snapshot: ...
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """Narrow the configured scope; never widen it."""
+
+    subscription_ids: tuple[str, ...] = ()
+    resource_groups: tuple[str, ...] = ()
+    instance_ids: tuple[str, ...] = ()
+
+
+Progress = Callable[[int, int, str], None]
+
+
+def _selected(ref: InstanceRef, request: ScanRequest, policy: Policy) -> bool:
+    if request.subscription_ids and ref.subscription_id.lower() not in {s.lower() for s in request.subscription_ids}:
+        return False
+    if request.resource_groups and ref.resource_group.lower() not in {g.lower() for g in request.resource_groups}:
+        return False
+    if request.instance_ids and ref.id.lower() not in {i.lower() for i in request.instance_ids}:
+        return False
+    return policy.in_scope(ref.subscription_id, ref.resource_group, dict(ref.tags))
+
+
+async def scan(
+    request: ScanRequest,
+    source: InstanceSource,
+    policy: Policy,
+    *,
+    policy_file: str,
+    today: date | None = None,
+    progress: Progress | None = None,
+) -> ScanReport:
+    """Scan every instance in scope; one instance's failure never stops the others."""
+    started = datetime.now(UTC)
+    refs = await source.discover()
+    known = {ref.id.lower() for ref in refs}
+    missing = [i for i in request.instance_ids if i.lower() not in known]
+    if missing:
+        raise OutOfScopeError(
+            f"not an APIM instance in the configured scope: {', '.join(missing)} "
+            "(check APIMR_SUBSCRIPTION_IDS, APIMR_RESOURCE_GROUPS, APIMR_TAG_SELECTOR and the policy's scope)"
+        )
+    selected = [ref for ref in refs if _selected(ref, request, policy)]
+    gate = asyncio.Semaphore(MAX_PARALLEL_INSTANCES)
+    done = 0
+
+    async def one(ref: InstanceRef) -> InstanceResult:
+        nonlocal done
+        async with gate:
+            try:
+                snapshot = await source.read(ref)
+            except RemediatorError as error:
+                result = InstanceResult(instance_id=ref.id, error=str(error))
+            else:
+                findings = evaluate_snapshot(snapshot, policy, today=today or snapshot.read_at.date())
+                result = InstanceResult(
+                    instance_id=ref.id,
+                    findings=tuple(findings),
+                    unreadable=snapshot.unreadable,
+                    notes=tuple(policy.tag_problems(dict(snapshot.service.tags))),
+                )
+        done += 1
+        if progress is not None:
+            progress(done, len(selected), ref.id)
+        return result
+
+    results = await asyncio.gather(*(one(ref) for ref in selected))
+    return ScanReport(
+        started=started,
+        finished=datetime.now(UTC),
+        policy_file=policy_file,
+        instances=tuple(sorted(results, key=lambda r: r.instance_id.lower())),
+    )

@@ -1,0 +1,195 @@
+"""Discovery: the APIM instances in the configured scope.
+
+One Resource Graph query across every configured subscription finds them (paged with
+$skipToken). When Resource Graph cannot answer (no permission, a query it refuses, an
+outage) the product lists services per subscription with the APIM client instead and says
+so in the log. Either way the configured scope (resource groups, tags) is applied here
+again, so both paths return the same instances.
+
+Azure actions: Microsoft.ResourceGraph/resources/read, or Microsoft.ApiManagement/service/read
+for the fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from azure.core.exceptions import AzureError, HttpResponseError
+from azure.mgmt.resourcegraph.models import QueryRequest, QueryRequestOptions
+
+from shared.azure import ClientFactory
+from shared.errors import PermanentError
+from shared.model import frozen_map
+from shared.settings import ScopeSettings, Settings
+
+log = logging.getLogger(__name__)
+
+APIM_TYPE = "microsoft.apimanagement/service"
+# Resource Graph takes at most 1000 subscriptions a request and returns at most 1000 rows a page.
+GRAPH_MAX_SUBSCRIPTIONS = 1000
+GRAPH_PAGE = 1000
+_ID = re.compile(
+    r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.ApiManagement/service/(?P<name>[^/]+)$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """Where one APIM instance is: enough to read it and to apply the scope."""
+
+    id: str
+    name: str
+    subscription_id: str
+    resource_group: str
+    location: str  # normalised: lowercase, no spaces ("westeurope")
+    tags: Mapping[str, str] = field(default_factory=frozen_map, hash=False)
+
+
+# -- pure helpers -------------------------------------------------------------------------------
+
+
+def _kql_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def graph_query(scope: ScopeSettings) -> str:
+    """The Resource Graph query for the APIM services in scope.
+
+    Resource groups are filtered in the query; tags are filtered afterwards (`in_scope`),
+    because the operator's tag names match case-insensitively and a KQL `tags['x']` lookup
+    does not.
+    """
+    parts = [f"resources | where type =~ {_kql_string(APIM_TYPE)}"]
+    if scope.resource_groups:
+        groups = ", ".join(_kql_string(g) for g in scope.resource_groups)
+        parts.append(f"| where resourceGroup in~ ({groups})")
+    parts.append("| project id, name, type, location, resourceGroup, subscriptionId, tags")
+    return " ".join(parts)
+
+
+def instance_ref(resource_id: str, location: str | None, tags: Mapping[str, Any] | None) -> InstanceRef | None:
+    """An InstanceRef from an ARM id, or None when the id is not an APIM service's."""
+    match = _ID.match(resource_id or "")
+    if match is None:
+        return None
+    return InstanceRef(
+        id=resource_id,
+        name=match.group("name"),
+        subscription_id=match.group("sub").lower(),
+        resource_group=match.group("rg"),
+        location=re.sub(r"\s+", "", location or "").lower(),
+        tags=frozen_map({str(k): str(v) for k, v in (tags or {}).items()}),
+    )
+
+
+def in_scope(ref: InstanceRef, scope: ScopeSettings) -> bool:
+    """Resource groups compare case-insensitively; every tag name=value must be present
+    (names case-insensitive, values case-sensitive, as Azure treats tags)."""
+    if scope.resource_groups and ref.resource_group.lower() not in scope.resource_groups:
+        return False
+    lowered = {name.lower(): value for name, value in ref.tags.items()}
+    return all(lowered.get(name.lower()) == value for name, value in scope.tags)
+
+
+def select(refs: Iterable[InstanceRef], settings: Settings) -> tuple[InstanceRef, ...]:
+    """In scope and in a configured subscription, one per id, sorted by id."""
+    wanted = {s.lower() for s in settings.subscription_ids}
+    unique: dict[str, InstanceRef] = {}
+    for ref in refs:
+        if ref.subscription_id.lower() in wanted and in_scope(ref, settings.scope):
+            unique.setdefault(ref.id.lower(), ref)
+    return tuple(sorted(unique.values(), key=lambda r: r.id.lower()))
+
+
+def describe_failure(error: AzureError) -> str:
+    """Status and error code of an SDK failure; never its message (which may echo a request)."""
+    if isinstance(error, HttpResponseError):
+        code = getattr(error.error, "code", None) or error.reason or type(error).__name__
+        return f"{error.status_code} {code}"
+    return f"no response ({type(error).__name__})"
+
+
+# -- discovery ----------------------------------------------------------------------------------
+
+
+async def _from_graph(factory: ClientFactory, settings: Settings) -> list[InstanceRef]:
+    client = factory.resource_graph_async()
+    query = graph_query(settings.scope)
+    subscriptions = list(settings.subscription_ids)
+    refs: list[InstanceRef] = []
+    for start in range(0, len(subscriptions), GRAPH_MAX_SUBSCRIPTIONS):
+        batch = subscriptions[start : start + GRAPH_MAX_SUBSCRIPTIONS]
+        token: str | None = None
+        while True:
+            options = QueryRequestOptions(top=GRAPH_PAGE, skip_token=token, result_format="objectArray")
+            response = await client.resources(QueryRequest(subscriptions=batch, query=query, options=options))
+            rows: Any = response.data or []  # resultFormat objectArray: a list of row objects
+            if not isinstance(rows, list):
+                raise PermanentError("Resource Graph answered in table format; objectArray was asked for")
+            for row in rows:
+                ref = instance_ref(str(row.get("id") or ""), row.get("location"), row.get("tags"))
+                if ref is not None:
+                    refs.append(ref)
+            token = response.skip_token
+            if not token:
+                break
+    return refs
+
+
+async def _list_subscription(factory: ClientFactory, subscription_id: str) -> list[InstanceRef]:
+    refs: list[InstanceRef] = []
+    async for service in factory.apim_async(subscription_id).api_management_service.list():
+        ref = instance_ref(str(service.id or ""), service.location, service.tags)
+        if ref is not None:
+            refs.append(ref)
+    return refs
+
+
+async def _from_lists(factory: ClientFactory, settings: Settings) -> list[InstanceRef]:
+    results = await asyncio.gather(
+        *(_list_subscription(factory, s) for s in settings.subscription_ids), return_exceptions=True
+    )
+    refs: list[InstanceRef] = []
+    for subscription_id, result in zip(settings.subscription_ids, results, strict=True):
+        if isinstance(result, BaseException):
+            if isinstance(result, AzureError):
+                log.error(
+                    "listing APIM services in subscription %s failed: %s", subscription_id, describe_failure(result)
+                )
+            # A sweep that silently skipped a subscription would report a clean estate it never saw.
+            raise result
+        refs.extend(result)
+    return refs
+
+
+async def discover(factory: ClientFactory, settings: Settings) -> tuple[InstanceRef, ...]:
+    """The APIM instances in scope, sorted by id.
+
+    Resource Graph first; if it fails, the APIM list per subscription (every subscription
+    must answer: a failure there propagates as the SDK's error).
+    """
+    if not settings.subscription_ids:
+        return ()
+    try:
+        refs = await _from_graph(factory, settings)
+    except AzureError as error:
+        log.warning(
+            "Resource Graph could not list APIM services (%s); listing them per subscription instead "
+            "(%d subscription(s))",
+            describe_failure(error),
+            len(settings.subscription_ids),
+        )
+        refs = await _from_lists(factory, settings)
+        found = select(refs, settings)
+        log.info("found %d APIM instance(s) in scope by listing per subscription", len(found))
+        return found
+    found = select(refs, settings)
+    log.info("found %d APIM instance(s) in scope with Resource Graph", len(found))
+    return found

@@ -1,0 +1,319 @@
+"""The plain, immutable data that crosses module boundaries: a `Snapshot` of one APIM
+instance as the rules see it, and the `Finding`s they produce.
+
+A snapshot holds no secret value. Where a rule must compare secrets (a Key Vault copy of a
+subscription key against APIM's current key) the snapshot carries keyed hashes made with
+a per-process key (`shared.snapshot`), never the values.
+
+Field values keep Azure's raw spelling (e.g. customProperties "True"/"false"); rules
+normalise. `None` means "Azure did not say" (property absent), distinct from False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from types import MappingProxyType
+
+
+def frozen_map(values: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    """A read-only mapping for frozen dataclasses."""
+    return MappingProxyType(dict(values or {}))
+
+
+class Severity(StrEnum):
+    CRITICAL = "critical"
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+    INFO = "info"
+
+    @property
+    def rank(self) -> int:
+        """Higher is worse: critical 4 ... info 0."""
+        return {"critical": 4, "high": 3, "medium": 2, "low": 1, "info": 0}[self.value]
+
+
+class Mode(StrEnum):
+    OFF = "off"
+    DETECT = "detect"
+    REMEDIATE = "remediate"
+
+
+# -- the snapshot ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrivateEndpointConnection:
+    id: str
+    name: str
+    status: str | None  # privateLinkServiceConnectionState.status: Approved | Pending | Rejected | Disconnected
+
+
+@dataclass(frozen=True)
+class Service:
+    """The APIM service resource (`Microsoft.ApiManagement/service`)."""
+
+    id: str
+    name: str
+    subscription_id: str
+    resource_group: str
+    location: str
+    sku_name: str
+    sku_capacity: int
+    etag: str | None
+    tags: Mapping[str, str] = field(default_factory=frozen_map)
+    identity_type: str | None = None  # None | "SystemAssigned" | "UserAssigned" | "SystemAssigned, UserAssigned"
+    public_network_access: str | None = None  # "Enabled" | "Disabled"
+    virtual_network_type: str | None = None  # "None" | "External" | "Internal"
+    subnet_id: str | None = None  # virtualNetworkConfiguration.subnetResourceId
+    private_endpoints: tuple[PrivateEndpointConnection, ...] = ()
+    custom_properties: Mapping[str, str] = field(default_factory=frozen_map)
+    min_api_version: str | None = None  # apiVersionConstraint.minApiVersion
+    platform_version: str | None = None  # stv1 | stv2 | stv2.1 | mtv1
+    created_at: str | None = None  # createdAtUtc
+    provisioning_state: str | None = None
+
+
+@dataclass(frozen=True)
+class ApimSubscription:
+    """An APIM subscription (`.../service/{name}/subscriptions/{sid}`); never its keys."""
+
+    id: str
+    sid: str
+    display_name: str | None
+    scope: str  # as returned: "/apis", "/apis/{id}", "/products/{id}" or a full ARM id
+    state: str  # active | suspended | submitted | rejected | cancelled | expired
+    owner_id: str | None = None
+    created_date: datetime | None = None
+    expiration_date: datetime | None = None
+    allow_tracing: bool | None = None
+
+
+@dataclass(frozen=True)
+class AccessSetting:
+    """Tenant access (direct management API) or git access."""
+
+    id: str
+    enabled: bool | None
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Portal:
+    signup_enabled: bool | None = None  # portalsettings/signup
+    signin_enabled: bool | None = None  # portalsettings/signin (redirect anonymous users to sign-in)
+    basic_auth_enabled: bool | None = None  # portalconfigs/default properties.enableBasicAuth
+    portal_config_id: str | None = None
+    portal_config_etag: str | None = None
+
+
+@dataclass(frozen=True)
+class IdentityProvider:
+    id: str
+    type: str  # aad | aadB2C | facebook | google | microsoft | twitter
+
+
+@dataclass(frozen=True)
+class NamedValue:
+    id: str
+    name: str
+    display_name: str
+    secret: bool
+    key_vault_secret_id: str | None = None  # keyVault.secretIdentifier
+    key_vault_last_status_code: str | None = None  # keyVault.lastStatus.code ("Success" when fine)
+    key_vault_last_status_message: str | None = None
+    key_vault_last_status_time: datetime | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Api:
+    id: str
+    name: str
+    display_name: str | None
+    path: str | None
+    protocols: tuple[str, ...]  # http | https | ws | wss, as returned
+    subscription_required: bool | None
+    service_url: str | None = None
+    api_type: str | None = None  # http | soap | websocket | graphql ...
+    is_current: bool | None = None
+    subscription_key_header: str | None = None  # subscriptionKeyParameterNames.header
+    subscription_key_query: str | None = None  # subscriptionKeyParameterNames.query
+
+
+@dataclass(frozen=True)
+class Backend:
+    id: str
+    name: str
+    url: str | None
+    protocol: str | None
+    validate_certificate_chain: bool | None  # tls.validateCertificateChain
+    validate_certificate_name: bool | None  # tls.validateCertificateName
+    has_credentials: bool  # any of credentials.certificate/certificateIds/authorization/header/query
+
+
+@dataclass(frozen=True)
+class Product:
+    id: str
+    name: str
+    state: str | None
+    subscription_required: bool | None
+    api_ids: tuple[str, ...] = ()  # names of the APIs in the product
+
+
+class PolicyScope(StrEnum):
+    SERVICE = "service"
+    PRODUCT = "product"
+    API = "api"
+
+
+@dataclass(frozen=True)
+class Policy:
+    id: str
+    scope: PolicyScope
+    owner: str  # "" for the service; else the product or API name
+    xml: str
+
+
+@dataclass(frozen=True)
+class ApimDiagnostic:
+    """An APIM diagnostic (`/diagnostics/azuremonitor`, `/diagnostics/applicationinsights`)."""
+
+    id: str
+    name: str
+    logger_id: str | None
+    frontend_request_headers: tuple[str, ...] = ()
+    frontend_response_headers: tuple[str, ...] = ()
+    backend_request_headers: tuple[str, ...] = ()
+    backend_response_headers: tuple[str, ...] = ()
+    sampling_percentage: float | None = None
+
+
+@dataclass(frozen=True)
+class Logger:
+    id: str
+    name: str
+    logger_type: str  # azureMonitor | applicationInsights | azureEventHub
+    resource_id: str | None = None
+
+
+@dataclass(frozen=True)
+class DiagnosticLog:
+    category: str | None  # e.g. GatewayLogs
+    category_group: str | None  # allLogs | audit
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class DiagnosticSetting:
+    """An Azure Monitor diagnostic setting on the APIM service."""
+
+    id: str
+    name: str
+    workspace_id: str | None
+    destination_type: str | None  # "Dedicated" | None (AzureDiagnostics)
+    logs: tuple[DiagnosticLog, ...] = ()
+    storage_account_id: str | None = None
+    event_hub_rule_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrackedKey:
+    """One Key Vault secret of the key ledger: the key clients of an APIM subscription use.
+
+    Tags on the secret name the APIM subscription (`apim-subscription-id`, its ARM id) and
+    the slot (`apim-key-slot`: primary | secondary). Its current version's creation time is
+    the key's age: ARM has no "key last rotated" field.
+    """
+
+    secret_id: str  # https://{vault}/secrets/{name}/{version}
+    secret_name: str
+    subscription_id: str  # the APIM subscription's ARM id (tag apim-subscription-id)
+    slot: str  # primary | secondary
+    created: datetime
+    expires: datetime | None
+    enabled: bool
+    value_hash: str | None  # keyed hash of the secret value; None if it could not be read
+
+
+@dataclass(frozen=True)
+class KeyHashes:
+    """Keyed hashes of an APIM subscription's current keys (from listSecrets)."""
+
+    subscription_id: str  # ARM id
+    primary: str
+    secondary: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the rules know about one APIM instance, read at one time."""
+
+    service: Service
+    read_at: datetime
+    subscriptions: tuple[ApimSubscription, ...] = ()
+    tenant_access: AccessSetting | None = None
+    git_access: AccessSetting | None = None
+    portal: Portal = field(default_factory=Portal)
+    identity_providers: tuple[IdentityProvider, ...] = ()
+    named_values: tuple[NamedValue, ...] = ()
+    apis: tuple[Api, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    products: tuple[Product, ...] = ()
+    policies: tuple[Policy, ...] = ()
+    apim_diagnostics: tuple[ApimDiagnostic, ...] = ()
+    loggers: tuple[Logger, ...] = ()
+    diagnostic_settings: tuple[DiagnosticSetting, ...] = ()
+    key_ledger: tuple[TrackedKey, ...] = ()
+    key_hashes: tuple[KeyHashes, ...] = ()
+    # Parts that could not be read (e.g. "diagnostic_settings: 403 AuthorizationFailed"): rules
+    # whose input is missing say nothing rather than guess.
+    unreadable: tuple[str, ...] = ()
+
+    def policy(self, scope: PolicyScope, owner: str = "") -> Policy | None:
+        for p in self.policies:
+            if p.scope is scope and p.owner.lower() == owner.lower():
+                return p
+        return None
+
+    def readable(self, part: str) -> bool:
+        return not any(u.split(":", 1)[0] == part for u in self.unreadable)
+
+
+# -- findings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Where and what: the property path, what Azure has, what the rule expects."""
+
+    path: str
+    actual: str
+    expected: str
+
+
+@dataclass(frozen=True)
+class Exemption:
+    reason: str
+    source: str  # "tag" or "policy"
+    expires: str | None = None  # ISO date, for policy exemptions
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule_id: str
+    resource_id: str  # the APIM service, or the sub-resource at fault
+    instance_id: str  # the APIM service the finding belongs to
+    severity: Severity
+    title: str
+    message: str  # one sentence naming the resource and the problem; never a secret
+    evidence: Evidence
+    remediable: bool
+    exemption: Exemption | None = None
+
+    @property
+    def exempt(self) -> bool:
+        return self.exemption is not None

@@ -1,0 +1,254 @@
+"""A scan's result and its renderings: a table for people, JSON for tools, SARIF 2.1.0 for
+code-scanning dashboards (one SARIF rule per catalogue entry, the resource id as the
+location). Pure functions; no secret ever reaches a finding, so none reaches a report.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from shared import __version__
+from shared.model import Finding, Severity
+from shared.rules import REGISTRY
+
+SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+_SARIF_LEVEL = {
+    Severity.CRITICAL: "error",
+    Severity.HIGH: "error",
+    Severity.MEDIUM: "warning",
+    Severity.LOW: "note",
+    Severity.INFO: "note",
+}
+# GitHub code scanning reads a 0.0-10.0 "security-severity" from rule properties.
+_SECURITY_SEVERITY = {
+    Severity.CRITICAL: "9.5",
+    Severity.HIGH: "8.0",
+    Severity.MEDIUM: "5.5",
+    Severity.LOW: "3.0",
+    Severity.INFO: "0.0",
+}
+
+
+@dataclass(frozen=True)
+class InstanceResult:
+    instance_id: str
+    findings: tuple[Finding, ...] = ()
+    unreadable: tuple[str, ...] = ()  # parts of the snapshot that could not be read
+    error: str | None = None  # the instance could not be scanned at all
+    notes: tuple[str, ...] = ()  # e.g. problems with the exemption tags
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    started: datetime
+    finished: datetime
+    policy_file: str
+    instances: tuple[InstanceResult, ...] = field(default_factory=tuple)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [f for result in self.instances for f in result.findings]
+
+    @property
+    def active_findings(self) -> list[Finding]:
+        """Findings no exemption covers."""
+        return [f for f in self.findings if not f.exempt]
+
+    def worst(self) -> Severity | None:
+        active = self.active_findings
+        return max((f.severity for f in active), key=lambda s: s.rank) if active else None
+
+    def fails(self, threshold: Severity | None) -> bool:
+        """True when an unexempted finding is at or above `threshold`, or an instance failed."""
+        if any(result.error for result in self.instances):
+            return True
+        if threshold is None:
+            return False
+        return any(f.severity.rank >= threshold.rank for f in self.active_findings)
+
+
+def _sorted(findings: list[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: (-f.severity.rank, f.instance_id, f.rule_id, f.resource_id))
+
+
+def render_table(report: ScanReport) -> str:
+    lines = []
+    for result in report.instances:
+        name = result.instance_id.rsplit("/", 1)[-1]
+        if result.error:
+            lines.append(f"{name}: NOT SCANNED: {result.error}")
+            continue
+        active = [f for f in result.findings if not f.exempt]
+        exempt = len(result.findings) - len(active)
+        summary = f"{len(active)} finding(s)" + (f", {exempt} exempt" if exempt else "")
+        lines.append(f"{name}: {summary}")
+        for f in _sorted(list(result.findings)):
+            where = "" if f.resource_id == f.instance_id else f" [{f.resource_id[len(f.instance_id) + 1 :]}]"
+            mark = f" (exempt: {f.exemption.reason})" if f.exemption else ""
+            lines.append(f"  {f.severity.value.upper():<8} {f.rule_id:<9} {f.message}{where}{mark}")
+            lines.append(f"  {'':<8} {'':<9} {f.evidence.path}: {f.evidence.actual} (expected {f.evidence.expected})")
+        for part in result.unreadable:
+            lines.append(f"  UNREAD   {part}")
+        for note in result.notes:
+            lines.append(f"  NOTE     {note}")
+    active = report.active_findings
+    lines.append(f"{len(report.instances)} instance(s), {len(active)} finding(s) not exempt")
+    return "\n".join(lines) + "\n"
+
+
+def _finding_json(f: Finding) -> dict[str, Any]:
+    return {
+        "rule": f.rule_id,
+        "severity": f.severity.value,
+        "title": f.title,
+        "message": f.message,
+        "instance": f.instance_id,
+        "resource": f.resource_id,
+        "evidence": {"path": f.evidence.path, "actual": f.evidence.actual, "expected": f.evidence.expected},
+        "remediable": f.remediable,
+        "exemption": None
+        if f.exemption is None
+        else {"reason": f.exemption.reason, "source": f.exemption.source, "expires": f.exemption.expires},
+    }
+
+
+def render_json(report: ScanReport) -> str:
+    body = {
+        "tool": {"name": "apim-remediator", "version": __version__},
+        "started": report.started.isoformat(),
+        "finished": report.finished.isoformat(),
+        "policy": report.policy_file,
+        "instances": [
+            {
+                "id": r.instance_id,
+                "error": r.error,
+                "unreadable": list(r.unreadable),
+                "notes": list(r.notes),
+                "findings": [_finding_json(f) for f in _sorted(list(r.findings))],
+            }
+            for r in report.instances
+        ],
+    }
+    return json.dumps(body, indent=2) + "\n"
+
+
+def _sarif_rule(rule_id: str) -> dict[str, Any]:
+    rule = REGISTRY[rule_id]
+    refs = rule.references
+    tags = ["security", "azure", "api-management", *refs.owasp_api, *refs.mcsb]
+    help_lines = [rule.rationale]
+    if refs.azure_policy:
+        help_lines.append("Azure Policy: " + ", ".join(refs.azure_policy))
+    if refs.docs:
+        help_lines.append("Docs: " + ", ".join(refs.docs))
+    return {
+        "id": rule.id,
+        "name": rule.id.replace("-", ""),
+        "shortDescription": {"text": rule.title},
+        "fullDescription": {"text": rule.rationale},
+        "help": {"text": "\n".join(help_lines)},
+        "defaultConfiguration": {"level": _SARIF_LEVEL[rule.severity]},
+        "properties": {
+            "tags": tags,
+            "security-severity": _SECURITY_SEVERITY[rule.severity],
+            "remediable": rule.remediable,
+        },
+    }
+
+
+def render_sarif(report: ScanReport) -> str:
+    """SARIF 2.1.0: every catalogue rule, one result per finding at its resource id."""
+    rule_ids = sorted(REGISTRY)
+    index = {rule_id: i for i, rule_id in enumerate(rule_ids)}
+    results = []
+    for f in _sorted(report.findings):
+        result: dict[str, Any] = {
+            "ruleId": f.rule_id,
+            "ruleIndex": index[f.rule_id],
+            "level": _SARIF_LEVEL[f.severity],
+            "message": {
+                "text": f"{f.message} ({f.evidence.path}: {f.evidence.actual}; expected {f.evidence.expected})"
+            },
+            "locations": [
+                {
+                    "physicalLocation": {"artifactLocation": {"uri": f.resource_id.lstrip("/")}},
+                    "logicalLocations": [{"fullyQualifiedName": f.resource_id, "kind": "resource"}],
+                }
+            ],
+            "partialFingerprints": {"apimRemediator/v1": f"{f.rule_id}:{f.resource_id.lower()}:{f.evidence.path}"},
+            "properties": {"severity": f.severity.value, "instance": f.instance_id, "remediable": f.remediable},
+        }
+        if f.exemption is not None:
+            result["suppressions"] = [{"kind": "external", "justification": f.exemption.reason}]
+        results.append(result)
+    notifications = [
+        {"level": "error", "message": {"text": f"{r.instance_id}: {r.error}"}} for r in report.instances if r.error
+    ] + [
+        {"level": "warning", "message": {"text": f"{r.instance_id}: could not read {part}"}}
+        for r in report.instances
+        for part in r.unreadable
+    ]
+    run: dict[str, Any] = {
+        "tool": {
+            "driver": {
+                "name": "apim-remediator",
+                "version": __version__,
+                "rules": [_sarif_rule(rule_id) for rule_id in rule_ids],
+            }
+        },
+        "invocations": [
+            {
+                "executionSuccessful": not any(r.error for r in report.instances),
+                "startTimeUtc": report.started.isoformat().replace("+00:00", "Z"),
+                "endTimeUtc": report.finished.isoformat().replace("+00:00", "Z"),
+                "toolExecutionNotifications": notifications,
+            }
+        ],
+        "results": results,
+    }
+    return json.dumps({"$schema": SARIF_SCHEMA, "version": "2.1.0", "runs": [run]}, indent=2) + "\n"
+
+
+RENDERERS = {"table": render_table, "json": render_json, "sarif": render_sarif}
+
+
+def render_rules_markdown() -> str:
+    """docs/rules.md: the catalogue as the registry has it (a test keeps the file current)."""
+    lines = [
+        "# Rule catalogue",
+        "",
+        "Generated from the rule registry (`apim-remediator rules --format markdown`); do not edit by hand.",
+        "Modes, parameters and exemptions are set in the policy file (see `docs/policy.md`).",
+        "",
+        "| id | severity | title | remediation |",
+        "|---|---|---|---|",
+    ]
+    for rule_id in sorted(REGISTRY):
+        rule = REGISTRY[rule_id]
+        fix = "yes" if rule.remediable else "no (detect only)"
+        lines.append(f"| [{rule.id}](#{rule.id.lower()}) | {rule.severity.value} | {rule.title} | {fix} |")
+    for rule_id in sorted(REGISTRY):
+        rule = REGISTRY[rule_id]
+        refs = rule.references
+        lines += ["", f"## {rule.id}", "", f"**{rule.title}** ({rule.severity.value})", "", rule.rationale, ""]
+        lines.append(f"Remediation: {'yes' if rule.remediable else 'none; this rule only detects'}.")
+        if rule.params:
+            lines += ["", "| parameter | type | default | meaning |", "|---|---|---|---|"]
+            for p in rule.params:
+                default = ", ".join(p.default) if isinstance(p.default, tuple) else str(p.default)
+                lines.append(f"| `{p.name}` | {p.type_name} | `{default}` | {p.description} |")
+        ref_lines = [
+            ("Azure Policy", refs.azure_policy),
+            ("Microsoft cloud security benchmark", refs.mcsb),
+            ("OWASP API Security Top 10 (2023)", refs.owasp_api),
+            ("Checkov", refs.checkov),
+            ("Docs", refs.docs),
+        ]
+        present = [(label, values) for label, values in ref_lines if values]
+        if present:
+            lines.append("")
+            lines += [f"- {label}: {', '.join(values)}" for label, values in present]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,164 @@
+"""The rule catalogue: pure functions Snapshot -> [Finding], registered by id.
+
+A rule module declares each rule with `@rule(...)`: id, title, severity, rationale,
+references, parameters (with types and defaults, validated by the policy loader) and
+whether a remediation exists. Rules never call Azure and never raise for odd input: a
+property Azure did not return is "unknown", not drift, unless the rule says why.
+
+Importing `shared.rules` imports every family module, so `REGISTRY` is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.model import Evidence, Finding, Severity, Snapshot
+
+ParamValue = int | float | str | bool | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A rule parameter: its type is the type of its default (tuple = list of strings)."""
+
+    name: str
+    default: ParamValue
+    description: str
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def type_name(self) -> str:
+        if isinstance(self.default, bool):
+            return "boolean"
+        if isinstance(self.default, int):
+            return "integer"
+        if isinstance(self.default, float):
+            return "number"
+        if isinstance(self.default, tuple):
+            return "list of strings"
+        return "string"
+
+
+@dataclass(frozen=True)
+class References:
+    azure_policy: tuple[str, ...] = ()  # built-in policy definition ids (or names)
+    mcsb: tuple[str, ...] = ()  # Microsoft cloud security benchmark controls, e.g. "NS-2"
+    owasp_api: tuple[str, ...] = ()  # OWASP API Security Top 10 2023, e.g. "API8:2023"
+    checkov: tuple[str, ...] = ()  # e.g. "CKV_AZURE_107"
+    docs: tuple[str, ...] = ()  # Microsoft Learn pages
+
+
+Evaluate = Callable[[Snapshot, Mapping[str, Any]], list[Finding]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    family: str
+    title: str
+    severity: Severity
+    rationale: str
+    references: References
+    params: tuple[Param, ...]
+    remediable: bool
+    evaluate: Evaluate = field(compare=False)
+
+    def defaults(self) -> dict[str, ParamValue]:
+        return {p.name: p.default for p in self.params}
+
+    def finding(
+        self,
+        snapshot: Snapshot,
+        *,
+        message: str,
+        path: str,
+        actual: object,
+        expected: object,
+        resource_id: str | None = None,
+        severity: Severity | None = None,
+        remediable: bool | None = None,
+    ) -> Finding:
+        """A finding of this rule about `resource_id` (default: the service). `severity` and
+        `remediable` override the rule's for this finding (e.g. a heuristic finding that
+        the rule's remediation does not cover)."""
+        return Finding(
+            rule_id=self.id,
+            resource_id=resource_id or snapshot.service.id,
+            instance_id=snapshot.service.id,
+            severity=severity or self.severity,
+            title=self.title,
+            message=message,
+            evidence=Evidence(path=path, actual=_text(actual), expected=_text(expected)),
+            remediable=self.remediable if remediable is None else remediable,
+        )
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "(not set)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+REGISTRY: dict[str, Rule] = {}
+
+
+def rule(
+    rule_id: str,
+    *,
+    title: str,
+    severity: Severity,
+    rationale: str,
+    references: References,
+    params: Sequence[Param] = (),
+    remediable: bool = False,
+) -> Callable[[Callable[[Rule, Snapshot, Mapping[str, Any]], list[Finding]]], Rule]:
+    """Register a rule. The decorated function gets (the Rule, the snapshot, its params)."""
+
+    def register(fn: Callable[[Rule, Snapshot, Mapping[str, Any]], list[Finding]]) -> Rule:
+        if rule_id in REGISTRY:
+            raise ValueError(f"rule {rule_id} registered twice")
+        family = rule_id.split("-", 1)[0]
+        holder: list[Rule] = []
+
+        def evaluate(snapshot: Snapshot, values: Mapping[str, Any]) -> list[Finding]:
+            return fn(holder[0], snapshot, values)
+
+        registered = Rule(
+            id=rule_id,
+            family=family,
+            title=title,
+            severity=severity,
+            rationale=rationale,
+            references=references,
+            params=tuple(params),
+            remediable=remediable,
+            evaluate=evaluate,
+        )
+        holder.append(registered)
+        REGISTRY[rule_id] = registered
+        return registered
+
+    return register
+
+
+def evaluate_rule(rule_id: str, snapshot: Snapshot, params: Mapping[str, Any] | None = None) -> list[Finding]:
+    """Run one rule with its defaults overridden by `params` (tests and the engine use this)."""
+    found = REGISTRY[rule_id]
+    values: dict[str, Any] = found.defaults()
+    values.update(params or {})
+    return found.evaluate(snapshot, values)
+
+
+def _load_families() -> None:
+    # Each family module registers its rules on import.
+    from shared.rules import api, identity, keys, logs, mgmt, named_values, network, tls  # noqa: F401
+
+
+_load_families()

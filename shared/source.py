@@ -1,0 +1,66 @@
+"""The production `InstanceSource`: inventory and snapshots through the client factory.
+
+Translates Azure SDK failures into the product's transient/permanent errors so handlers
+never see SDK exception types.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+
+from shared.azure import ClientFactory
+from shared.errors import PermanentError, TransientError
+from shared.inventory import InstanceRef, discover
+from shared.model import Snapshot
+from shared.settings import Settings
+from shared.snapshot import read_snapshot
+
+
+def translate(error: AzureError, what: str) -> TransientError | PermanentError:
+    """An SDK error as the product's: 429/5xx/network are transient, the rest permanent."""
+    status = getattr(error, "status_code", None)
+    code = getattr(getattr(error, "error", None), "code", None) or type(error).__name__
+    if isinstance(error, ServiceRequestError | ServiceResponseError) or status in (408, 429, 500, 502, 503, 504):
+        return TransientError(f"{what}: {status or 'no response'} {code}")
+    if isinstance(error, ResourceNotFoundError):
+        return PermanentError(f"{what}: not found ({code})")
+    if isinstance(error, ClientAuthenticationError | HttpResponseError):
+        return PermanentError(f"{what}: {status} {code}")
+    return PermanentError(f"{what}: {code}")
+
+
+class AzureInstanceSource:
+    def __init__(self, factory: ClientFactory, settings: Settings) -> None:
+        self.factory = factory
+        self.settings = settings
+        # Keyed hashes compare secrets without holding them; the key lives and dies with
+        # the process, so a hash in a snapshot is useless anywhere else.
+        self.hash_key = secrets.token_bytes(32)
+
+    async def discover(self) -> tuple[InstanceRef, ...]:
+        try:
+            return await discover(self.factory, self.settings)
+        except AzureError as error:
+            raise translate(error, "listing APIM instances") from error
+
+    async def read(self, ref: InstanceRef) -> Snapshot:
+        try:
+            return await read_snapshot(
+                self.factory,
+                ref,
+                key_vault_url=self.settings.key_vault_url,
+                hash_key=self.hash_key,
+                now=datetime.now(UTC),
+            )
+        except AzureError as error:
+            raise translate(error, f"reading {ref.id}") from error
