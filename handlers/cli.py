@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from handlers.remediate import RemediateRequest, RemediationDeps, remediate
+from handlers.remediation_report import render_remediation_json, render_remediation_table
 from handlers.scan import Progress, ScanRequest, scan
 from shared import __version__
+from shared.armapi import AzureArm, AzureSecrets
 from shared.azure import ClientFactory
 from shared.errors import RemediatorError
+from shared.journal import Journal, Trigger, TriggerKind
+from shared.locks import InstanceLocks
 from shared.model import Severity
 from shared.policy import load_policy
 from shared.report import RENDERERS, ScanReport, render_rules_markdown
@@ -44,6 +50,22 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 1 when a finding no exemption covers is at least this severe",
     )
     scan_cmd.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    fix = commands.add_parser("remediate", help="plan (default) or apply the fixes for one APIM instance")
+    fix.add_argument("--instance", required=True, metavar="ID", help="the APIM service's resource id")
+    fix.add_argument("--rule", action="append", default=[], metavar="RULE", help="only this rule (repeatable)")
+    fix.add_argument(
+        "--apply",
+        action="store_true",
+        help="make the changes (only rules the policy puts in remediate mode); without it: a dry run",
+    )
+    fix.add_argument("--format", choices=["table", "json"], default="table")
+    fix.add_argument(
+        "--lease-wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for another worker's lease on the instance",
+    )
     rules_cmd = commands.add_parser("rules", help="list the rule catalogue")
     rules_cmd.add_argument("--format", choices=["table", "markdown"], default="table")
     return parser
@@ -93,6 +115,39 @@ async def _scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return _print_report(report, args, out)
 
 
+async def _remediate(args: argparse.Namespace, out: TextIO) -> int:
+    settings = load_settings()
+    policy = load_policy(settings.policy_file, today=datetime.now(UTC).date())
+    factory = ClientFactory(settings)
+    user = getpass.getuser()
+    try:
+        report = await remediate(
+            RemediateRequest(
+                instance_id=args.instance,
+                trigger=Trigger(TriggerKind.CLI, f"apim-remediator remediate by {user}"),
+                rule_ids=tuple(args.rule),
+                apply=args.apply,
+                lease_wait=args.lease_wait,
+            ),
+            RemediationDeps(
+                source=AzureInstanceSource(factory, settings),
+                arm=AzureArm(factory),
+                secrets=AzureSecrets(factory),
+                journal=Journal(factory.table_service_async()),
+                locks=InstanceLocks(factory.blob_service_async(), duration=settings.lease_seconds),
+                policy=policy,
+                key_vault_url=settings.key_vault_url,
+            ),
+        )
+    finally:
+        await factory.aclose()
+        factory.close()
+    out.write(render_remediation_json(report) if args.format == "json" else render_remediation_table(report))
+    if report.stopped:
+        return 1
+    return 1 if report.writes_failed else 0
+
+
 def _print_report(report: ScanReport, args: argparse.Namespace, out: TextIO) -> int:
     rendered = RENDERERS[args.format](report)
     if args.output:
@@ -109,6 +164,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     try:
         if args.command == "scan":
             return asyncio.run(_scan(args, out, err))
+        if args.command == "remediate":
+            return asyncio.run(_remediate(args, out))
         if args.command == "rules":
             return _rules(args, out)
     except RemediatorError as error:

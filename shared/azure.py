@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 from azure.core.credentials import TokenCredential
 from azure.core.credentials_async import AsyncTokenCredential
+from azure.core.pipeline import policies
+from azure.core.rest import AsyncHttpResponse, HttpRequest
 from azure.data.tables import TableServiceClient
 from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
 from azure.identity import DefaultAzureCredential
@@ -25,6 +27,8 @@ from azure.keyvault.secrets import SecretClient
 from azure.keyvault.secrets.aio import SecretClient as AsyncSecretClient
 from azure.mgmt.apimanagement import ApiManagementClient
 from azure.mgmt.apimanagement.aio import ApiManagementClient as AsyncApiManagementClient
+from azure.mgmt.core import AsyncARMPipelineClient
+from azure.mgmt.core.policies import ARMHttpLoggingPolicy, AsyncARMChallengeAuthenticationPolicy
 from azure.mgmt.monitor import MonitorManagementClient
 from azure.mgmt.monitor.aio import MonitorManagementClient as AsyncMonitorManagementClient
 from azure.mgmt.resourcegraph import ResourceGraphClient
@@ -176,6 +180,35 @@ class ClientFactory:
             ),
         )
         return client
+
+    def arm_async(self) -> AsyncARMPipelineClient[HttpRequest, AsyncHttpResponse]:
+        """A raw ARM pipeline (bearer token, retry, user agent) for requests remediation
+        plans spell out exactly."""
+        client: AsyncARMPipelineClient[HttpRequest, AsyncHttpResponse] = self._memo(
+            "arm_async", "", self._build_arm_async
+        )
+        return client
+
+    def _build_arm_async(self) -> AsyncARMPipelineClient[HttpRequest, AsyncHttpResponse]:
+        cloud = self.settings.cloud
+        retry = self.settings.retry
+        transport = self._transport_kwargs()
+        pipeline = [
+            policies.RequestIdPolicy(),
+            policies.HeadersPolicy(),
+            policies.UserAgentPolicy(base_user_agent=USER_AGENT),
+            policies.ProxyPolicy(),
+            policies.ContentDecodePolicy(),
+            policies.AsyncRedirectPolicy(),
+            policies.AsyncRetryPolicy(
+                retry_total=retry.total, retry_backoff_factor=retry.backoff_factor, retry_backoff_max=retry.backoff_max
+            ),
+            AsyncARMChallengeAuthenticationPolicy(self.async_credential(), cloud.arm_scope),
+            policies.DistributedTracingPolicy(),
+            ARMHttpLoggingPolicy(),
+        ]
+        kwargs = {k: v for k, v in transport.items() if k == "connection_verify"}
+        return AsyncARMPipelineClient(base_url=cloud.resource_manager, policies=pipeline, **kwargs)
 
     def _graph_kwargs(self) -> dict[str, Any]:
         return {**self._arm_kwargs(), "base_url": self.settings.cloud.resource_graph}

@@ -190,6 +190,11 @@ class ApimDiagnostic:
     backend_request_headers: tuple[str, ...] = ()
     backend_response_headers: tuple[str, ...] = ()
     sampling_percentage: float | None = None
+    # The raw `properties.frontend` / `properties.backend` objects as JSON text (wire names,
+    # sorted keys), so a write that replaces a side keeps its body and data-masking settings.
+    # Diagnostics hold no secrets.
+    frontend_json: str | None = None
+    backend_json: str | None = None
 
 
 @dataclass(frozen=True)

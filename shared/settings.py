@@ -180,6 +180,7 @@ class Settings:
     scope: ScopeSettings = field(default_factory=ScopeSettings)
     key_vault_url: str | None = None  # the key ledger: one secret per tracked APIM subscription
     policy_file: str = DEFAULT_POLICY_FILE
+    lease_seconds: int = 30  # per-instance blob lease while remediating (renewed while held)
     managed_identity_client_id: str | None = None
     ca_bundle: str | None = None
     log_level: str = "INFO"
@@ -399,6 +400,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     policy_file = r.raw("POLICY_FILE") or DEFAULT_POLICY_FILE
     if not Path(policy_file).is_file():
         r.problem("POLICY_FILE", f"no such file: {policy_file!r} (the policy-as-code YAML)")
+    lease_seconds = r.integer("LEASE_SECONDS", 30, 15, 60)
     mi_client = r.raw("MANAGED_IDENTITY_CLIENT_ID")
     if mi_client is not None and not _GUID.match(mi_client):
         r.problem("MANAGED_IDENTITY_CLIENT_ID", f"must be a client id (GUID), got {mi_client!r}")
@@ -419,6 +421,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         scope=scope,
         key_vault_url=key_vault_url,
         policy_file=policy_file,
+        lease_seconds=lease_seconds,
         managed_identity_client_id=mi_client,
         ca_bundle=ca_bundle,
         log_level=log_level,
@@ -445,6 +448,7 @@ SETTING_NAMES: tuple[str, ...] = tuple(
         "TAG_SELECTOR",
         "KEY_VAULT_URL",
         "POLICY_FILE",
+        "LEASE_SECONDS",
         "MANAGED_IDENTITY_CLIENT_ID",
         "CA_BUNDLE",
         "LOG_LEVEL",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
@@ -248,6 +249,13 @@ def _headers(settings: apim_models.PipelineDiagnosticSettings | None, which: str
     return tuple(message.headers or ()) if message is not None else ()
 
 
+def _side_json(settings: apim_models.PipelineDiagnosticSettings | None) -> str | None:
+    """One side's settings as Azure's JSON (camelCase wire names), sorted keys."""
+    if settings is None:
+        return None
+    return json.dumps(settings.serialize(keep_readonly=True), sort_keys=True)
+
+
 def map_diagnostic(model: apim_models.DiagnosticContract) -> ApimDiagnostic:
     return ApimDiagnostic(
         id=model.id or "",
@@ -258,6 +266,8 @@ def map_diagnostic(model: apim_models.DiagnosticContract) -> ApimDiagnostic:
         backend_request_headers=_headers(model.backend, "request"),
         backend_response_headers=_headers(model.backend, "response"),
         sampling_percentage=model.sampling.percentage if model.sampling is not None else None,
+        frontend_json=_side_json(model.frontend),
+        backend_json=_side_json(model.backend),
     )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from twin import arm
+from twin import arm, keyvault
 from twin.arm import WriteContext, resource_event, write_context
 from twin.estate import EstateError, SeedContext
 from twin.state import Resource, TwinState, norm
@@ -1950,6 +1950,11 @@ async def named_value_value(request: web.Request) -> web.StreamResponse:
     name = params(request)["nv"]
     found = _child(state, service, f"namedValues/{name}", "Named value", name)
     _emit(state, write_context(request), found.id, "action", "listValue")
+    vault = found.body["properties"].get("keyVault") or {}
+    if vault.get("secretIdentifier"):
+        # APIM serves a Key Vault named value from its cached copy of the secret.
+        value = keyvault.resolve_secret_identifier(state, vault["secretIdentifier"])
+        return _with_etag({"value": value}, found)
     return _with_etag({"value": _secret(state, found.id).get("value")}, found)
 
 

@@ -76,13 +76,19 @@ async def add_fault(request: web.Request) -> web.StreamResponse:
         raise ServiceError(
             400, "InvalidFault", f"unknown fault fields {sorted(unknown)}; allowed {sorted(_FAULT_FIELDS)}"
         )
-    if body.get("action", "status") not in ("status", "reset", "delay", "lro_fail", "lro_cancel"):
-        raise ServiceError(400, "InvalidFault", "action must be status, reset, delay, lro_fail or lro_cancel")
+    actions = ("status", "reset", "delay", "hang", "lro_fail", "lro_cancel")
+    if body.get("action", "status") not in actions:
+        raise ServiceError(400, "InvalidFault", f"action must be one of {', '.join(actions)}")
     if "path" not in body:
         raise ServiceError(400, "InvalidFault", "path (a regex over the request path) is required")
     fault = Fault(id=uuid.uuid4().hex[:8], service=body.pop("service", "*"), path=body.pop("path"), **body)
     state_of(request).faults.append(fault)
     return json_response(dataclasses.asdict(fault), status=201)
+
+
+async def list_faults(request: web.Request) -> web.StreamResponse:
+    """The faults still armed (one with `times` left disappears once it has fired)."""
+    return json_response({"faults": [dataclasses.asdict(f) for f in state_of(request).faults]})
 
 
 async def clear_faults(request: web.Request) -> web.StreamResponse:
@@ -177,6 +183,7 @@ def setup(app: web.Application) -> None:
     add_route(app, "GET", "/_twin/counters", counters, versions=None)
     add_route(app, "POST", "/_twin/faults", add_fault, versions=None)
     add_route(app, "DELETE", "/_twin/faults", clear_faults, versions=None)
+    add_route(app, "GET", "/_twin/faults", list_faults, versions=None)
     add_route(app, "PUT", "/_twin/throttle", set_throttle, versions=None)
     add_route(app, "GET", "/_twin/clock", get_clock, versions=None)
     add_route(app, "POST", "/_twin/clock/advance", advance_clock, versions=None)

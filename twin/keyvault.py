@@ -160,6 +160,31 @@ def _version_of(secret: dict[str, Any], name: str, version: str | None) -> dict[
     raise _not_found(name, version)
 
 
+def resolve_secret_identifier(state: TwinState, identifier: str) -> str | None:
+    """The value a Key Vault secret identifier points at, as an APIM named value resolves it:
+    `https://{vault}/secrets/{name}[/{version}]` where {vault} is a twin vault's origin or a
+    `{name}.vault.azure.net` host. None when it does not resolve."""
+    match = re.match(r"^https://([^/]+)/secrets/([^/]+)(?:/([0-9a-fA-F]{32}))?/?$", identifier.strip())
+    if match is None:
+        return None
+    host, name, version = match.groups()
+    vault_name = next(
+        (key.split(":", 1)[1] for key, url in state.urls.items() if key.startswith("vault:") and url.endswith(host)),
+        host.split(".", 1)[0],
+    )
+    vault = _vaults(state).get(vault_name)
+    if vault is None:
+        return None
+    try:
+        record = _version_of(_secret(vault, name), name, version)
+    except ServiceError:
+        return None
+    if not record.get("enabled", True):
+        return None
+    value = record.get("value")
+    return str(value) if value is not None else None
+
+
 # -- bodies -----------------------------------------------------------------------------------
 
 

@@ -231,6 +231,13 @@ def make_app(state: TwinState, service: str, issuer: TokenIssuer, auth: AuthPoli
         if fault.action == "delay":
             await asyncio.sleep(fault.delay)
             return await handler(request)
+        if fault.action == "hang":
+            # The request reaches the front door and goes no further: the client waits,
+            # then the connection drops. Tests kill a client mid-write with it.
+            await asyncio.sleep(fault.delay)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("fault injected: hung, then dropped")
         if fault.action == "reset":
             if request.transport is not None:
                 request.transport.abort()

@@ -166,7 +166,7 @@ def all_apis_scope(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) ->
             "Also require the built-in all-access subscription's keys to be tracked.",
         )
     ],
-    remediable=True,
+    remediable=False,  # key rotation through Key Vault (dual-key) arrives with its own issue
 )
 def untracked_key(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> list[Finding]:
     if not snapshot.readable("key_ledger"):
@@ -212,7 +212,7 @@ def untracked_key(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> 
         docs=(SUBSCRIPTIONS_DOC, DUAL_ROTATION_DOC),
     ),
     params=[Param("max_age_days", 90, "Rotate keys at least this often (days).", minimum=1)],
-    remediable=True,
+    remediable=False,  # key rotation through Key Vault (dual-key) arrives with its own issue
 )
 def key_too_old(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> list[Finding]:
     max_age = timedelta(days=float(params["max_age_days"]))
@@ -308,7 +308,7 @@ def _expected_slot(key: TrackedKey) -> str:
         owasp_api=("API2:2023",),
         docs=(SUBSCRIPTIONS_DOC, DUAL_ROTATION_DOC),
     ),
-    remediable=True,
+    remediable=False,  # key rotation through Key Vault (dual-key) arrives with its own issue
 )
 def vault_copy_mismatch(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> list[Finding]:
     active = _active_subscriptions(snapshot)

@@ -227,32 +227,39 @@ def instance_name(rule_id: str) -> str:
     return "drift-" + rule_id.lower()
 
 
-def estate(sub_id: str) -> tuple[dict[str, Any], dict[str, str]]:
-    specs = {"compliant": compliant("compliant", sub_id)}
-    for rule_id in EXPECTED:
-        spec = compliant(instance_name(rule_id), sub_id)
-        drift(rule_id, spec)
-        specs[rule_id] = spec
+def fragment_for(specs: dict[str, dict[str, Any]], sub_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """An estate fragment for these instance specs (label -> spec), with the key ledger,
+    the workspace and diagnostic settings they ask for; and each label's service id."""
     workspace = f"/subscriptions/{sub_id}/resourceGroups/{RG}/providers/Microsoft.OperationalInsights/workspaces/law"
     secrets = []
     settings = []
     apim = []
     ids = {}
-    for label, spec in specs.items():
-        spec = copy.deepcopy(spec)
+    for label, original in specs.items():
+        spec = copy.deepcopy(original)
         ids[label] = spec.pop("_id")
         for sid, value, age in spec.pop("_ledger"):
             secrets.append(
-                {"name": f"{spec['name']}--{sid}", "value": value, "created_days_ago": age,
-                 "expires_in_days": 90 - age,
-                 "tags": {"apim-subscription-id": f"{ids[label]}/subscriptions/{sid}", "apim-key-slot": "primary"}}
-            )  # fmt: skip
+                {
+                    "name": f"{spec['name']}--{sid}",
+                    "value": value,
+                    "created_days_ago": age,
+                    "expires_in_days": 90 - age,
+                    "tags": {"apim-subscription-id": f"{ids[label]}/subscriptions/{sid}", "apim-key-slot": "primary"},
+                }
+            )
         if spec.pop("_diagnostic_setting"):
             settings.append(
-                {"resource": ids[label], "name": "to-law",
-                 "properties": {"workspaceId": workspace, "logAnalyticsDestinationType": "Dedicated",
-                                "logs": [{"category": "GatewayLogs", "enabled": True}]}}
-            )  # fmt: skip
+                {
+                    "resource": ids[label],
+                    "name": "to-law",
+                    "properties": {
+                        "workspaceId": workspace,
+                        "logAnalyticsDestinationType": "Dedicated",
+                        "logs": [{"category": "GatewayLogs", "enabled": True}],
+                    },
+                }
+            )
         apim.append(spec)
     secrets.append({"name": "backend-key", "value": f"{CANARY}-backend-key"})
     group = {
@@ -264,6 +271,15 @@ def estate(sub_id: str) -> tuple[dict[str, Any], dict[str, str]]:
         "diagnostic_settings": settings,
     }
     return {"subscriptions": [{"id": sub_id, "resource_groups": [group]}]}, ids
+
+
+def estate(sub_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+    specs = {"compliant": compliant("compliant", sub_id)}
+    for rule_id in EXPECTED:
+        spec = compliant(instance_name(rule_id), sub_id)
+        drift(rule_id, spec)
+        specs[rule_id] = spec
+    return fragment_for(specs, sub_id)
 
 
 def run_scan(

@@ -238,7 +238,7 @@ def test_fault_connection_reset_and_delay(twin: TwinHandle) -> None:
 def test_bad_fault_is_refused(twin: TwinHandle) -> None:
     status, body = twin.control("POST", "/_twin/faults", {"path": "x", "action": "explode"})
     assert status == 400
-    assert "action must be" in body["error"]["message"]
+    assert "action must be one of" in body["error"]["message"]
 
 
 def test_request_log_counts_reads_writes_per_route_and_principal(twin: TwinHandle) -> None:

@@ -48,3 +48,10 @@ def test_docs_rules_md_is_current() -> None:
     assert (ROOT / "docs" / "rules.md").read_text() == render_rules_markdown(), (
         "docs/rules.md is stale: regenerate it with `.venv/bin/apim-remediator rules --format markdown > docs/rules.md`"
     )
+
+
+def test_a_rule_is_remediable_exactly_when_a_remediation_is_registered() -> None:
+    from shared.actions import REMEDIATIONS
+
+    declared = {rule_id for rule_id, rule in REGISTRY.items() if rule.remediable}
+    assert declared == set(REMEDIATIONS)

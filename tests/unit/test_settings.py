@@ -236,6 +236,7 @@ def test_scope_key_vault_and_policy_file(tmp_path: Path) -> None:
     ("env", "expected"),
     [
         (base(APIMR_TAG_SELECTOR="env"), "APIMR_TAG_SELECTOR: must be name=value pairs"),
+        (base(APIMR_LEASE_SECONDS="5"), "APIMR_LEASE_SECONDS: must be from 15 to 60, got 5"),
         (base(APIMR_RESOURCE_GROUPS="rg/bad"), "APIMR_RESOURCE_GROUPS: not resource group names: 'rg/bad'"),
         (base(APIMR_KEY_VAULT_URL="http://kv"), "APIMR_KEY_VAULT_URL: must be an https:// URL"),
         (base(APIMR_POLICY_FILE="/nope/policy.yaml"), "APIMR_POLICY_FILE: no such file: '/nope/policy.yaml'"),

@@ -3,6 +3,7 @@ builds them from a response) to snapshot parts, the ledger tags, the scope filte
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -317,6 +318,30 @@ def test_diagnostic_headers_per_side() -> None:
     assert diagnostic.backend_request_headers == ("Ocp-Apim-Subscription-Key",)
     assert diagnostic.backend_response_headers == ()
     assert diagnostic.sampling_percentage is None
+
+
+def test_diagnostic_sides_as_json_keep_body_and_data_masking() -> None:
+    frontend = {
+        "request": {
+            "headers": ["Authorization"],
+            "body": {"bytes": 512},
+            "dataMasking": {"queryParams": [{"value": "sig", "mode": "Hide"}]},
+        },
+        "response": {"body": {"bytes": 0}},
+    }
+    diagnostic = map_diagnostic(
+        m.DiagnosticContract.deserialize(
+            {
+                "id": "/d/azuremonitor",
+                "name": "azuremonitor",
+                "properties": {"loggerId": "/loggers/azuremonitor", "frontend": frontend},
+            }
+        )
+    )
+    assert diagnostic.frontend_json is not None
+    assert json.loads(diagnostic.frontend_json) == frontend  # Azure's wire names, nothing lost
+    assert diagnostic.frontend_json == json.dumps(frontend, sort_keys=True)
+    assert diagnostic.backend_json is None
 
 
 def test_diagnostic_setting_mapping() -> None:

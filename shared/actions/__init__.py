@@ -1,0 +1,206 @@
+"""Remediations: one per remediable rule, registered by rule id.
+
+A remediation PLANS; it never writes. `plan(finding, snapshot, context)` returns a
+`RemediationPlan` — a readable before -> after diff and the exact ARM requests (method,
+resource, api-version, body, the ETag read for the plan as If-Match) plus what a re-read
+must show afterwards — or a `Refusal` naming why acting would be unsafe (e.g. disabling
+public network access on an instance with no private path would cut every client off).
+The executor (`shared.actions.executor`) applies plans; the engine (handlers/remediate.py)
+journals, leases, orders and verifies. Importing this package registers every module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.model import Finding, Snapshot
+
+APIM_API_VERSION = "2024-05-01"
+INSIGHTS_API_VERSION = "2021-05-01-preview"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One line of the readable diff."""
+
+    path: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """After the write, `GET resource_id` must show `value` at the dotted `path`."""
+
+    resource_id: str
+    api_version: str
+    path: str  # dotted, e.g. "properties.publicNetworkAccess"
+    value: Any  # compared case-insensitively for strings; None = the path is absent or null
+
+
+@dataclass(frozen=True)
+class ArmWrite:
+    """One ARM request, exactly as it will be sent."""
+
+    method: str  # PATCH | PUT | DELETE | POST
+    resource_id: str  # path below the ARM endpoint, with any action suffix (e.g. /listValue)
+    api_version: str
+    body: Mapping[str, Any] | None
+    if_match: str | None  # the ETag the plan was made from; None only where Azure takes no If-Match
+    description: str
+    # Sub-resources whose ETag the snapshot does not carry (APIM lists return none): the
+    # executor GETs the resource just before writing, checks that `guard` (the state the
+    # plan was made from) still holds — else it is a 412 and the engine re-plans — and
+    # sends that read's ETag as If-Match. Never "*": a concurrent change is never clobbered.
+    etag_from_read: bool = False
+    guard: tuple[Expectation, ...] = ()
+    # A PUT that creates: the executor checks the resource is still absent just before it
+    # (Azure offers no If-None-Match here), so one somebody made meanwhile is not replaced.
+    create_only: bool = False
+
+    def describe(self) -> str:
+        return f"{self.method} {self.resource_id}?api-version={self.api_version}"
+
+    def describe_condition(self) -> str:
+        if self.create_only:
+            return "only if it still does not exist"
+        if self.etag_from_read:
+            checks = ", ".join(f"{g.path}={g.value!r}" for g in self.guard) or "nothing else"
+            return f"If-Match: the ETag of a read just before (which must still show {checks})"
+        return f"If-Match: {self.if_match}" if self.if_match else ""
+
+
+@dataclass(frozen=True)
+class CopySecretToVault:
+    """Read a named value's secret (POST listValue) and store it as a Key Vault secret.
+
+    The value passes from one call to the other inside the executor and is never
+    journaled, logged or planned.
+    """
+
+    named_value_id: str
+    vault_url: str
+    secret_name: str
+    description: str
+
+
+Step = ArmWrite | CopySecretToVault
+
+
+@dataclass(frozen=True)
+class RemediationPlan:
+    rule_id: str
+    instance_id: str
+    resource_id: str  # what the finding was about
+    summary: str  # "Disable TLS 1.0 for clients" — the "would ..." sentence of a dry run
+    changes: tuple[Change, ...]
+    steps: tuple[Step, ...]
+    expectations: tuple[Expectation, ...]
+
+    def would(self) -> str:
+        return f"would {self.summary[0].lower()}{self.summary[1:]}"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Acting would be unsafe or impossible; says why and what would unblock it."""
+
+    rule_id: str
+    instance_id: str
+    resource_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a planner may know besides the finding and the snapshot."""
+
+    params: Mapping[str, Any]  # the rule's parameters from the policy
+    key_vault_url: str | None  # the product's Key Vault (settings), e.g. for SEC-001
+
+
+Planner = Callable[[Finding, Snapshot, PlanContext], "RemediationPlan | Refusal"]
+
+
+@dataclass(frozen=True)
+class Remediation:
+    rule_id: str
+    plan: Planner = field(compare=False)
+    # Rules whose remediation must run first on the same instance (e.g. SEC-001 needs the
+    # managed identity ID-001 gives the service before Key Vault references can resolve).
+    depends_on: tuple[str, ...] = ()
+    # Several findings of this rule on one resource become one plan (one PATCH of the whole
+    # customProperties map rather than three racing ones).
+    combine: bool = False
+    combiner: Callable[[Sequence[Finding], Snapshot, PlanContext], RemediationPlan | Refusal] | None = field(
+        default=None, compare=False
+    )
+
+
+REMEDIATIONS: dict[str, Remediation] = {}
+
+
+def remediation(rule_id: str, *, depends_on: Sequence[str] = ()) -> Callable[[Planner], Planner]:
+    """Register the planner for one rule's findings (one plan per finding)."""
+
+    def register(fn: Planner) -> Planner:
+        if rule_id in REMEDIATIONS:
+            raise ValueError(f"remediation for {rule_id} registered twice")
+        REMEDIATIONS[rule_id] = Remediation(rule_id=rule_id, plan=fn, depends_on=tuple(depends_on))
+        return fn
+
+    return register
+
+
+def combined_remediation(
+    rule_id: str, *, depends_on: Sequence[str] = ()
+) -> Callable[
+    [Callable[[Sequence[Finding], Snapshot, PlanContext], RemediationPlan | Refusal]],
+    Callable[[Sequence[Finding], Snapshot, PlanContext], RemediationPlan | Refusal],
+]:
+    """Register a planner that gets ALL of one rule's findings on one instance at once."""
+
+    def register(
+        fn: Callable[[Sequence[Finding], Snapshot, PlanContext], RemediationPlan | Refusal],
+    ) -> Callable[[Sequence[Finding], Snapshot, PlanContext], RemediationPlan | Refusal]:
+        if rule_id in REMEDIATIONS:
+            raise ValueError(f"remediation for {rule_id} registered twice")
+
+        def single(finding: Finding, snapshot: Snapshot, context: PlanContext) -> RemediationPlan | Refusal:
+            return fn([finding], snapshot, context)
+
+        REMEDIATIONS[rule_id] = Remediation(
+            rule_id=rule_id, plan=single, depends_on=tuple(depends_on), combine=True, combiner=fn
+        )
+        return fn
+
+    return register
+
+
+def order_rules(rule_ids: Sequence[str]) -> list[str]:
+    """Rule ids with every remediation after the ones it depends on (stable otherwise)."""
+    pending = sorted(set(rule_ids))
+    ordered: list[str] = []
+    placed: set[str] = set()
+    while pending:
+        progressed = False
+        for rule_id in list(pending):
+            needs = REMEDIATIONS[rule_id].depends_on if rule_id in REMEDIATIONS else ()
+            if all(dep in placed or dep not in pending for dep in needs):
+                ordered.append(rule_id)
+                placed.add(rule_id)
+                pending.remove(rule_id)
+                progressed = True
+        if not progressed:
+            raise ValueError(f"remediation dependencies form a cycle among {pending}")
+    return ordered
+
+
+def _load_modules() -> None:
+    import shared.actions.service_settings
+    import shared.actions.sub_resources  # noqa: F401
+
+
+_load_modules()
