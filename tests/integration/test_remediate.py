@@ -253,25 +253,17 @@ def test_worker_killed_mid_change_is_settled_by_the_next_run(twin: TwinHandle, t
     service_id = seed(twin, "NET-001")
     env = product_env(twin, tmp_path, NET_REMEDIATE)
     if moment == "before-the-write":
-        # Our PATCH reaches the front door and never goes further.
+        # Our PATCH reaches the front door and goes no further.
         fault = {"service": "arm", "method": "PATCH", "path": "/service/fixme$", "action": "hang", "delay": 60}
     else:
-        # The PATCH lands; the verification read after it hangs.
-        fault = {"service": "arm", "method": "GET", "path": "/service/fixme$", "action": "delay", "delay": 60,
-                 "times": 1}  # fmt: skip
-        # (armed only once the PATCH is through: the snapshot reads the service first)
+        # Azure accepts our PATCH (202) and runs it; the worker dies while it waits for the
+        # operation's status, before it could record anything after its intent.
+        fault = {"service": "arm", "method": "GET", "path": "/operationresults/", "action": "delay", "delay": 60}
+    # Armed before the worker starts: only the worker sends these requests.
+    twin.control("POST", "/_twin/faults", fault)
     worker = start_apply(env, service_id)
     try:
-        if moment == "before-the-write":
-            twin.control("POST", "/_twin/faults", fault)
-            wait_until_fired(twin)
-        else:
-            deadline = time.monotonic() + 60
-            while public_access(twin, service_id) != "Disabled":
-                assert time.monotonic() < deadline, "the worker never wrote"
-                time.sleep(0.02)
-            twin.control("POST", "/_twin/faults", fault)
-            wait_until_fired(twin)
+        wait_until_fired(twin)
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
     finally:
@@ -279,7 +271,10 @@ def test_worker_killed_mid_change_is_settled_by_the_next_run(twin: TwinHandle, t
             worker.kill()
     twin.control("DELETE", "/_twin/faults")
     expected = "Enabled" if moment == "before-the-write" else "Disabled"
-    assert public_access(twin, service_id) == expected
+    deadline = time.monotonic() + 10
+    while public_access(twin, service_id) != expected:  # an accepted operation finishes unpolled
+        assert time.monotonic() < deadline, f"publicNetworkAccess never became {expected}"
+        time.sleep(0.1)
     # The next run waits out the dead worker's lease, settles its journal entry, finishes.
     result = cli(env, "remediate", "--instance", service_id, "--apply", "--format", "json", "--lease-wait", "40",
                  timeout=180)  # fmt: skip
