@@ -9,13 +9,22 @@ re-read shows its planned state, abandoned otherwise — the fresh plan then red
 412 means someone changed the resource after we read it: re-read and re-plan, never
 clobber.
 
-Azure actions needed: those of the scan (handlers/scan.py), plus
-Microsoft.ApiManagement/service/write, service/tenant/write, service/portalsettings/write,
-service/portalconfigs/write, service/subscriptions/write, service/namedValues/write and
-namedValues/listValue/action, service/apis/write, service/backends/write,
-service/loggers/write, service/diagnostics/write, Microsoft.Insights/diagnosticSettings/
-write; Key Vault "Key Vault Secrets Officer" on the product's vault (SEC-001); Storage
-Table Data Contributor and Blob Data Contributor on the product's own storage account.
+Azure actions: those of the scan (handlers/scan.py) plus, when remediating
+(infra/subscription-role.bicep with allowRemediation=true grants exactly these):
+    Microsoft.ApiManagement/service/write
+    Microsoft.ApiManagement/service/tenant/write
+    Microsoft.ApiManagement/service/portalsettings/write
+    Microsoft.ApiManagement/service/portalconfigs/write
+    Microsoft.ApiManagement/service/subscriptions/write
+    Microsoft.ApiManagement/service/namedValues/write
+    Microsoft.ApiManagement/service/namedValues/listValue/action
+    Microsoft.ApiManagement/service/apis/write
+    Microsoft.ApiManagement/service/backends/write
+    Microsoft.ApiManagement/service/loggers/write
+    Microsoft.ApiManagement/service/diagnostics/write
+    Microsoft.Insights/diagnosticSettings/write
+and "Key Vault Secrets Officer" on the product's vault (SEC-001); Storage Table Data
+Contributor and Blob Data Contributor on the product's own storage account (main.bicep).
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """Scan: find the APIM instances in scope, read each one's snapshot, run the catalogue.
 
-Read-only. Azure actions needed (least privilege, also granted by infra/):
-Microsoft.ResourceGraph/resources/read, Microsoft.ApiManagement/service/read and
-service/*/read for every sub-resource read, Microsoft.ApiManagement/service/subscriptions/
-listSecrets/action (only for subscriptions tracked in the key ledger, to compare hashes),
-Microsoft.Insights/diagnosticSettings/read, and Key Vault "Key Vault Secrets User" on the
-key-ledger vault.
+Read-only. Azure actions (infra/subscription-role.bicep grants exactly these):
+    Microsoft.Resources/subscriptions/resourceGroups/read
+    Microsoft.ResourceGraph/resources/read
+    Microsoft.ApiManagement/service/read
+    Microsoft.ApiManagement/service/*/read
+    Microsoft.ApiManagement/service/subscriptions/listSecrets/action
+        (only for subscriptions tracked in the key ledger, to compare keyed hashes)
+    Microsoft.Insights/diagnosticSettings/read
+and "Key Vault Secrets User" on the key-ledger vault.
 """
 
 from __future__ import annotations

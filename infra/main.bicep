@@ -1,9 +1,9 @@
 // apim-remediator: the Function App, its system-assigned identity and its own storage.
 // Deploy into a resource group:
 //   az deployment group create -g <rg> -f infra/main.bicep -p subscriptionIds=<id,...>
-// Roles on the APIM instances in scope (read/write them, Key Vault secrets, Log Analytics
-// read) are granted at subscription scope by the issues that add those capabilities; this
-// template grants only what the app itself needs today: its own storage, by identity.
+// This template grants what the app needs on its own resources (its storage, by identity).
+// Its rights on the APIM instances in scope come from infra/subscription-role.bicep, one
+// deployment per subscription, with exactly the actions the handlers name.
 
 @description('Region for every resource.')
 param location string = resourceGroup().location

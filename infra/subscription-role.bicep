@@ -1,0 +1,75 @@
+// The product's rights on one subscription in scope: a custom role with exactly the Azure
+// actions handlers/scan.py and handlers/remediate.py name in their docstrings, assigned to
+// the Function App's managed identity. Deploy once per subscription in APIMR_SUBSCRIPTION_IDS:
+//   az deployment sub create -l <region> -f infra/subscription-role.bicep \
+//     -p principalId=<output principalId of main.bicep> allowRemediation=true
+// With allowRemediation=false the identity can scan but write nothing.
+targetScope = 'subscription'
+
+@description('Object id of the Function App\'s system-assigned identity (main.bicep output principalId).')
+param principalId string
+
+@description('Grant the write actions remediation needs; false = detection only.')
+param allowRemediation bool = false
+
+var readActions = [
+  'Microsoft.Resources/subscriptions/resourceGroups/read'
+  'Microsoft.ResourceGraph/resources/read'
+  'Microsoft.ApiManagement/service/read'
+  'Microsoft.ApiManagement/service/*/read'
+  // Only for subscriptions tracked in the key ledger, to compare keyed hashes.
+  'Microsoft.ApiManagement/service/subscriptions/listSecrets/action'
+  'Microsoft.Insights/diagnosticSettings/read'
+]
+
+var writeActions = [
+  'Microsoft.ApiManagement/service/write'
+  'Microsoft.ApiManagement/service/tenant/write'
+  'Microsoft.ApiManagement/service/portalsettings/write'
+  'Microsoft.ApiManagement/service/portalconfigs/write'
+  'Microsoft.ApiManagement/service/subscriptions/write'
+  'Microsoft.ApiManagement/service/namedValues/write'
+  'Microsoft.ApiManagement/service/namedValues/listValue/action'
+  'Microsoft.ApiManagement/service/apis/write'
+  'Microsoft.ApiManagement/service/backends/write'
+  'Microsoft.ApiManagement/service/loggers/write'
+  'Microsoft.ApiManagement/service/diagnostics/write'
+  'Microsoft.Insights/diagnosticSettings/write'
+]
+
+var roleName = allowRemediation ? 'APIM Remediator (remediate)' : 'APIM Remediator (detect)'
+
+resource role 'Microsoft.Authorization/roleDefinitions@2022-04-01' = {
+  name: guid(subscription().id, roleName)
+  properties: {
+    roleName: roleName
+    description: 'apim-remediator: read APIM security configuration${allowRemediation ? ' and fix drift' : ''}.'
+    type: 'CustomRole'
+    assignableScopes: [subscription().id]
+    permissions: [
+      {
+        actions: allowRemediation ? concat(readActions, writeActions) : readActions
+        notActions: []
+        dataActions: []
+        notDataActions: []
+      }
+    ]
+  }
+}
+
+resource assignment 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(subscription().id, principalId, role.id)
+  properties: {
+    principalId: principalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: role.id
+  }
+}
+
+// The Key Vault of APIMR_KEY_VAULT_URL needs data-plane roles on that vault: "Key Vault
+// Secrets User" (4633458b-17de-408a-b874-0445c86b69e6) to read the key ledger, and for
+// SEC-001 remediation "Key Vault Secrets Officer" (b86a8fe4-44ce-4948-aee5-eccb2c155cd7).
+// Assign them at the vault's scope (a resource-group deployment), e.g. with
+//   az role assignment create --assignee-object-id <principalId> --role "Key Vault Secrets User" --scope <vault id>
+
+output roleDefinitionId string = role.id

@@ -1,0 +1,29 @@
+"""Least privilege written twice: the Azure actions each handler's docstring names are
+exactly the ones infra/subscription-role.bicep grants (read-only and with remediation)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import handlers.remediate
+import handlers.scan
+
+ROOT = Path(__file__).resolve().parents[2]
+ACTION = re.compile(r"Microsoft\.[A-Za-z]+/[A-Za-z0-9/*]+")
+
+
+def bicep_list(name: str) -> set[str]:
+    text = (ROOT / "infra" / "subscription-role.bicep").read_text()
+    block = re.search(rf"var {name} = \[(.*?)\n\]", text, re.DOTALL)
+    assert block, f"no {name} in the Bicep file"
+    return set(re.findall(r"'(Microsoft\.[^']+)'", block.group(1)))
+
+
+def test_scan_docstring_matches_the_read_role() -> None:
+    assert set(ACTION.findall(handlers.scan.__doc__ or "")) == bicep_list("readActions")
+
+
+def test_remediate_docstring_matches_the_write_role() -> None:
+    named = set(ACTION.findall(handlers.remediate.__doc__ or ""))
+    assert named == bicep_list("writeActions")
