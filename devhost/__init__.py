@@ -1,0 +1,1 @@
+"""Local development host: runs the product against the embedded twin (tests and demo only)."""
