@@ -18,7 +18,7 @@ from twin.server import TwinServer
 
 ROOT = Path(__file__).resolve().parents[1]
 ESTATE = ROOT / "estates" / "demo.yaml"
-POLICY = ROOT / "estates" / "demo-policy.yaml"
+POLICY = Path(__file__).resolve().parent / "demo-policy.yaml"
 PROD = (
     "/subscriptions/6a0e2f31-0000-4000-8000-0000000de001/resourceGroups/rg-apim-prod"
     "/providers/Microsoft.ApiManagement/service/apim-contoso-prod"
