@@ -1881,6 +1881,43 @@ async def get_named_value(request: web.Request) -> web.StreamResponse:
     return _with_etag(_render_named_value(state, found), found)
 
 
+def _accept_child_put(
+    request: web.Request,
+    service: Resource,
+    child: str,
+    resource_type: str,
+    props: dict[str, Any],
+    *,
+    created: bool,
+    store: Callable[[], dict[str, Any]],
+) -> web.Response:
+    """A sub-resource PUT that APIM runs as a long-running operation: answer 201/200 with the
+    pending body; `store` applies it (and the write event is raised) when it completes."""
+    state = state_of(request)
+    ctx = write_context(request)
+    resource_id = f"{service.id}/{child}"
+
+    def finish() -> dict[str, Any]:
+        body = store()
+        _emit(state, ctx, resource_id, "write")
+        return body
+
+    pending: dict[str, Any] = {
+        "id": resource_id,
+        "type": resource_type,
+        "name": child.rsplit("/", 1)[-1],
+        "properties": {**props, "provisioningState": "InProgress"},
+    }
+    return arm.start_operation(
+        request,
+        resource_id=resource_id,
+        status_parent=service.id,
+        on_complete=finish,
+        status=201 if created else 200,
+        body=pending,
+    )
+
+
 async def put_named_value(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     service = _service(request)
@@ -1889,26 +1926,14 @@ async def put_named_value(request: web.Request) -> web.StreamResponse:
     _check_if_match(request, existing, required=False)
     given = _props(await read_json(request))
     props, value = _named_value(state, f"{service.id}/namedValues/{name}", name, given, None, patch=False)
-    ctx = write_context(request)
-
-    def finish() -> dict[str, Any]:
-        resource = store_named_value(state, service, name, props, value)
-        _emit(state, ctx, resource.id, "write")
-        return _render_named_value(state, resource)
-
-    pending: dict[str, Any] = {
-        "id": f"{service.id}/namedValues/{name}",
-        "type": NAMED_VALUE_TYPE,
-        "name": name,
-        "properties": {**props, "provisioningState": "InProgress"},
-    }
-    return arm.start_operation(
+    return _accept_child_put(
         request,
-        resource_id=pending["id"],
-        status_parent=service.id,
-        on_complete=finish,
-        status=201 if existing is None else 200,
-        body=pending,
+        service,
+        f"namedValues/{name}",
+        NAMED_VALUE_TYPE,
+        props,
+        created=existing is None,
+        store=lambda: _render_named_value(state, store_named_value(state, service, name, props, value)),
     )
 
 
@@ -2113,26 +2138,14 @@ async def put_api(request: web.Request) -> web.StreamResponse:
     existing = state.store.get(f"{service.id}/apis/{name}")
     _check_if_match(request, existing, required=False)
     props = _api_props(_props(await read_json(request)), None, patch=False)
-    ctx = write_context(request)
-
-    def finish() -> dict[str, Any]:
-        resource = store_api(state, service, name, props)
-        _emit(state, ctx, resource.id, "write")
-        return resource.body
-
-    pending: dict[str, Any] = {
-        "id": f"{service.id}/apis/{name}",
-        "type": API_TYPE,
-        "name": name,
-        "properties": {**props, "provisioningState": "InProgress"},
-    }
-    return arm.start_operation(
+    return _accept_child_put(
         request,
-        resource_id=pending["id"],
-        status_parent=service.id,
-        on_complete=finish,
-        status=201 if existing is None else 200,
-        body=pending,
+        service,
+        f"apis/{name}",
+        API_TYPE,
+        props,
+        created=existing is None,
+        store=lambda: store_api(state, service, name, props).body,
     )
 
 
