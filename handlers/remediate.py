@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import date
@@ -399,7 +399,7 @@ async def _apply_one(
     ref: InstanceRef,
     request: RemediateRequest,
     deps: RemediationDeps,
-    check_lease: Any,
+    check_lease: Callable[[Step], Awaitable[None]],
 ) -> ActionResult:
     for attempt in range(1, MAX_REPLANS + 1):
         first = plan.steps[0] if plan.steps else None

@@ -1,5 +1,8 @@
 """The one composition root: the credential and every Azure client the product uses.
 
+SDK modules are imported when their client is first built, not when this module is: a
+Functions worker's cold start pays only for the clients its first invocation uses.
+
 Built once per process (cold start) from validated `Settings` and passed to handlers;
 handlers never construct clients. Every client gets the same retry configuration, the
 same user agent (`apim-remediator/<version>`), the cloud profile's endpoints and token
@@ -12,40 +15,31 @@ loop.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from azure.core.credentials import TokenCredential
-from azure.core.credentials_async import AsyncTokenCredential
-from azure.core.pipeline import policies
-from azure.core.rest import AsyncHttpResponse, HttpRequest
-from azure.data.tables import TableServiceClient
-from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
-from azure.identity import DefaultAzureCredential
-from azure.identity.aio import DefaultAzureCredential as AsyncDefaultAzureCredential
-from azure.keyvault.secrets import SecretClient
-from azure.keyvault.secrets.aio import SecretClient as AsyncSecretClient
-from azure.mgmt.apimanagement import ApiManagementClient
-from azure.mgmt.apimanagement.aio import ApiManagementClient as AsyncApiManagementClient
-from azure.mgmt.core import AsyncARMPipelineClient
-from azure.mgmt.core.policies import ARMHttpLoggingPolicy, AsyncARMChallengeAuthenticationPolicy
-from azure.mgmt.monitor import MonitorManagementClient
-from azure.mgmt.monitor.aio import MonitorManagementClient as AsyncMonitorManagementClient
-from azure.mgmt.resourcegraph import ResourceGraphClient
-from azure.mgmt.resourcegraph.aio import ResourceGraphClient as AsyncResourceGraphClient
-from azure.monitor.query import LogsQueryClient
-from azure.monitor.query.aio import LogsQueryClient as AsyncLogsQueryClient
-from azure.storage.blob import BlobServiceClient
-from azure.storage.blob import ExponentialRetry as BlobRetry
-from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
-from azure.storage.blob.aio import ExponentialRetry as AsyncBlobRetry
-from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient, QueueServiceClient
-from azure.storage.queue import ExponentialRetry as QueueRetry
-
-# Not re-exported by azure.storage.queue.aio; the async policy lives in its _shared package.
-from azure.storage.queue._shared.policies_async import ExponentialRetry as AsyncQueueRetry
-from azure.storage.queue.aio import QueueClient as AsyncQueueClient
-from azure.storage.queue.aio import QueueServiceClient as AsyncQueueServiceClient
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+    from azure.core.credentials_async import AsyncTokenCredential
+    from azure.core.rest import AsyncHttpResponse, HttpRequest
+    from azure.data.tables import TableServiceClient
+    from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
+    from azure.keyvault.secrets import SecretClient
+    from azure.keyvault.secrets.aio import SecretClient as AsyncSecretClient
+    from azure.mgmt.apimanagement import ApiManagementClient
+    from azure.mgmt.apimanagement.aio import ApiManagementClient as AsyncApiManagementClient
+    from azure.mgmt.core import AsyncARMPipelineClient
+    from azure.mgmt.monitor import MonitorManagementClient
+    from azure.mgmt.monitor.aio import MonitorManagementClient as AsyncMonitorManagementClient
+    from azure.mgmt.resourcegraph import ResourceGraphClient
+    from azure.mgmt.resourcegraph.aio import ResourceGraphClient as AsyncResourceGraphClient
+    from azure.monitor.query import LogsQueryClient
+    from azure.monitor.query.aio import LogsQueryClient as AsyncLogsQueryClient
+    from azure.storage.blob import BlobServiceClient
+    from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
+    from azure.storage.queue import QueueClient, QueueServiceClient
+    from azure.storage.queue.aio import QueueClient as AsyncQueueClient
+    from azure.storage.queue.aio import QueueServiceClient as AsyncQueueServiceClient
 
 from shared import __version__
 from shared.errors import PermanentError
@@ -117,12 +111,16 @@ class ClientFactory:
 
     def credential(self) -> TokenCredential:
         """Managed identity in Azure; environment (service principal) credentials locally."""
+        from azure.identity import DefaultAzureCredential
+
         cred: TokenCredential = self._memo(
             "credential", "", lambda: DefaultAzureCredential(**self._credential_kwargs())
         )
         return cred
 
     def async_credential(self) -> AsyncTokenCredential:
+        from azure.identity.aio import DefaultAzureCredential as AsyncDefaultAzureCredential
+
         cred: AsyncTokenCredential = self._memo(
             "credential_async", "", lambda: AsyncDefaultAzureCredential(**self._credential_kwargs())
         )
@@ -139,6 +137,8 @@ class ClientFactory:
         }
 
     def apim(self, subscription_id: str) -> ApiManagementClient:
+        from azure.mgmt.apimanagement import ApiManagementClient
+
         client: ApiManagementClient = self._memo(
             "apim",
             subscription_id,
@@ -147,6 +147,8 @@ class ClientFactory:
         return client
 
     def apim_async(self, subscription_id: str) -> AsyncApiManagementClient:
+        from azure.mgmt.apimanagement.aio import ApiManagementClient as AsyncApiManagementClient
+
         client: AsyncApiManagementClient = self._memo(
             "apim_async",
             subscription_id,
@@ -156,6 +158,8 @@ class ClientFactory:
 
     def monitor(self, subscription_id: str) -> MonitorManagementClient:
         """Azure Monitor management (diagnostic settings on any resource id)."""
+        from azure.mgmt.monitor import MonitorManagementClient
+
         client: MonitorManagementClient = self._memo(
             "monitor",
             subscription_id,
@@ -169,6 +173,8 @@ class ClientFactory:
         return client
 
     def monitor_async(self, subscription_id: str) -> AsyncMonitorManagementClient:
+        from azure.mgmt.monitor.aio import MonitorManagementClient as AsyncMonitorManagementClient
+
         client: AsyncMonitorManagementClient = self._memo(
             "monitor_async",
             subscription_id,
@@ -190,6 +196,10 @@ class ClientFactory:
         return client
 
     def _build_arm_async(self) -> AsyncARMPipelineClient[HttpRequest, AsyncHttpResponse]:
+        from azure.core.pipeline import policies
+        from azure.mgmt.core import AsyncARMPipelineClient
+        from azure.mgmt.core.policies import ARMHttpLoggingPolicy, AsyncARMChallengeAuthenticationPolicy
+
         cloud = self.settings.cloud
         retry = self.settings.retry
         transport = self._transport_kwargs()
@@ -214,12 +224,16 @@ class ClientFactory:
         return {**self._arm_kwargs(), "base_url": self.settings.cloud.resource_graph}
 
     def resource_graph(self) -> ResourceGraphClient:
+        from azure.mgmt.resourcegraph import ResourceGraphClient
+
         client: ResourceGraphClient = self._memo(
             "resource_graph", "", lambda: ResourceGraphClient(self.credential(), **self._graph_kwargs())
         )
         return client
 
     def resource_graph_async(self) -> AsyncResourceGraphClient:
+        from azure.mgmt.resourcegraph.aio import ResourceGraphClient as AsyncResourceGraphClient
+
         client: AsyncResourceGraphClient = self._memo(
             "resource_graph_async",
             "",
@@ -248,6 +262,8 @@ class ClientFactory:
         }
 
     def secrets(self, vault_url: str) -> SecretClient:
+        from azure.keyvault.secrets import SecretClient
+
         url = self._vault_url(vault_url)
         client: SecretClient = self._memo(
             "secrets", url, lambda: SecretClient(url, self.credential(), **self._secrets_kwargs())
@@ -255,6 +271,8 @@ class ClientFactory:
         return client
 
     def secrets_async(self, vault_url: str) -> AsyncSecretClient:
+        from azure.keyvault.secrets.aio import SecretClient as AsyncSecretClient
+
         url = self._vault_url(vault_url)
         client: AsyncSecretClient = self._memo(
             "secrets_async",
@@ -271,12 +289,16 @@ class ClientFactory:
         return {**self._client_kwargs(), "endpoint": cloud.log_analytics, "audience": cloud.log_analytics}
 
     def logs(self) -> LogsQueryClient:
+        from azure.monitor.query import LogsQueryClient
+
         client: LogsQueryClient = self._memo(
             "logs", "", lambda: LogsQueryClient(self.credential(), **self._logs_kwargs())
         )
         return client
 
     def logs_async(self) -> AsyncLogsQueryClient:
+        from azure.monitor.query.aio import LogsQueryClient as AsyncLogsQueryClient
+
         client: AsyncLogsQueryClient = self._memo(
             "logs_async", "", lambda: AsyncLogsQueryClient(self.async_credential(), **self._logs_kwargs())
         )
@@ -287,6 +309,13 @@ class ClientFactory:
     def _storage_kwargs(self, service: str, *, is_async: bool) -> dict[str, Any]:
         """Blob and queue SDKs bring their own retry policy (sync and async kinds); give it
         the same budget."""
+        from azure.storage.blob import ExponentialRetry as BlobRetry
+        from azure.storage.blob.aio import ExponentialRetry as AsyncBlobRetry
+        from azure.storage.queue import ExponentialRetry as QueueRetry
+
+        # Not re-exported by azure.storage.queue.aio; the async policy lives in its _shared package.
+        from azure.storage.queue._shared.policies_async import ExponentialRetry as AsyncQueueRetry
+
         retry = self.settings.retry
         if service == "table":
             return self._client_kwargs()
@@ -320,23 +349,33 @@ class ClientFactory:
         return self._memo(kind, url, lambda: cls(url, credential=credential, **kwargs))
 
     def blob_service(self) -> BlobServiceClient:
+        from azure.storage.blob import BlobServiceClient
+
         client: BlobServiceClient = self._storage_client("blob", BlobServiceClient, is_async=False)
         return client
 
     def blob_service_async(self) -> AsyncBlobServiceClient:
+        from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
+
         client: AsyncBlobServiceClient = self._storage_client("blob", AsyncBlobServiceClient, is_async=True)
         return client
 
     def queue_service(self) -> QueueServiceClient:
+        from azure.storage.queue import QueueServiceClient
+
         client: QueueServiceClient = self._storage_client("queue", QueueServiceClient, is_async=False)
         return client
 
     def queue_service_async(self) -> AsyncQueueServiceClient:
+        from azure.storage.queue.aio import QueueServiceClient as AsyncQueueServiceClient
+
         client: AsyncQueueServiceClient = self._storage_client("queue", AsyncQueueServiceClient, is_async=True)
         return client
 
     def queue(self, name: str) -> QueueClient:
         """A queue the Functions host reads: messages base64-encoded, as host.json says."""
+        from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy
+
         client: QueueClient = self._memo(
             "queue_client",
             name,
@@ -347,6 +386,8 @@ class ClientFactory:
         return client
 
     def queue_async(self, name: str) -> AsyncQueueClient:
+        from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy
+
         client: AsyncQueueClient = self._memo(
             "queue_client_async",
             name,
@@ -357,10 +398,14 @@ class ClientFactory:
         return client
 
     def table_service(self) -> TableServiceClient:
+        from azure.data.tables import TableServiceClient
+
         client: TableServiceClient = self._storage_client("table", TableServiceClient, is_async=False)
         return client
 
     def table_service_async(self) -> AsyncTableServiceClient:
+        from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
+
         client: AsyncTableServiceClient = self._storage_client("table", AsyncTableServiceClient, is_async=True)
         return client
 
