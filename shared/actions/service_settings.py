@@ -15,6 +15,7 @@ the next plan of that snapshot fails with 412 and must be re-planned from a fres
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from shared.actions import (
     APIM_API_VERSION,
@@ -55,6 +56,38 @@ def _no_service_etag(finding: Finding, snapshot: Snapshot) -> Refusal | None:
 # -- NET-001 -----------------------------------------------------------------------------------
 
 
+def _service_patch(
+    rule_id: str,
+    snapshot: Snapshot,
+    *,
+    summary: str,
+    changes: tuple[Change, ...],
+    body: dict[str, Any],
+    what: str,
+    expectations: tuple[tuple[str, Any], ...],
+) -> RemediationPlan:
+    """One PATCH of the service resource, conditional on the snapshot's ETag."""
+    service = snapshot.service
+    return RemediationPlan(
+        rule_id=rule_id,
+        instance_id=service.id,
+        resource_id=service.id,
+        summary=summary,
+        changes=changes,
+        steps=(
+            ArmWrite(
+                method="PATCH",
+                resource_id=service.id,
+                api_version=APIM_API_VERSION,
+                body=body,
+                if_match=service.etag,
+                description=f"PATCH service {what}",
+            ),
+        ),
+        expectations=tuple(Expectation(service.id, APIM_API_VERSION, path, value) for path, value in expectations),
+    )
+
+
 @remediation("NET-001")
 def disable_public_network_access(
     finding: Finding, snapshot: Snapshot, context: PlanContext
@@ -74,25 +107,16 @@ def disable_public_network_access(
     if (refusal := _no_service_etag(finding, snapshot)) is not None:
         return refusal
     path = f"the approved private endpoint {approved[0].name}" if approved else "the internal virtual network"
-    return RemediationPlan(
-        rule_id=finding.rule_id,
-        instance_id=service.id,
-        resource_id=service.id,
+    return _service_patch(
+        finding.rule_id,
+        snapshot,
         summary=f"Disable public network access (clients use {path})",
         changes=(
             Change("properties.publicNetworkAccess", service.public_network_access or "(not set: Enabled)", "Disabled"),
         ),
-        steps=(
-            ArmWrite(
-                method="PATCH",
-                resource_id=service.id,
-                api_version=APIM_API_VERSION,
-                body={"properties": {"publicNetworkAccess": "Disabled"}},
-                if_match=service.etag,
-                description="PATCH service publicNetworkAccess",
-            ),
-        ),
-        expectations=(Expectation(service.id, APIM_API_VERSION, "properties.publicNetworkAccess", "Disabled"),),
+        body={"properties": {"publicNetworkAccess": "Disabled"}},
+        what="publicNetworkAccess",
+        expectations=(("properties.publicNetworkAccess", "Disabled"),),
     )
 
 
@@ -140,29 +164,20 @@ def _disable_switches(
     if not changes:
         return _refuse(first, snapshot, "every switch the findings name is already False: the findings are stale.")
     unchanged = len(sent) - len(changes)
-    return RemediationPlan(
-        rule_id=first.rule_id,
-        instance_id=service.id,
-        resource_id=service.id,
+    return _service_patch(
+        first.rule_id,
+        snapshot,
         summary=(
             f"Disable {what.format(', '.join(labels))} (the whole customProperties map is sent: "
             f"{unchanged} other switch{'es' if unchanged != 1 else ''} as read)"
         ),
         changes=tuple(changes),
-        steps=(
-            ArmWrite(
-                method="PATCH",
-                resource_id=service.id,
-                api_version=APIM_API_VERSION,
-                body={"properties": {"customProperties": sent}},
-                if_match=service.etag,
-                description="PATCH service customProperties (whole map)",
-            ),
-        ),
+        body={"properties": {"customProperties": sent}},
+        what="customProperties (whole map)",
         # One expectation on the whole map: every key must read back exactly as sent, so a switch
         # reset by the write (or one Azure added) fails verification. Keys contain dots, which a
         # dotted Expectation path cannot address one by one.
-        expectations=(Expectation(service.id, APIM_API_VERSION, CUSTOM_PROPERTIES, dict(sent)),),
+        expectations=((CUSTOM_PROPERTIES, dict(sent)),),
     )
 
 
@@ -252,25 +267,15 @@ def set_min_api_version(finding: Finding, snapshot: Snapshot, context: PlanConte
         return _refuse(finding, snapshot, f"the policy's min_api_version {floor!r} is not an api-version (YYYY-MM-DD).")
     if (refusal := _no_service_etag(finding, snapshot)) is not None:
         return refusal
-    service = snapshot.service
     path = "properties.apiVersionConstraint.minApiVersion"
-    return RemediationPlan(
-        rule_id=finding.rule_id,
-        instance_id=service.id,
-        resource_id=service.id,
+    return _service_patch(
+        finding.rule_id,
+        snapshot,
         summary=f"Refuse management API calls older than api-version {floor}",
-        changes=(Change(path, service.min_api_version or "(not set)", floor),),
-        steps=(
-            ArmWrite(
-                method="PATCH",
-                resource_id=service.id,
-                api_version=APIM_API_VERSION,
-                body={"properties": {"apiVersionConstraint": {"minApiVersion": floor}}},
-                if_match=service.etag,
-                description="PATCH service apiVersionConstraint.minApiVersion",
-            ),
-        ),
-        expectations=(Expectation(service.id, APIM_API_VERSION, path, floor),),
+        changes=(Change(path, snapshot.service.min_api_version or "(not set)", floor),),
+        body={"properties": {"apiVersionConstraint": {"minApiVersion": floor}}},
+        what="apiVersionConstraint.minApiVersion",
+        expectations=((path, floor),),
     )
 
 
@@ -296,23 +301,14 @@ def enable_system_identity(finding: Finding, snapshot: Snapshot, context: PlanCo
         return _refuse(finding, snapshot, "the service already has a system-assigned identity: the finding is stale.")
     if (refusal := _no_service_etag(finding, snapshot)) is not None:
         return refusal
-    return RemediationPlan(
-        rule_id=finding.rule_id,
-        instance_id=service.id,
-        resource_id=service.id,
+    return _service_patch(
+        finding.rule_id,
+        snapshot,
         summary="Enable the system-assigned managed identity",
         changes=(Change("identity.type", current or "(not set)", "SystemAssigned"),),
-        steps=(
-            ArmWrite(
-                method="PATCH",
-                resource_id=service.id,
-                api_version=APIM_API_VERSION,
-                body={"identity": {"type": "SystemAssigned"}},
-                if_match=service.etag,
-                description="PATCH service identity SystemAssigned",
-            ),
-        ),
-        expectations=(Expectation(service.id, APIM_API_VERSION, "identity.type", "SystemAssigned"),),
+        body={"identity": {"type": "SystemAssigned"}},
+        what="identity SystemAssigned",
+        expectations=(("identity.type", "SystemAssigned"),),
     )
 
 
