@@ -290,3 +290,28 @@ def test_worker_killed_mid_change_is_settled_by_the_next_run(twin: TwinHandle, t
         assert report["results"] == []
     assert report["remaining"] == []
     assert public_access(twin, service_id) == "Disabled"
+
+
+async def test_moving_a_secret_into_key_vault_leaves_it_in_no_journal_row_or_output(
+    twin: TwinHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.e2e.test_scan_estate import CANARY
+
+    service_id = seed(twin, "SEC-001")
+    env = product_env(twin, tmp_path, "version: 1\nrules:\n  SEC-001: {mode: remediate}\n")
+    for key in ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET"):
+        monkeypatch.setenv(key, twin.env[key])
+    factory = ClientFactory(load_settings(env))
+    result = await asyncio.to_thread(cli, env, "remediate", "--instance", service_id, "--apply", "--format", "json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [fixed] = json.loads(result.stdout)["results"]
+    assert (fixed["rule"], fixed["status"]) == ("SEC-001", "fixed")
+    assert CANARY not in result.stdout + result.stderr
+    entries = await Journal(factory.table_service_async()).history(service_id)
+    assert [e.phase for e in entries] == [Phase.VERIFIED]
+    assert all(CANARY not in repr(e) for e in entries)
+    # The secret did move: APIM now serves it from the vault.
+    listed = twin.arm("POST", f"{service_id}/namedValues/db-password/listValue?api-version=2024-05-01").json()
+    assert listed["value"] == f"{CANARY}-named-value-secret"
+    await factory.aclose()
+    factory.close()
