@@ -297,7 +297,8 @@ async def test_moving_a_secret_into_key_vault_leaves_it_in_no_journal_row_or_out
 ) -> None:
     from tests.e2e.test_scan_estate import CANARY
 
-    service_id = seed(twin, "SEC-001")
+    # Its own instance name: the journal (in Azurite) outlives the twin's per-test reset.
+    service_id = seed(twin, "SEC-001", name="fixme-secret")
     env = product_env(twin, tmp_path, "version: 1\nrules:\n  SEC-001: {mode: remediate}\n")
     for key in ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET"):
         monkeypatch.setenv(key, twin.env[key])
