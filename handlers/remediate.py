@@ -233,36 +233,27 @@ def _select(
     for f in findings:
         if request.rule_ids and f.rule_id not in request.rule_ids:
             continue
-        if f.exemption is not None:
-            left.append(
-                ActionResult(
-                    f.rule_id, f.resource_id, Status.SKIPPED, f.message, detail=f"exempt: {f.exemption.reason}"
-                )
-            )
-        elif f.rule_id not in REMEDIATIONS or not f.remediable:
-            left.append(
-                ActionResult(
-                    f.rule_id,
-                    f.resource_id,
-                    Status.SKIPPED,
-                    f.message,
-                    detail="no automatic remediation for this finding",
-                )
-            )
-        elif request.apply and policy.mode_of(f.rule_id) is not Mode.REMEDIATE:
-            left.append(
-                ActionResult(
-                    f.rule_id,
-                    f.resource_id,
-                    Status.SKIPPED,
-                    f.message,
-                    detail=f"{f.rule_id} is in {policy.mode_of(f.rule_id).value} mode; set "
-                    f"rules.{f.rule_id}.mode: remediate in the policy to let the product fix it",
-                )
-            )
-        else:
+        reason = _skip_reason(f, request, policy)
+        if reason is None:
             chosen.append(f)
+        else:
+            left.append(ActionResult(f.rule_id, f.resource_id, Status.SKIPPED, f.message, detail=reason))
     return chosen, left
+
+
+def _skip_reason(finding: Finding, request: RemediateRequest, policy: Policy) -> str | None:
+    """Why this finding is left alone, or None when it is to be planned."""
+    if finding.exemption is not None:
+        return f"exempt: {finding.exemption.reason}"
+    if finding.rule_id not in REMEDIATIONS or not finding.remediable:
+        return "no automatic remediation for this finding"
+    mode = policy.mode_of(finding.rule_id)
+    if request.apply and mode is not Mode.REMEDIATE:
+        return (
+            f"{finding.rule_id} is in {mode.value} mode; set rules.{finding.rule_id}.mode: remediate "
+            "in the policy to let the product fix it"
+        )
+    return None
 
 
 def _would(item: RemediationPlan | Refusal, policy: Policy) -> ActionResult:
