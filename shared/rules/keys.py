@@ -151,8 +151,8 @@ def all_apis_scope(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) ->
     rationale=(
         "A key nobody tracks is never rotated and cannot be traced to who holds it. The product "
         "rotates keys through Key Vault (one secret per subscription, tagged apim-subscription-id); "
-        "an active subscription without such a secret is outside rotation. Remediation starts "
-        "tracking it with a first rotation through Key Vault. Silent when the ledger could not be read."
+        "an active subscription without such a secret is outside rotation. The fix, a first "
+        "rotation through Key Vault, is not automated yet (detect only). Silent when the ledger could not be read."
     ),
     references=References(
         mcsb=("IM-8", "DP-6"),
@@ -204,7 +204,7 @@ def untracked_key(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> 
         "version's creation time (ARM has no 'last rotated' field). A secret past its Key Vault expiry "
         "is the same problem by the ledger's own deadline (rotation sets expiry = creation + max age), "
         "so it is the same rule and one finding per subscription, with the expiry as evidence when the "
-        "age alone is within bounds. Remediation rotates the key (dual-key, no client outage)."
+        "age alone is within bounds. The fix, dual-key rotation, is not automated yet (detect only)."
     ),
     references=References(
         mcsb=("IM-8", "DP-6"),
@@ -300,8 +300,8 @@ def _expected_slot(key: TrackedKey) -> str:
         "accepted by APIM (an outage), or a leaked key was replaced but the vault not updated. Compared "
         "by keyed hashes, never values; silent for subscriptions whose keys were not read (listSecrets) "
         "or whose secret value could not be read. A copy that matches the other slot is a mislabelled "
-        "slot tag (medium): it works today but the next rotation would cut clients off. Remediation "
-        "rotates the key, which writes a fresh value to the vault."
+        "slot tag (medium): it works today but the next rotation would cut clients off. The fix, "
+        "a rotation that writes a fresh value to the vault, is not automated yet (detect only)."
     ),
     references=References(
         mcsb=("IM-8", "DP-6"),
