@@ -8,6 +8,7 @@ Other modules add their own control routes (gateway key check, events, expiry sc
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -164,8 +165,6 @@ async def mint_token(request: web.Request) -> web.StreamResponse:
     lifetime = int(body.get("lifetime", 3600))
     if lifetime <= 0:
         # An already expired token: issued and valid in the past.
-        import time
-
         now = int(time.time())
         claims.setdefault("iat", now - 7200)
         claims.setdefault("nbf", now - 7200)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -320,8 +321,6 @@ def page(items: list[Any], request: web.Request, *, top: int | None, skip: int, 
     if end < len(items):
         query = [(k, v) for k, v in request.query.items() if k not in ("$skip",)]
         query.append(("$skip", str(end)))
-        from urllib.parse import urlencode
-
         body["nextLink"] = f"{base_url}{request.path}?{urlencode(query)}"
     return body
 
