@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -60,11 +60,13 @@ def start_operation(
     style: str = "both",
     status: int = 202,
     body: dict[str, Any] | None = None,
+    clock_seconds: float = 0.0,
 ) -> web.Response:
     """Begin an LRO whose effect `on_complete` applies when it succeeds.
 
     `status_parent` is the resource the status URL hangs under (APIM: the service id).
     `style`: "both" (Azure-AsyncOperation + Location), "location" or "async".
+    `clock_seconds` > 0: the operation runs that long on the twin's movable clock.
     """
     state = state_of(request)
     op_id = uuid.uuid4().hex
@@ -86,6 +88,8 @@ def start_operation(
         result=None,
         error=error,
         on_complete=on_complete,
+        ready_at=state.clock.now() + timedelta(seconds=clock_seconds) if clock_seconds > 0 else None,
+        clock=state.clock if clock_seconds > 0 else None,
     )
     version = request.query.get("api-version", "")
     url = f"{arm_base(state)}{status_parent}/operationresults/{op_id}?api-version={version}"

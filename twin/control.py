@@ -137,7 +137,15 @@ async def set_lro(request: web.Request) -> web.StreamResponse:
     style = body.get("style", state.lro.style)
     if style not in (None, "async", "location", "both"):
         raise ServiceError(400, "InvalidLro", "style must be async, location, both or null")
+    service_update = body.get("service_update_seconds", state.lro.service_update_seconds)
+    if isinstance(service_update, bool) or not isinstance(service_update, int | float) or service_update < 0:
+        raise ServiceError(400, "InvalidLro", "service_update_seconds must be a number >= 0")
+    enforce = body.get("enforce_service_if_match", state.lro.enforce_service_if_match)
+    if not isinstance(enforce, bool):
+        raise ServiceError(400, "InvalidLro", "enforce_service_if_match must be true or false")
     state.lro.polls = polls
+    state.lro.service_update_seconds = float(service_update)
+    state.lro.enforce_service_if_match = enforce
     state.lro.retry_after = str(body.get("retry_after", state.lro.retry_after))
     state.lro.style = style
     return json_response(dataclasses.asdict(state.lro))
