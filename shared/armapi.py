@@ -17,13 +17,15 @@ from azure.core.exceptions import AzureError
 from azure.core.rest import AsyncHttpResponse, HttpRequest
 from azure.mgmt.core import AsyncARMPipelineClient
 
-from shared.actions.executor import ArmResponse
+from shared.actions.executor import ArmResponse, OperationState
 from shared.azure import ClientFactory
 from shared.errors import PermanentError, TransientError
 
-# Longest wait for one long-running operation (APIM service updates can take many minutes
-# in Azure; the Functions timeout bounds us anyway).
-LRO_TIMEOUT = 45 * 60.0
+# Longest wait for one long-running operation when the caller names no `max_wait`: well
+# inside the Functions host's 10-minute timeout. Operations that can take longer (APIM
+# service updates: an hour or more) are sent with `max_wait` and resumed by a later run
+# from the operation URL the engine journals.
+LRO_TIMEOUT = 4 * 60.0
 MAX_POLL_INTERVAL = 30.0
 TERMINAL = {"succeeded", "failed", "canceled", "cancelled"}
 
@@ -69,6 +71,7 @@ class AzureArm:
         *,
         body: Mapping[str, Any] | None = None,
         if_match: str | None = None,
+        max_wait: float | None = None,
     ) -> ArmResponse:
         url = f"{self.base}{path}"
         headers = {"If-Match": if_match} if if_match else {}
@@ -82,16 +85,50 @@ class AzureArm:
         if response.status_code in (201, 202) and (
             "Azure-AsyncOperation" in response.headers or "Location" in response.headers
         ):
-            response = await self._wait(method, url, api_version, response)
+            waited = await self._wait(method, url, api_version, response, max_wait)
+            if waited is None:
+                operation = response.headers.get("Azure-AsyncOperation") or response.headers.get("Location")
+                return ArmResponse(status=202, etag=None, body=None, operation_url=operation)
+            response = waited
         return ArmResponse(status=response.status_code, etag=response.headers.get("ETag"), body=_json(response))
 
-    async def _wait(self, method: str, url: str, api_version: str, first: AsyncHttpResponse) -> AsyncHttpResponse:
-        deadline = time.monotonic() + LRO_TIMEOUT
+    async def operation_status(self, operation_url: str) -> OperationState:
+        """One read of an Azure-AsyncOperation (status body) or Location (202 = running) URL."""
+        response = await self._request("GET", operation_url)
+        if response.status_code == 404:
+            return OperationState("Unknown", "the operation's status URL answers 404 (expired or unknown)")
+        if response.status_code == 202:
+            return OperationState("InProgress")
+        body = _json(response) or {}
+        state = str(body.get("status", "")) if isinstance(body, dict) else ""
+        if response.status_code >= 400:
+            error = body.get("error") if isinstance(body, dict) else None
+            code = error.get("code", "") if isinstance(error, dict) else ""
+            return OperationState("Failed", f"{response.status_code} {code}".strip())
+        if not state:  # a Location URL that answered with the final resource
+            return OperationState("Succeeded")
+        normalised = {"inprogress": "InProgress", "succeeded": "Succeeded", "failed": "Failed"}.get(
+            state.lower(), "Canceled" if state.lower() in ("canceled", "cancelled") else "InProgress"
+        )
+        error = body.get("error") if normalised == "Failed" else None
+        detail = (
+            f"{error.get('code', '')} {str(error.get('message', ''))[:300]}".strip() if isinstance(error, dict) else ""
+        )
+        return OperationState(normalised, detail)
+
+    async def _wait(
+        self, method: str, url: str, api_version: str, first: AsyncHttpResponse, max_wait: float | None
+    ) -> AsyncHttpResponse | None:
+        """The operation's final response; None when `max_wait` ran out while it still runs."""
+        deadline = time.monotonic() + (LRO_TIMEOUT if max_wait is None else min(max_wait, LRO_TIMEOUT))
         status_url = first.headers.get("Azure-AsyncOperation")
         location = first.headers.get("Location")
         response = first
         while time.monotonic() < deadline:
-            await asyncio.sleep(_retry_after(response, self.poll_default))
+            pause = _retry_after(response, self.poll_default)
+            if max_wait is not None and time.monotonic() + pause > deadline:
+                return None
+            await asyncio.sleep(pause)
             if status_url:
                 response = await self._request("GET", status_url)
                 state = str((_json(response) or {}).get("status", "")).lower()
@@ -114,6 +151,8 @@ class AzureArm:
                 return response
             break
         else:
+            if max_wait is not None:
+                return None
             raise TransientError(f"{method} {url.split('?')[0]}: still running after {LRO_TIMEOUT:.0f} s")
         if method in ("PUT", "PATCH"):
             return await self._request("GET", url, params={"api-version": api_version})

@@ -11,6 +11,10 @@ from __future__ import annotations
 class RemediatorError(Exception):
     """Base of every error the product raises on purpose."""
 
+    # Raised while a multi-step remediation plan was applied: how many of its steps had
+    # taken effect before this error (the journal records outcomes per step).
+    steps_done: int = 0
+
 
 class SettingsError(RemediatorError):
     """App settings are missing or malformed; lists every problem at once."""
@@ -34,3 +38,8 @@ class PermanentError(RemediatorError):
 
 class OutOfScopeError(PermanentError):
     """The request names a resource outside the configured scope."""
+
+
+class LeaseLost(PermanentError):
+    """The lease on an instance was lost: whoever held it must stop at once (no further
+    write and no further journal row), since another worker may now hold it."""

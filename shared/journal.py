@@ -71,17 +71,24 @@ class Phase(StrEnum):
 
     INTENT = "intent"  # written before the change; nothing may have happened yet
     APPLIED = "applied"  # the write returned; not yet verified by re-reading
+    # Azure accepted the write and runs it as a long operation (an APIM service update can
+    # take an hour): `operation_url` says where to poll; a later run verifies and closes it.
+    RUNNING = "running"
     VERIFIED = "verified"  # re-read shows the intended state: done
     FAILED = "failed"  # the write or the verification failed: incident
     RECOVERED = "recovered"  # a later worker completed (or rolled back) a crashed one's change
     ABANDONED = "abandoned"  # a later worker found the change moot (e.g. re-plan found no drift)
+    # Some steps of a multi-step change took effect, then one was refused (e.g. 412 on the
+    # named value after its secret was copied to Key Vault): `steps_done` says how many.
+    PARTIAL = "partial"
 
 
-OPEN_PHASES = frozenset({Phase.INTENT, Phase.APPLIED})
-FINAL_PHASES = frozenset({Phase.VERIFIED, Phase.FAILED, Phase.RECOVERED, Phase.ABANDONED})
+OPEN_PHASES = frozenset({Phase.INTENT, Phase.APPLIED, Phase.RUNNING})
+FINAL_PHASES = frozenset({Phase.VERIFIED, Phase.FAILED, Phase.RECOVERED, Phase.ABANDONED, Phase.PARTIAL})
 _NEXT: dict[Phase, frozenset[Phase]] = {
-    Phase.INTENT: frozenset({Phase.APPLIED}) | FINAL_PHASES,
+    Phase.INTENT: frozenset({Phase.APPLIED, Phase.RUNNING}) | FINAL_PHASES,
     Phase.APPLIED: FINAL_PHASES,
+    Phase.RUNNING: FINAL_PHASES,
 }
 
 
@@ -121,6 +128,8 @@ class JournalEntry:
     started_at: datetime
     updated_at: datetime
     etag: str
+    operation_url: str | None = None  # phase RUNNING: the long-running operation to poll
+    steps_done: int | None = None  # steps of the plan that took effect (recorded with the outcome)
 
     @property
     def partition_key(self) -> str:
@@ -129,6 +138,11 @@ class JournalEntry:
     @property
     def is_open(self) -> bool:
         return self.phase in OPEN_PHASES
+
+
+class JournalRefused(PermanentError):
+    """The journal refused a row (it looked like it carried a secret): the change it was
+    to record must not be made."""
 
 
 class JournalConflict(PermanentError):
@@ -227,10 +241,10 @@ def refuse_secrets(text: str | None, field: str) -> None:
     try:
         document = json.loads(text)
     except ValueError:
-        raise PermanentError(f"journal {field} must be JSON text") from None
+        raise JournalRefused(f"journal {field} must be JSON text") from None
     paths = _secret_paths(document, "$")
     if paths:
-        raise PermanentError(
+        raise JournalRefused(
             f"journal {field} looks like it carries secret values at {', '.join(paths)}: "
             "redact them (e.g. '***') before journaling"
         )
@@ -417,12 +431,16 @@ class Journal:
         *,
         error: str | None = None,
         after: str | None = None,
+        operation_url: str | None = None,
+        steps_done: int | None = None,
     ) -> JournalEntry:
         """Move `entry` to `phase` (ETag-conditional: `JournalConflict` if another writer
         changed it since `entry` was read); return the updated entry.
 
         `error` is scrubbed of credential-looking text; `after` (the observed state)
-        replaces the planned one when given and is guarded like `record_intent`'s."""
+        replaces the planned one when given and is guarded like `record_intent`'s.
+        `operation_url` (phase RUNNING) is where a later run polls the operation;
+        `steps_done` how many steps of the plan took effect."""
         phase = Phase(phase)
         if phase not in _NEXT.get(entry.phase, frozenset()):
             raise PermanentError(
@@ -443,6 +461,11 @@ class Journal:
         if after is not None:
             after = fit(after)
             changes["after"] = after
+        if operation_url is not None:
+            operation_url = fit(scrub(operation_url))
+            changes["operation_url"] = operation_url
+        if steps_done is not None:
+            changes["steps_done"] = steps_done
         table = await self._client()
         try:
             metadata = await table.update_entity(
@@ -466,6 +489,8 @@ class Journal:
             error=clean_error if clean_error is not None else entry.error,
             after=after if after is not None else entry.after,
             etag=str(metadata["etag"]),
+            operation_url=operation_url if operation_url is not None else entry.operation_url,
+            steps_done=steps_done if steps_done is not None else entry.steps_done,
         )
 
     async def get(self, instance_id: str, row_key: str) -> JournalEntry:
@@ -526,6 +551,8 @@ def _entry(entity: TableEntity) -> JournalEntry:
             started_at=_utc(entity["started_at"]),
             updated_at=_utc(entity["updated_at"]),
             etag=str(entity.metadata["etag"]),
+            operation_url=_optional_text(entity, "operation_url"),
+            steps_done=int(entity["steps_done"]) if entity.get("steps_done") is not None else None,
         )
     except (KeyError, ValueError) as exc:
         raise PermanentError(f"journal row {entity.get('RowKey')!r} is malformed ({exc!r})") from exc

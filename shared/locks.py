@@ -16,7 +16,7 @@ Call-site contract::
 The lease is renewed in the background (every half duration by default) while the block
 runs. If a renewal fails (the lease was broken or taken over, or storage stayed
 unreachable until the lease's expiry is near) the lease is marked lost and
-`assert_held()` raises `PermanentError("lease lost …")`: stop before the next write and
+`assert_held()` raises `LeaseLost` (a `PermanentError`): stop before the next write and
 let the journal's unfinished entry be resumed by whoever holds the lease next. The lease
 is only a guard against two workers racing; every write still uses If-Match, which is
 what keeps a write that slips through safe.
@@ -35,7 +35,7 @@ from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsE
 from azure.storage.blob.aio import BlobClient, BlobLeaseClient
 from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
 
-from shared.errors import PermanentError, TransientError
+from shared.errors import LeaseLost, PermanentError, TransientError
 from shared.journal import instance_key, storage_error
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,10 @@ class InstanceLease:
         return self._lost
 
     def assert_held(self) -> None:
-        """Raise `PermanentError` if the lease is lost (or about to expire unrenewed)."""
+        """Raise `LeaseLost` if the lease is lost (or about to expire unrenewed)."""
         reason = self.lost_reason
         if reason is not None:
-            raise PermanentError(f"lease lost on instance {self.instance_id}: {reason}; stop before the next write")
+            raise LeaseLost(f"lease lost on instance {self.instance_id}: {reason}; stop before the next write")
 
     def _renewed(self, sent_at: float) -> None:
         # Counted from when the request was sent: the service's clock started no earlier.

@@ -30,14 +30,15 @@ from shared.rules import REGISTRY, Param, ParamValue, Rule
 
 EXEMPT_TAG = "apim-remediator-exempt"
 EXEMPT_REASON_TAG = "apim-remediator-exempt-reason"
-DEFAULT_MAX_WRITES_PER_SWEEP = 20
+DEFAULT_MAX_WRITES_PER_RUN = 20
 FORMAT_VERSION = 1
 
 _TOP_KEYS = ("version", "scope", "defaults", "rules", "exemptions", "limits", "tag_exemptions")
 _SCOPE_KEYS = ("subscriptions", "resource_groups", "tags")
 _RULE_KEYS = ("mode", "params")
 _EXEMPTION_KEYS = ("rule", "resource", "reason", "expires")
-_LIMIT_KEYS = ("max_writes_per_sweep",)
+_LIMIT_KEYS = ("max_writes_per_run",)
+_RENAMED_LIMITS = {"max_writes_per_sweep": "max_writes_per_run"}
 _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _RESOURCE_GROUP = re.compile(r"[-\w._()]{1,90}")
 _STR = "tag:yaml.org,2002:str"
@@ -150,7 +151,7 @@ class Policy:
     overrides: Mapping[str, Mapping[str, ParamValue]] = field(default_factory=lambda: MappingProxyType({}))
     exemptions: tuple[PolicyExemption, ...] = ()
     scope: Scope = field(default_factory=Scope)
-    max_writes_per_sweep: int = DEFAULT_MAX_WRITES_PER_SWEEP
+    max_writes_per_run: int = DEFAULT_MAX_WRITES_PER_RUN
     tag_exemptions: bool = True
 
     def mode_of(self, rule_id: str) -> Mode:
@@ -318,6 +319,14 @@ class _Reader:
                 continue
             seen[name] = key_node.start_mark.line + 1
             if allowed_keys is not None and name not in allowed_keys:
+                if key == "limits" and name in _RENAMED_LIMITS:
+                    self.problem(
+                        key_node,
+                        path,
+                        f"renamed to limits.{_RENAMED_LIMITS[name]}: the write budget is charged per remediation "
+                        "run (one instance), every executed write counted",
+                    )
+                    continue
                 self.problem(key_node, path, f"unknown key; allowed: {', '.join(allowed_keys)}")
                 continue
             entries.append((name, key_node, value_node))
@@ -400,7 +409,7 @@ class _Reader:
         scope = Scope()
         if "scope" in entries and not _is_null(entries["scope"][1]):
             scope = self.scope(entries["scope"][1])
-        max_writes = DEFAULT_MAX_WRITES_PER_SWEEP
+        max_writes = DEFAULT_MAX_WRITES_PER_RUN
         if "limits" in entries and not _is_null(entries["limits"][1]):
             max_writes = self.limits(entries["limits"][1])
         tag_exemptions = True
@@ -419,7 +428,7 @@ class _Reader:
             overrides=MappingProxyType({rid: _frozen(values) for rid, values in overrides.items()}),
             exemptions=tuple(exemptions),
             scope=scope,
-            max_writes_per_sweep=max_writes,
+            max_writes_per_run=max_writes,
             tag_exemptions=tag_exemptions,
         )
 
@@ -628,14 +637,14 @@ class _Reader:
         return Scope(tuple(subscriptions), tuple(groups), tuple(tags))
 
     def limits(self, node: yaml.Node) -> int:
-        max_writes = DEFAULT_MAX_WRITES_PER_SWEEP
+        max_writes = DEFAULT_MAX_WRITES_PER_RUN
         for name, _, value in self.mapping(node, "limits", _LIMIT_KEYS):
-            if name == "max_writes_per_sweep":
+            if name == "max_writes_per_run":
                 ok, number = self.scalar(value)
                 if ok and isinstance(number, int) and not isinstance(number, bool) and number >= 0:
                     max_writes = number
                 else:
-                    self.problem(value, "limits.max_writes_per_sweep", f"expected an integer >= 0, got {_raw(value)}")
+                    self.problem(value, "limits.max_writes_per_run", f"expected an integer >= 0, got {_raw(value)}")
         return max_writes
 
 

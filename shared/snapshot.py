@@ -138,6 +138,12 @@ def map_service(model: apim_models.ApiManagementServiceResource, ref: InstanceRe
     )
 
 
+def map_service_body(body: Mapping[str, Any], ref: InstanceRef, etag: str | None = None) -> Service:
+    """A raw ARM GET of the service (what the engine reads right before a service update)."""
+    service = map_service(apim_models.ApiManagementServiceResource.deserialize(dict(body)), ref)
+    return service if service.etag or not etag else replace(service, etag=etag)
+
+
 def map_subscription(model: apim_models.SubscriptionContract) -> ApimSubscription:
     return ApimSubscription(
         id=model.id or "",

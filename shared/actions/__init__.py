@@ -18,6 +18,10 @@ from typing import Any
 from shared.model import Finding, Snapshot
 
 APIM_API_VERSION = "2024-05-01"
+# Every api-version the product calls Microsoft.ApiManagement with: the raw requests above
+# and the SDK client's default (azure-mgmt-apimanagement 5.0.0; a test holds them together).
+# MGMT-003 never sets a minimum api-version newer than the oldest of these.
+PRODUCT_APIM_API_VERSIONS = ("2024-05-01",)
 INSIGHTS_API_VERSION = "2021-05-01-preview"
 
 
@@ -38,6 +42,9 @@ class Expectation:
     api_version: str
     path: str  # dotted, e.g. "properties.publicNetworkAccess"
     value: Any  # compared case-insensitively for strings; None = the path is absent or null
+    # With a dict value: only the keys given must read back (keys and string values compared
+    # case-insensitively); other keys of the map are not this expectation's business.
+    subset: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,9 @@ class PlanContext:
 
     params: Mapping[str, Any]  # the rule's parameters from the policy
     key_vault_url: str | None  # the product's Key Vault (settings), e.g. for SEC-001
+    # Rules whose fix landed earlier in this run (in a dry run: would have): a dependent
+    # may need to know its premise is minutes old (SEC-001 after ID-001's new identity).
+    fixed_in_run: frozenset[str] = frozenset()
 
 
 Planner = Callable[[Finding, Snapshot, PlanContext], "RemediationPlan | Refusal"]
@@ -137,25 +147,39 @@ class Remediation:
     combiner: Callable[[Sequence[Finding], Snapshot, PlanContext], RemediationPlan | Refusal] | None = field(
         default=None, compare=False
     )
+    # The plan is one PATCH of the service resource: the engine folds every such plan of a
+    # run into one service update (`service_settings.combine_service_plans`).
+    service_level: bool = False
+    # What the snapshot reads like once this remediation has landed, so a dry run (and the
+    # blast-radius check) can plan what it unlocks (ID-001's identity lets SEC-001 plan).
+    project: Callable[[Snapshot], Snapshot] | None = field(default=None, compare=False)
 
 
 REMEDIATIONS: dict[str, Remediation] = {}
 
 
-def remediation(rule_id: str, *, depends_on: Sequence[str] = ()) -> Callable[[Planner], Planner]:
+def remediation(
+    rule_id: str,
+    *,
+    depends_on: Sequence[str] = (),
+    service_level: bool = False,
+    project: Callable[[Snapshot], Snapshot] | None = None,
+) -> Callable[[Planner], Planner]:
     """Register the planner for one rule's findings (one plan per finding)."""
 
     def register(fn: Planner) -> Planner:
         if rule_id in REMEDIATIONS:
             raise ValueError(f"remediation for {rule_id} registered twice")
-        REMEDIATIONS[rule_id] = Remediation(rule_id=rule_id, plan=fn, depends_on=tuple(depends_on))
+        REMEDIATIONS[rule_id] = Remediation(
+            rule_id=rule_id, plan=fn, depends_on=tuple(depends_on), service_level=service_level, project=project
+        )
         return fn
 
     return register
 
 
 def combined_remediation(
-    rule_id: str, *, depends_on: Sequence[str] = ()
+    rule_id: str, *, depends_on: Sequence[str] = (), service_level: bool = False
 ) -> Callable[
     [Callable[[Sequence[Finding], Snapshot, PlanContext], RemediationPlan | Refusal]],
     Callable[[Sequence[Finding], Snapshot, PlanContext], RemediationPlan | Refusal],
@@ -172,7 +196,12 @@ def combined_remediation(
             return fn([finding], snapshot, context)
 
         REMEDIATIONS[rule_id] = Remediation(
-            rule_id=rule_id, plan=single, depends_on=tuple(depends_on), combine=True, combiner=fn
+            rule_id=rule_id,
+            plan=single,
+            depends_on=tuple(depends_on),
+            combine=True,
+            combiner=fn,
+            service_level=service_level,
         )
         return fn
 

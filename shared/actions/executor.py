@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from shared.actions import APIM_API_VERSION, ArmWrite, CopySecretToVault, Expectation, RemediationPlan, Step
-from shared.errors import PermanentError, TransientError
+from shared.errors import PermanentError, RemediatorError, TransientError
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,22 @@ class ArmResponse:
     status: int
     etag: str | None
     body: Any
+    # A long-running operation still running when the caller stopped waiting (`max_wait`):
+    # its status URL, to be journaled and polled by a later run.
+    operation_url: str | None = None
+
+
+@dataclass(frozen=True)
+class OperationState:
+    """Where a long-running operation stands: InProgress, Succeeded, Failed, Canceled, or
+    Unknown (its status URL no longer answers: expired or never existed)."""
+
+    status: str
+    error: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.status == "InProgress"
 
 
 class ArmApi(Protocol):
@@ -32,8 +48,14 @@ class ArmApi(Protocol):
         *,
         body: Mapping[str, Any] | None = None,
         if_match: str | None = None,
+        max_wait: float | None = None,
     ) -> ArmResponse:
-        """Send one request; for a long-running operation, return once it has finished."""
+        """Send one request; for a long-running operation, return once it has finished, or,
+        with `max_wait`, once that many seconds have passed (`operation_url` set)."""
+        ...
+
+    async def operation_status(self, operation_url: str) -> OperationState:
+        """One read of a long-running operation's status URL."""
         ...
 
 
@@ -127,13 +149,19 @@ async def apply_plan(
 ) -> None:
     """Run every step in order; `before_each` runs first (e.g. check the lease is still held)."""
     seen: dict[str, str] = {}  # resource id -> the ETag an earlier step of this plan read
-    for step in plan.steps:
+    for done, step in enumerate(plan.steps):
         if before_each is not None:
             await before_each(step)
-        if isinstance(step, ArmWrite):
-            await _write(step, arm, seen)
-        else:
-            await _copy_secret(step, arm, secrets, seen)
+        try:
+            if isinstance(step, ArmWrite):
+                await _write(step, arm, seen)
+            else:
+                await _copy_secret(step, arm, secrets, seen)
+        except RemediatorError as error:
+            # The journal records outcomes per step: a 412 on step 2 after step 1 took
+            # effect is a partial change, not an abandoned one.
+            error.steps_done = done
+            raise
 
 
 def read_path(body: Any, path: str) -> Any:
@@ -157,7 +185,18 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-def matches(actual: Any, expected: Any) -> bool:
+def _subset_matches(actual: Any, expected: Mapping[str, Any]) -> bool:
+    """Every key of `expected` is in `actual` (keys compared case-insensitively) with a
+    matching value; other keys of `actual` are not looked at."""
+    if not isinstance(actual, dict):
+        return False
+    lowered = {str(k).lower(): v for k, v in actual.items()}
+    return all(str(k).lower() in lowered and matches(lowered[str(k).lower()], v) for k, v in expected.items())
+
+
+def matches(actual: Any, expected: Any, *, subset: bool = False) -> bool:
+    if subset and isinstance(expected, dict):
+        return _subset_matches(actual, expected)
     if isinstance(expected, dict) and isinstance(actual, dict):
         # A read may spell an unset property as null or leave it out: the same thing.
         return bool(_without_nulls(actual) == _without_nulls(expected))
@@ -185,7 +224,7 @@ async def unmet(expectations: tuple[Expectation, ...], arm: ArmApi) -> list[str]
             problems.append(f"{expectation.resource_id}: {_error_text(response)}")
             continue
         actual = read_path(response.body, expectation.path)
-        if not matches(actual, expectation.value):
+        if not matches(actual, expectation.value, subset=expectation.subset):
             problems.append(f"{expectation.resource_id} {expectation.path}: {actual!r}, expected {expectation.value!r}")
     return problems
 

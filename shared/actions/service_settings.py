@@ -6,19 +6,23 @@ refused (it could not be guarded against a concurrent change), except portal sig
 ETag the snapshot does not read: its write takes the ETag of a read just before it, guarded
 by the state the plan was made from (see `disable_portal_signup`).
 
-Several of these PATCH the same service resource (NET-001, TLS-001/002/003, MGMT-003,
-ID-001), each with the service ETag of one snapshot: the first write changes the ETag, so
-the next plan of that snapshot fails with 412 and must be re-planned from a fresh snapshot
-(it is then planned from the state the first write left, so nothing is lost).
+Service-level rules (NET-001, TLS-001/002/003, MGMT-003, ID-001) each plan one PATCH of
+the service resource, but the engine never sends them one by one: `combine_service_plans`
+folds every service-level plan of a run into ONE PATCH, planned from a read taken right
+before writing. The spec gives the service PATCH no If-Match (Azure does not evaluate it),
+and APIM documents that protocol and cipher changes can take an hour or more and block
+other infrastructure changes meanwhile: one guarded update per run, not six racing ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from shared.actions import (
     APIM_API_VERSION,
+    PRODUCT_APIM_API_VERSIONS,
     ArmWrite,
     Change,
     Expectation,
@@ -66,7 +70,9 @@ def _service_patch(
     what: str,
     expectations: tuple[tuple[str, Any], ...],
 ) -> RemediationPlan:
-    """One PATCH of the service resource, conditional on the snapshot's ETag."""
+    """One PATCH of the service resource, planned from the snapshot (its ETag goes along as
+    If-Match, which Azure does not evaluate on this PATCH: see `combine_service_plans`).
+    A dict expectation checks only the keys it names (`subset`)."""
     service = snapshot.service
     return RemediationPlan(
         rule_id=rule_id,
@@ -84,15 +90,31 @@ def _service_patch(
                 description=f"PATCH service {what}",
             ),
         ),
-        expectations=tuple(Expectation(service.id, APIM_API_VERSION, path, value) for path, value in expectations),
+        expectations=tuple(
+            Expectation(service.id, APIM_API_VERSION, path, value, subset=isinstance(value, dict))
+            for path, value in expectations
+        ),
     )
 
 
-@remediation("NET-001")
+GATEWAY_ONLY_NOTE = (
+    "an inbound private endpoint carries only the gateway: with public network access disabled the "
+    "developer portal and the management API endpoint become unreachable to everyone"
+)
+
+
+@remediation("NET-001", service_level=True)
 def disable_public_network_access(
     finding: Finding, snapshot: Snapshot, context: PlanContext
 ) -> RemediationPlan | Refusal:
-    """PATCH publicNetworkAccess=Disabled — only when clients have another way in."""
+    """PATCH publicNetworkAccess=Disabled — only when clients have another way in.
+
+    A private endpoint is a way in for the gateway only (Microsoft Learn, "Connect privately
+    to API Management using an inbound private endpoint"): the portal and the management
+    endpoint go dark. So over a private endpoint (not an internal VNet, where every endpoint
+    stays reachable inside the network) the policy must acknowledge that explicitly with
+    `acknowledge_gateway_only: true`, or the fix is refused saying so.
+    """
     service = snapshot.service
     approved = [pe for pe in service.private_endpoints if (pe.status or "").lower() == "approved"]
     internal = (service.virtual_network_type or "").lower() == "internal"
@@ -104,13 +126,22 @@ def disable_public_network_access(
             "private endpoint and no internal VNet integration. Add a private endpoint first, or exempt "
             "NET-001 for this instance.",
         )
+    if not internal and not context.params.get("acknowledge_gateway_only", False):
+        return _refuse(
+            finding,
+            snapshot,
+            f"clients could still reach the gateway through private endpoint {approved[0].name}, but "
+            f"{GATEWAY_ONLY_NOTE}. If that is intended, set rules.NET-001.params.acknowledge_gateway_only: true "
+            "in the policy; otherwise exempt NET-001 for this instance.",
+        )
     if (refusal := _no_service_etag(finding, snapshot)) is not None:
         return refusal
     path = f"the approved private endpoint {approved[0].name}" if approved else "the internal virtual network"
     return _service_patch(
         finding.rule_id,
         snapshot,
-        summary=f"Disable public network access (clients use {path})",
+        summary=f"Disable public network access (clients use {path}"
+        + (f"; acknowledged: {GATEWAY_ONLY_NOTE})" if approved and not internal else ")"),
         changes=(
             Change("properties.publicNetworkAccess", service.public_network_access or "(not set: Enabled)", "Disabled"),
         ),
@@ -154,12 +185,14 @@ def _disable_switches(
     spelled = {key.lower(): key for key in sent}
     changes = []
     labels = []
+    owned: list[str] = []
     for finding in findings:
         key = spelled.get(finding.evidence.path.lower(), finding.evidence.path)
         if key in sent and sent[key] == "False":
             continue  # two findings for one switch
         changes.append(Change(f"{CUSTOM_PROPERTIES}.{key}", sent.get(key, finding.evidence.actual), "False"))
         labels.append(_switch_label(key))
+        owned.append(key)
         sent[key] = "False"
     if not changes:
         return _refuse(first, snapshot, "every switch the findings name is already False: the findings are stale.")
@@ -174,14 +207,15 @@ def _disable_switches(
         changes=tuple(changes),
         body={"properties": {"customProperties": sent}},
         what="customProperties (whole map)",
-        # One expectation on the whole map: every key must read back exactly as sent, so a switch
-        # reset by the write (or one Azure added) fails verification. Keys contain dots, which a
-        # dotted Expectation path cannot address one by one.
-        expectations=((CUSTOM_PROPERTIES, dict(sent)),),
+        # The keys this fix owns must read back False, keys and values compared
+        # case-insensitively (Azure answers "False" to "false"). Keys contain dots, which a
+        # dotted path cannot address one by one: one subset expectation on the map. The other
+        # switches are checked after the write as a concurrent change, not as this fix's work.
+        expectations=((CUSTOM_PROPERTIES, dict.fromkeys(owned, "False")),),
     )
 
 
-@combined_remediation("TLS-001")
+@combined_remediation("TLS-001", service_level=True)
 def disable_client_legacy_protocols(
     findings: Sequence[Finding], snapshot: Snapshot, context: PlanContext
 ) -> RemediationPlan | Refusal:
@@ -189,7 +223,7 @@ def disable_client_legacy_protocols(
     return _disable_switches(findings, snapshot, "{} for clients of the gateway", "Security.Protocols.")
 
 
-@combined_remediation("TLS-002")
+@combined_remediation("TLS-002", service_level=True)
 def disable_backend_legacy_protocols(
     findings: Sequence[Finding], snapshot: Snapshot, context: PlanContext
 ) -> RemediationPlan | Refusal:
@@ -197,7 +231,7 @@ def disable_backend_legacy_protocols(
     return _disable_switches(findings, snapshot, "{} towards backends", "Security.Backend.Protocols.")
 
 
-@combined_remediation("TLS-003")
+@combined_remediation("TLS-003", service_level=True)
 def disable_weak_ciphers(
     findings: Sequence[Finding], snapshot: Snapshot, context: PlanContext
 ) -> RemediationPlan | Refusal:
@@ -254,7 +288,7 @@ def disable_git_configuration(finding: Finding, snapshot: Snapshot, context: Pla
     return _disable_access(finding, snapshot, snapshot.git_access, "Git configuration endpoint (tenant gitAccess)")
 
 
-@remediation("MGMT-003")
+@remediation("MGMT-003", service_level=True)
 def set_min_api_version(finding: Finding, snapshot: Snapshot, context: PlanContext) -> RemediationPlan | Refusal:
     """PATCH apiVersionConstraint.minApiVersion to the rule's `min_api_version` parameter.
 
@@ -263,8 +297,19 @@ def set_min_api_version(finding: Finding, snapshot: Snapshot, context: PlanConte
     the point, and how far to raise the floor is the policy owner's decision.
     """
     floor = str(context.params.get("min_api_version", DEFAULT_MIN_API_VERSION))
-    if api_version_date(floor) is None:
+    wanted = api_version_date(floor)
+    if wanted is None:
         return _refuse(finding, snapshot, f"the policy's min_api_version {floor!r} is not an api-version (YYYY-MM-DD).")
+    oldest_own = min(PRODUCT_APIM_API_VERSIONS)
+    own = api_version_date(oldest_own)
+    if own is not None and wanted > own:
+        return _refuse(
+            finding,
+            snapshot,
+            f"the policy's min_api_version {floor} is newer than api-version {oldest_own}, which this product "
+            "itself calls the management API with: the instance would refuse the product's own reads and fixes. "
+            f"Use {oldest_own} or older.",
+        )
     if (refusal := _no_service_etag(finding, snapshot)) is not None:
         return refusal
     path = "properties.apiVersionConstraint.minApiVersion"
@@ -282,7 +327,12 @@ def set_min_api_version(finding: Finding, snapshot: Snapshot, context: PlanConte
 # -- ID-001, ID-002, ID-003 ------------------------------------------------------------------------
 
 
-@remediation("ID-001")
+def _with_system_identity(snapshot: Snapshot) -> Snapshot:
+    """The snapshot as it reads once ID-001's PATCH has landed (for planning what it unlocks)."""
+    return replace(snapshot, service=replace(snapshot.service, identity_type="SystemAssigned"))
+
+
+@remediation("ID-001", service_level=True, project=_with_system_identity)
 def enable_system_identity(finding: Finding, snapshot: Snapshot, context: PlanContext) -> RemediationPlan | Refusal:
     """PATCH identity type SystemAssigned on a service that has no managed identity."""
     service = snapshot.service
@@ -374,4 +424,69 @@ def disable_portal_basic_auth(finding: Finding, snapshot: Snapshot, context: Pla
             ),
         ),
         expectations=(Expectation(resource_id, APIM_API_VERSION, "properties.enableBasicAuth", False),),
+    )
+
+
+# -- one service update per run ----------------------------------------------------------------------
+
+
+def _merge(ours: Mapping[str, Any], theirs: Mapping[str, Any], base: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Two PATCH bodies as one. Where both set a value, the one that differs from `base` (what
+    the service read showed) wins: each TLS plan sends the whole customProperties map with only
+    its own switches changed. Two different changes of one value cannot be merged."""
+    merged = dict(ours)
+    for key, value in theirs.items():
+        path = f"{where}.{key}" if where else key
+        if key not in merged:
+            merged[key] = value
+        elif isinstance(merged[key], Mapping) and isinstance(value, Mapping):
+            below = base.get(key)
+            merged[key] = _merge(merged[key], value, below if isinstance(below, Mapping) else {}, path)
+        elif merged[key] != value:
+            if key in base and merged[key] == base[key]:
+                merged[key] = value
+            elif not (key in base and value == base[key]):
+                raise ValueError(f"two service-level fixes set {path} differently: {merged[key]!r} and {value!r}")
+    return merged
+
+
+def combine_service_plans(plans: Sequence[RemediationPlan], snapshot: Snapshot) -> RemediationPlan:
+    """Every service-level plan of a run as ONE PATCH of the service resource.
+
+    The plans must all come from `snapshot`, which the engine reads right before writing.
+    The result carries every plan's changes and expectations; its rule id joins theirs
+    (e.g. "ID-001+TLS-001"), which is how the journal names the combined write.
+    """
+    if not plans:
+        raise ValueError("no service-level plan to combine")
+    service = snapshot.service
+    base: dict[str, Any] = {"properties": {"customProperties": dict(service.custom_properties)}}
+    body: dict[str, Any] = {}
+    for plan in plans:
+        writes = [s for s in plan.steps if isinstance(s, ArmWrite)]
+        if len(writes) != 1 or len(plan.steps) != 1 or writes[0].method != "PATCH" or writes[0].body is None:
+            raise ValueError(f"{plan.rule_id} is not a single service PATCH and cannot be combined")
+        if writes[0].resource_id.lower() != service.id.lower():
+            raise ValueError(f"{plan.rule_id} writes {writes[0].resource_id}, not the service {service.id}")
+        body = _merge(body, writes[0].body, base, "")
+    if len(plans) == 1:
+        return plans[0]
+    rule_ids = [p.rule_id for p in plans]
+    return RemediationPlan(
+        rule_id="+".join(rule_ids),
+        instance_id=service.id,
+        resource_id=service.id,
+        summary="One service update: " + "; ".join(p.summary[0].lower() + p.summary[1:] for p in plans),
+        changes=tuple(c for p in plans for c in p.changes),
+        steps=(
+            ArmWrite(
+                method="PATCH",
+                resource_id=service.id,
+                api_version=APIM_API_VERSION,
+                body=body,
+                if_match=service.etag,
+                description=f"PATCH service ({', '.join(rule_ids)})",
+            ),
+        ),
+        expectations=tuple(e for p in plans for e in p.expectations),
     )

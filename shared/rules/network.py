@@ -53,6 +53,12 @@ def _vnet_mode(snapshot: Snapshot) -> str | None:
     ),
     params=[
         Param("skip_skus", NO_PRIVATE_PATH_SKUS, "SKUs that cannot take an inbound private endpoint: not evaluated."),
+        Param(
+            "acknowledge_gateway_only",
+            False,
+            "Remediation only: true lets the fix disable public access when the way in is a private endpoint, "
+            "which carries only the gateway (the developer portal and management endpoint become unreachable).",
+        ),
     ],
     remediable=True,
 )

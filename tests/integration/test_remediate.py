@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from handlers.remediate import RemediateRequest, RemediationDeps, Status, remediate
-from shared.actions.executor import ArmResponse
+from shared.actions.executor import ArmResponse, OperationState
 from shared.armapi import AzureArm, AzureSecrets
 from shared.azure import ClientFactory
 from shared.journal import Journal, Phase, Trigger, TriggerKind
@@ -32,7 +32,7 @@ from tests.e2e.test_scan_estate import VAULT, compliant, drift, fragment_for
 
 pytestmark = pytest.mark.integration
 
-NET_REMEDIATE = "version: 1\nrules:\n  NET-001: {mode: remediate}\n"
+NET_REMEDIATE = "version: 1\nrules:\n  NET-001: {mode: remediate, params: {acknowledge_gateway_only: true}}\n"
 APIM_WRITE = ("PUT", "PATCH", "POST", "DELETE")
 
 
@@ -83,7 +83,8 @@ def public_access(twin: TwinHandle, service_id: str) -> str:
 def test_dry_run_plans_and_writes_nothing(twin: TwinHandle, tmp_path: Path) -> None:
     service_id = seed(twin, "NET-001")
     twin.control("DELETE", "/_twin/log")
-    result = cli(product_env(twin, tmp_path, "version: 1\n"), "remediate", "--instance", service_id)
+    detect = "version: 1\nrules:\n  NET-001: {params: {acknowledge_gateway_only: true}}\n"
+    result = cli(product_env(twin, tmp_path, detect), "remediate", "--instance", service_id)
     assert result.returncode == 0, result.stderr
     assert "dry run (nothing changed; --apply to act)" in result.stdout
     assert "WOULD     NET-001" in result.stdout
@@ -132,11 +133,14 @@ def test_net001_without_private_connectivity_is_refused(twin: TwinHandle, tmp_pa
 
 def test_blast_radius_cap_stops_everything(twin: TwinHandle, tmp_path: Path) -> None:
     service_id = seed(twin, "NET-001")
-    policy = NET_REMEDIATE + "limits:\n  max_writes_per_sweep: 0\n"
+    policy = NET_REMEDIATE + "limits:\n  max_writes_per_run: 0\n"
     twin.control("DELETE", "/_twin/log")
     result = cli(product_env(twin, tmp_path, policy), "remediate", "--instance", service_id, "--apply")
     assert result.returncode == 1
-    assert "STOPPED   1 writes planned, more than the policy allows in one sweep (0)" in result.stdout
+    assert (
+        "STOPPED   1 writes planned (fixes that earlier ones unlock included), more than the policy allows "
+        "in one run (0)" in result.stdout
+    )
     assert apim_writes(twin) == []
 
 
@@ -160,6 +164,7 @@ class ChangeFirst:
         *,
         body: Mapping[str, Any] | None = None,
         if_match: str | None = None,
+        max_wait: float | None = None,
     ) -> ArmResponse:
         if method == "PATCH":
             self.patches += 1
@@ -168,7 +173,10 @@ class ChangeFirst:
                 operator = self.twin.credential("0b5e0c1a-0000-4000-8000-00000000c002", "twin-test-secret-operator")
                 token = operator.get_token(self.twin.urls["arm"] + "/.default").token
                 await asyncio.to_thread(self._person_patches, token)
-        return await self.arm.send(method, path, api_version, body=body, if_match=if_match)
+        return await self.arm.send(method, path, api_version, body=body, if_match=if_match, max_wait=max_wait)
+
+    async def operation_status(self, operation_url: str) -> OperationState:
+        return await self.arm.operation_status(operation_url)
 
     def _person_patches(self, token: str) -> None:
         """PATCH the tags and wait for the long-running operation, as `az` would."""
@@ -196,9 +204,11 @@ def factory(twin: TwinHandle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     built.close()
 
 
-async def test_concurrent_change_means_412_and_replan_never_a_lost_update(
-    twin: TwinHandle, factory: ClientFactory
-) -> None:
+async def test_concurrent_service_change_survives_and_is_reported(twin: TwinHandle, factory: ClientFactory) -> None:
+    """Azure does not evaluate If-Match on the service PATCH, so a person's change between our
+    read and our write is not refused: our PATCH sends only what the fix changes (it
+    survives), and the read after the update notices the service changed beyond our PATCH
+    and says where (paths, not values) in the result and the journal."""
     service_id = seed(twin, "NET-001")
     twin.control("PUT", "/_twin/lro", {"polls": 0})
     arm = ChangeFirst(AzureArm(factory, poll_default=0.01), twin, service_id)
@@ -217,15 +227,17 @@ async def test_concurrent_change_means_412_and_replan_never_a_lost_update(
     )
     [result] = report.results
     assert result.status is Status.FIXED
-    assert result.detail == "verified by re-reading after re-planning"
+    assert "the service also changed meanwhile at tags.change, tags.owner" in result.detail
     statuses = [(e["method"], e["status"]) for e in twin.control("GET", "/_twin/log?service=arm")[1]["entries"]
                 if e["method"] == "PATCH"]  # fmt: skip
-    assert [s for _, s in statuses] == [202, 412, 202]  # the person's write, ours refused, ours re-planned
+    assert [s for _, s in statuses] == [202, 202]  # the person's write, then ours: one service write
     body = twin.arm("GET", f"{service_id}?api-version=2024-05-01").json()
     assert body["properties"]["publicNetworkAccess"] == "Disabled"
     assert body["tags"]["change"] == "CHG-1234"  # the person's change survived
-    phases = [e.phase for e in await journal.history(service_id)]
-    assert phases == [Phase.VERIFIED, Phase.ABANDONED]  # newest first
+    [entry] = await journal.history(service_id)
+    assert entry.phase is Phase.VERIFIED
+    assert "tags.change" in (entry.error or "")
+    assert "CHG-1234" not in (entry.error or "")
     await factory.aclose()
 
 

@@ -18,7 +18,7 @@ import pytest
 from shared.errors import PermanentError
 from shared.model import Exemption, Finding, Mode, Severity, Snapshot
 from shared.policy import (
-    DEFAULT_MAX_WRITES_PER_SWEEP,
+    DEFAULT_MAX_WRITES_PER_RUN,
     Policy,
     PolicyError,
     load_policy,
@@ -112,7 +112,7 @@ FULL = """\
         reason: partner integration, APIMOPS-123
         expires: 2027-03-31
     limits:
-      max_writes_per_sweep: 3
+      max_writes_per_run: 3
     tag_exemptions: false
 """
 
@@ -133,7 +133,7 @@ def test_a_full_policy_loads() -> None:
         "verbs": ("GET",),
     }
     assert isinstance(policy.params_of("TST-001")["ratio"], float)
-    assert policy.max_writes_per_sweep == 3
+    assert policy.max_writes_per_run == 3
     assert policy.tag_exemptions is False
     assert policy.scope.subscriptions == (SUB,)
     assert policy.scope.resource_groups == ("rg-legacy", "rg-prod")
@@ -154,7 +154,7 @@ def test_unlisted_rules_take_the_default_mode_and_default_params() -> None:
     assert policy.params_of("TST-001")["count"] == 9
     assert policy.params_of("TST-001")["level"] == "low"
     assert dict(policy.params_of("TST-002")) == {}
-    assert policy.max_writes_per_sweep == DEFAULT_MAX_WRITES_PER_SWEEP == 20
+    assert policy.max_writes_per_run == DEFAULT_MAX_WRITES_PER_RUN == 20
     assert policy.tag_exemptions is True
 
 
@@ -345,12 +345,12 @@ def test_duplicate_keys() -> None:
           TST-001: {mode: remediate}
           TST-002: {mode: detect}
           TST-001: {mode: off}
-        limits: {max_writes_per_sweep: 1, max_writes_per_sweep: 2}
+        limits: {max_writes_per_run: 1, max_writes_per_run: 2}
         version: 1
     """
     assert problems(text) == [
         "policy.yaml:5: rules.TST-001: duplicate key (first at line 3); YAML would silently keep only the last one",
-        "policy.yaml:6: limits.max_writes_per_sweep: duplicate key (first at line 6); "
+        "policy.yaml:6: limits.max_writes_per_run: duplicate key (first at line 6); "
         "YAML would silently keep only the last one",
         "policy.yaml:7: version: duplicate key (first at line 1); YAML would silently keep only the last one",
     ]
@@ -366,7 +366,7 @@ def test_top_level_must_be_a_mapping() -> None:
 
 
 def test_unknown_top_level_keys() -> None:
-    assert problems("version: 1\nlimit: {max_writes_per_sweep: 1}\nRules: {}\n") == [
+    assert problems("version: 1\nlimit: {max_writes_per_run: 1}\nRules: {}\n") == [
         f"policy.yaml:2: limit: unknown key; allowed: {TOP_KEYS}",
         f"policy.yaml:3: Rules: unknown key; allowed: {TOP_KEYS}",
     ]
@@ -396,12 +396,12 @@ def test_merge_keys_are_refused() -> None:
 
 
 def test_limits_and_tag_switch() -> None:
-    assert problems("version: 1\nlimits:\n  max_writes_per_sweep: -1\n  burst: 3\ntag_exemptions: maybe\n") == [
-        "policy.yaml:3: limits.max_writes_per_sweep: expected an integer >= 0, got -1",
-        "policy.yaml:4: limits.burst: unknown key; allowed: max_writes_per_sweep",
+    assert problems("version: 1\nlimits:\n  max_writes_per_run: -1\n  burst: 3\ntag_exemptions: maybe\n") == [
+        "policy.yaml:3: limits.max_writes_per_run: expected an integer >= 0, got -1",
+        "policy.yaml:4: limits.burst: unknown key; allowed: max_writes_per_run",
         "policy.yaml:5: tag_exemptions: expected true or false, got 'maybe'",
     ]
-    assert load("version: 1\nlimits: {max_writes_per_sweep: 0}\n").max_writes_per_sweep == 0
+    assert load("version: 1\nlimits: {max_writes_per_run: 0}\n").max_writes_per_run == 0
 
 
 def test_scope_errors() -> None:
@@ -424,7 +424,7 @@ def test_scope_errors() -> None:
 def test_every_problem_is_listed_in_line_order() -> None:
     text = """\
         version: 1
-        limits: {max_writes_per_sweep: lots}
+        limits: {max_writes_per_run: lots}
         rules:
           TST-009: {mode: detect}
           TST-001: {mode: maybe, params: {count: ninety}}
@@ -601,5 +601,5 @@ def test_the_docs_example_loads() -> None:
     assert policy.params_of("MGMT-003")["min_api_version"] == "2021-08-01"
     assert policy.mode_of("NET-001") is Mode.OFF
     assert [e.rule for e in policy.exemptions] == ["NET-001", "*"]
-    assert policy.max_writes_per_sweep == 20
+    assert policy.max_writes_per_run == 20
     assert policy.tag_exemptions is True

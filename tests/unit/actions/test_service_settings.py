@@ -78,7 +78,7 @@ def test_every_remediable_service_rule_is_registered() -> None:
 
 def test_net001_disables_public_access_with_the_service_etag() -> None:
     snapshot = with_service(public_network_access="Enabled")
-    plan = plan_one("NET-001", snapshot)
+    plan = plan_one("NET-001", snapshot, acknowledge_gateway_only=True)
     assert isinstance(plan, RemediationPlan)
     assert only_write(plan) == ArmWrite(
         method="PATCH",
@@ -98,7 +98,7 @@ def test_net001_disables_public_access_with_the_service_etag() -> None:
 
 
 def test_net001_absent_property_reads_as_enabled_in_the_diff() -> None:
-    plan = plan_one("NET-001", with_service(public_network_access=None))
+    plan = plan_one("NET-001", with_service(public_network_access=None), acknowledge_gateway_only=True)
     assert isinstance(plan, RemediationPlan)
     assert plan.changes == (Change("properties.publicNetworkAccess", "(not set: Enabled)", "Disabled"),)
 
@@ -138,7 +138,7 @@ def test_service_writes_without_an_etag_are_refused() -> None:
         "ID-001": with_service(identity_type=None, etag=None),
     }
     for rule_id, snapshot in drifted.items():
-        refusal = plan_one(rule_id, snapshot)
+        refusal = plan_one(rule_id, snapshot, acknowledge_gateway_only=True)
         assert isinstance(refusal, Refusal), rule_id
         assert "no ETag" in refusal.reason
     tls = with_service(custom_properties=frozen_map({**SECURE_CUSTOM_PROPERTIES, TLS10: "True"}), etag=None)
@@ -179,9 +179,12 @@ def test_tls001_patches_the_whole_map_with_only_its_switches_flipped() -> None:
         Change(f"properties.customProperties.{TLS10}", "True", "False"),
         Change(f"properties.customProperties.{TLS11}", "true", "False"),
     )
-    # The re-read must show every key exactly as sent.
+    # The re-read must show the switches this fix owns as False (keys and values compared
+    # case-insensitively); the other keys are checked after the write as a concurrent change.
     assert plan.expectations == (
-        Expectation(SERVICE_ID, APIM_API_VERSION, "properties.customProperties", expected_map),
+        Expectation(
+            SERVICE_ID, APIM_API_VERSION, "properties.customProperties", {TLS10: "False", TLS11: "False"}, subset=True
+        ),
     )
     assert "TLS 1.0, TLS 1.1 for clients" in plan.summary
 
@@ -214,7 +217,8 @@ def test_tls003_adds_absent_default_on_suites_as_false() -> None:
     assert [c.path.rsplit(".", 1)[-1] for c in plan.changes] == ["TripleDes168", "TLS_RSA_WITH_AES_128_CBC_SHA"]
     [added] = [c for c in plan.changes if c.path.endswith("TLS_RSA_WITH_AES_128_CBC_SHA")]
     assert added.before.startswith("(not set: Azure default True")
-    assert plan.expectations[0].value == sent
+    assert plan.expectations[0].value == {TRIPLE_DES: "False", CBC_SUITE: "False"}
+    assert plan.expectations[0].subset
 
 
 def test_tls_keeps_azure_spelling_of_a_key() -> None:
@@ -429,3 +433,83 @@ def test_tls_plan_is_plain_json_data() -> None:
     plan = plan_all("TLS-001", snapshot)
     assert isinstance(plan, RemediationPlan)
     json.dumps([only_write(plan).body, plan.expectations[0].value])
+
+
+# -- issue 8: gateway-only acknowledgement, api-version ceiling, one service update ---------------
+
+
+def test_net001_over_a_private_endpoint_needs_the_gateway_only_acknowledgement() -> None:
+    snapshot = with_service(public_network_access="Enabled")
+    refusal = plan_one("NET-001", snapshot)
+    assert isinstance(refusal, Refusal)
+    assert "carries only the gateway" in refusal.reason
+    assert "developer portal and the management API endpoint" in refusal.reason
+    assert "acknowledge_gateway_only: true" in refusal.reason
+    plan = plan_one("NET-001", snapshot, acknowledge_gateway_only=True)
+    assert isinstance(plan, RemediationPlan)
+    assert "acknowledged" in plan.summary
+    assert "only the gateway" in plan.summary
+
+
+def test_net001_internal_vnet_needs_no_acknowledgement() -> None:
+    snapshot = with_service(public_network_access="Enabled", private_endpoints=(), virtual_network_type="Internal")
+    finding = evaluate_rule("NET-001", with_service(public_network_access="Enabled"))[0]
+    assert isinstance(REMEDIATIONS["NET-001"].plan(finding, snapshot, context()), RemediationPlan)
+
+
+def test_mgmt003_never_sets_a_floor_newer_than_the_product_calls() -> None:
+    snapshot = with_service(min_api_version=None)
+    refusal = plan_one("MGMT-003", snapshot, min_api_version="2025-03-01-preview")
+    assert isinstance(refusal, Refusal)
+    assert "2024-05-01" in refusal.reason
+    assert "product" in refusal.reason
+    assert isinstance(plan_one("MGMT-003", snapshot, min_api_version="2024-05-01"), RemediationPlan)
+
+
+def test_product_api_versions_include_the_sdk_default() -> None:
+    from azure.mgmt.apimanagement import ApiManagementClient
+
+    from shared.actions import PRODUCT_APIM_API_VERSIONS
+
+    client = ApiManagementClient(credential=object(), subscription_id="00000000-0000-0000-0000-000000000000")  # type: ignore[arg-type]
+    assert client._config.api_version in PRODUCT_APIM_API_VERSIONS
+    assert APIM_API_VERSION in PRODUCT_APIM_API_VERSIONS
+
+
+def test_service_level_fixes_become_one_patch() -> None:
+    from shared.actions.service_settings import combine_service_plans
+
+    snapshot = with_service(
+        tls_snapshot(**{TLS10: "True", BACKEND_SSL30: "True", TRIPLE_DES: "True"}),
+        public_network_access="Enabled",
+        identity_type=None,
+        min_api_version=None,
+    )
+    plans = [plan_all(r, snapshot) for r in ("TLS-001", "TLS-002", "TLS-003")]
+    plans += [plan_one(r, snapshot, acknowledge_gateway_only=True) for r in ("NET-001", "MGMT-003", "ID-001")]
+    assert all(isinstance(p, RemediationPlan) for p in plans)
+    assert all(REMEDIATIONS[p.rule_id].service_level for p in plans)
+    combined = combine_service_plans(plans, snapshot)  # type: ignore[arg-type]
+    write = only_write(combined)
+    assert (write.method, write.resource_id, write.if_match) == ("PATCH", SERVICE_ID, ETAG)
+    sent = write.body["properties"]["customProperties"]  # type: ignore[index]
+    # Each TLS plan sent the whole map with only its own switches flipped: the merge keeps all three flips.
+    assert sent == {**SECURE_CUSTOM_PROPERTIES, TLS10: "False", BACKEND_SSL30: "False", TRIPLE_DES: "False"}
+    assert write.body["properties"]["publicNetworkAccess"] == "Disabled"  # type: ignore[index]
+    assert write.body["properties"]["apiVersionConstraint"] == {"minApiVersion": "2019-12-01"}  # type: ignore[index]
+    assert write.body["identity"] == {"type": "SystemAssigned"}  # type: ignore[index]
+    assert combined.rule_id == "TLS-001+TLS-002+TLS-003+NET-001+MGMT-003+ID-001"
+    assert len(combined.expectations) == sum(len(p.expectations) for p in plans)  # type: ignore[union-attr]
+    assert len(combined.changes) == sum(len(p.changes) for p in plans)  # type: ignore[union-attr]
+
+
+def test_two_different_changes_of_one_service_value_cannot_be_combined() -> None:
+    from shared.actions.service_settings import combine_service_plans
+
+    snapshot = with_service(min_api_version=None)
+    low = plan_one("MGMT-003", snapshot, min_api_version="2019-12-01")
+    high = plan_one("MGMT-003", snapshot, min_api_version="2021-08-01")
+    assert isinstance(low, RemediationPlan)
+    assert isinstance(high, RemediationPlan)
+    with pytest.raises(ValueError, match="apiVersionConstraint.minApiVersion"):
+        combine_service_plans([low, high], snapshot)
