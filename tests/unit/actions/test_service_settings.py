@@ -511,5 +511,5 @@ def test_two_different_changes_of_one_service_value_cannot_be_combined() -> None
     high = plan_one("MGMT-003", snapshot, min_api_version="2021-08-01")
     assert isinstance(low, RemediationPlan)
     assert isinstance(high, RemediationPlan)
-    with pytest.raises(ValueError, match="apiVersionConstraint.minApiVersion"):
+    with pytest.raises(ValueError, match=r"apiVersionConstraint\.minApiVersion"):
         combine_service_plans([low, high], snapshot)
