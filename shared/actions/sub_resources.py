@@ -11,10 +11,10 @@ one between that read and the write fails with 412; a concurrent change to any o
 survives because each PATCH sends only what it changes (LOG-003 sends a diagnostic side whole,
 so its guard covers the whole side).
 
-Creating PUTs (LOG-001's diagnostic setting, LOG-002's logger and diagnostic when the snapshot
-has none) send no If-Match: see `send_gateway_logs_to_workspace` and
-`wire_azure_monitor_diagnostic` for why that cannot overwrite someone else's resource, or how
-little it could.
+Creating PUTs send no If-Match. LOG-002's logger and diagnostic are `create_only` (the
+executor checks they are still absent just before); LOG-001's diagnostic setting is the
+product's own: see `send_gateway_logs_to_workspace` for why that cannot overwrite someone
+else's setting.
 """
 
 from __future__ import annotations
@@ -439,14 +439,12 @@ def wire_azure_monitor_diagnostic(
     pointing at it, or re-point an existing one (PATCH loggerId; nothing else of it changes).
 
     The re-pointing PATCH is guarded: it goes out only if the diagnostic still points where
-    the snapshot said. The creating PUTs carry no condition: APIM's logger and diagnostic PUT
-    take If-Match only to update (REST spec: "not required when creating an entity"), and no
-    If-None-Match (neither the REST spec, the SDK's create_or_update nor the twin have one).
-    The logger is harmless to re-create: APIM reserves the name 'azuremonitor' for the one
-    azureMonitor logger, which has no settings beyond isBuffered and a description. The
-    diagnostic is the remaining window: one a person creates between the scan and the apply
-    (seconds) would be replaced by ours; a GET-must-be-404 check just before the PUT would
-    narrow it, and needs the executor's support.
+    the snapshot said. The creating PUTs are `create_only`: APIM's logger and diagnostic PUT
+    take If-Match only to update (REST spec: "not required when creating an entity") and no
+    If-None-Match, so the executor reads each just before and writes only while it is still
+    absent; a logger or diagnostic a person created meanwhile is left as it is and the plan
+    is made again from a fresh read (which then reuses or re-points it). What remains is the
+    moment between that read and the PUT.
     """
     service = snapshot.service
     logger_id = f"{service.id}/loggers/{AZURE_MONITOR_LOGGER}"
@@ -470,6 +468,7 @@ def wire_azure_monitor_diagnostic(
                 body={"properties": {"loggerType": "azureMonitor", "isBuffered": True}},
                 if_match=None,
                 description=f"PUT logger {AZURE_MONITOR_LOGGER} (azureMonitor)",
+                create_only=True,
             )
         )
         changes.append(Change(f"loggers/{AZURE_MONITOR_LOGGER}", "(none)", "azureMonitor logger"))

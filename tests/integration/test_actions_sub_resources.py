@@ -310,6 +310,27 @@ async def test_log_002_creates_the_diagnostic(twin: TwinHandle) -> None:
     assert diagnostic.log_client_ip is True
 
 
+async def test_log_002_a_logger_created_meanwhile_is_not_replaced(twin: TwinHandle) -> None:
+    service_id = seed(twin, "LOG-002", tweak=lambda spec: spec.update(loggers=[], diagnostics=[]))
+    logger_id = f"{service_id}/loggers/azuremonitor"
+    async with product_factory(twin) as factory:
+        plan = await planned(twin, factory, service_id, "LOG-002")
+        assert [(s.method, s.resource_id) for s in plan.steps if isinstance(s, ArmWrite)][0] == ("PUT", logger_id)
+        # A person creates the logger between the plan and the apply.
+        made = twin.arm(
+            "PUT",
+            f"{logger_id}?api-version=2024-05-01",
+            json={"properties": {"loggerType": "azureMonitor", "isBuffered": False, "description": "the team's"}},
+        )
+        assert made.status_code in (200, 201), made.text
+        twin.control("DELETE", "/_twin/log")
+        with pytest.raises(PreconditionFailed, match="somebody created it since the plan was made"):
+            await apply_plan(plan, AzureArm(factory, poll_default=0.01), AzureSecrets(factory))
+    assert arm_writes(twin) == []
+    logger = twin.arm("GET", f"{logger_id}?api-version=2024-05-01").json()["properties"]
+    assert (logger["description"], logger["isBuffered"]) == ("the team's", False)
+
+
 async def test_log_002_repoints_an_existing_diagnostic(twin: TwinHandle) -> None:
     def to_event_hub(spec: dict[str, Any]) -> None:
         hub = f"Endpoint=sb://hub/;SharedAccessKey={CANARY}"

@@ -405,6 +405,7 @@ def test_log_002_creates_logger_and_diagnostic() -> None:
             body={"properties": {"loggerType": "azureMonitor", "isBuffered": True}},
             if_match=None,
             description="PUT logger azuremonitor (azureMonitor)",
+            create_only=True,  # a logger somebody created meanwhile is not replaced either
         ),
         ArmWrite(
             method="PUT",
