@@ -11,6 +11,7 @@ journals, leases, orders and verifies. Importing this package registers every mo
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,25 @@ class Change:
     after: str
 
 
+@dataclass(frozen=True, repr=False)
+class Digest:
+    """A guard value compared by its SHA-256, for a property whose value may carry secrets
+    (a backend URL with user:password@ or ?sig=...): the plan, the dry run and the journal
+    hold the hash, never the value, and nothing prints even the hash."""
+
+    sha256: str
+
+    @classmethod
+    def of(cls, value: str) -> Digest:
+        return cls(hashlib.sha256(value.encode()).hexdigest())
+
+    def matches(self, actual: Any) -> bool:
+        return isinstance(actual, str) and hashlib.sha256(actual.encode()).hexdigest() == self.sha256
+
+    def __repr__(self) -> str:
+        return "(as planned, compared by SHA-256)"
+
+
 @dataclass(frozen=True)
 class Expectation:
     """After the write, `GET resource_id` must show `value` at the dotted `path`."""
@@ -37,7 +57,7 @@ class Expectation:
     resource_id: str
     api_version: str
     path: str  # dotted, e.g. "properties.publicNetworkAccess"
-    value: Any  # compared case-insensitively for strings; None = the path is absent or null
+    value: Any  # compared case-insensitively for strings; None = the path is absent or null; a Digest by hash
 
 
 @dataclass(frozen=True)
@@ -67,7 +87,15 @@ class ArmWrite:
         if self.create_only:
             return "only if it still does not exist"
         if self.etag_from_read:
-            checks = ", ".join(f"{g.path}={g.value!r}" for g in self.guard) or "nothing else"
+            checks = (
+                ", ".join(
+                    f"{g.path} unchanged (compared by SHA-256)"
+                    if isinstance(g.value, Digest)
+                    else f"{g.path}={g.value!r}"
+                    for g in self.guard
+                )
+                or "nothing else"
+            )
             return f"If-Match: the ETag of a read just before (which must still show {checks})"
         return f"If-Match: {self.if_match}" if self.if_match else ""
 

@@ -12,7 +12,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.actions import APIM_API_VERSION, ArmWrite, CopySecretToVault, Expectation, RemediationPlan, Step
+from shared.actions import (
+    APIM_API_VERSION,
+    ArmWrite,
+    CopySecretToVault,
+    Digest,
+    Expectation,
+    RemediationPlan,
+    Step,
+)
 from shared.errors import PermanentError, TransientError
 
 
@@ -74,7 +82,10 @@ async def _fresh_etag(step: ArmWrite, arm: ArmApi, seen: dict[str, str]) -> str:
     if current.status >= 400:
         raise PermanentError(f"reading {step.resource_id} before writing it: {_error_text(current)}")
     changed = [
-        f"{g.path} is {read_path(current.body, g.path)!r}, planned from {g.value!r}"
+        # A hashed premise may carry a secret: say that it changed, never what it is now.
+        f"{g.path} changed"
+        if isinstance(g.value, Digest)
+        else f"{g.path} is {read_path(current.body, g.path)!r}, planned from {g.value!r}"
         for g in step.guard
         if not matches(read_path(current.body, g.path), g.value)
     ]
@@ -158,6 +169,8 @@ def _without_nulls(value: Any) -> Any:
 
 
 def matches(actual: Any, expected: Any) -> bool:
+    if isinstance(expected, Digest):
+        return expected.matches(actual)
     if isinstance(expected, dict) and isinstance(actual, dict):
         # A read may spell an unset property as null or leave it out: the same thing.
         return bool(_without_nulls(actual) == _without_nulls(expected))

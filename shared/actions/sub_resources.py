@@ -31,6 +31,7 @@ from shared.actions import (
     ArmWrite,
     Change,
     CopySecretToVault,
+    Digest,
     Expectation,
     PlanContext,
     Refusal,
@@ -321,10 +322,11 @@ def backend_validates_certificates(
                 if_match=None,
                 description=f"PATCH backend {backend.name} tls validation",
                 etag_from_read=True,
-                # The flags as planned from, and the https URL that made the finding remediable.
+                # The flags as planned from, and the https URL that made the finding remediable
+                # — by its hash: the URL may carry user:password@ or ?sig=.
                 guard=_guard(
                     backend.id,
-                    ("properties.url", backend.url),
+                    ("properties.url", Digest.of(backend.url or "")),
                     ("properties.tls.validateCertificateChain", backend.validate_certificate_chain),
                     ("properties.tls.validateCertificateName", backend.validate_certificate_name),
                 ),

@@ -16,6 +16,7 @@ from shared.actions import (
     REMEDIATIONS,
     ArmWrite,
     CopySecretToVault,
+    Digest,
     Expectation,
     PlanContext,
     Refusal,
@@ -301,7 +302,7 @@ def test_api_003_turns_certificate_validation_on() -> None:
         etag_from_read=True,
         guard=guard(
             backend_id,
-            ("properties.url", "https://orders.internal.example"),
+            ("properties.url", Digest.of("https://orders.internal.example")),
             ("properties.tls.validateCertificateChain", True),
             ("properties.tls.validateCertificateName", False),
         ),
