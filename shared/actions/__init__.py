@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.evidence import PlanEvidence
 from shared.model import Finding, Snapshot
 
 APIM_API_VERSION = "2024-05-01"
@@ -147,6 +148,12 @@ class PlanContext:
 
     params: Mapping[str, Any]  # the rule's parameters from the policy
     key_vault_url: str | None  # the product's Key Vault (settings), e.g. for SEC-001
+    # What the engine gathered before planning (gateway-log key usage, backend TLS probes):
+    # a fix that can cut callers off acts on evidence, and refuses when it is missing.
+    evidence: PlanEvidence = field(default_factory=PlanEvidence)
+    # Rules the engine fixed earlier in this run (or, in a dry run, planned to): e.g. SEC-001
+    # after ID-001 knows the identity is brand new and cannot have access to the vault yet.
+    fixed_in_run: frozenset[str] = frozenset()
 
 
 Planner = Callable[[Finding, Snapshot, PlanContext], "RemediationPlan | Refusal"]
