@@ -23,6 +23,10 @@ Azure actions: those of the scan (handlers/scan.py) plus, when remediating
     Microsoft.ApiManagement/service/loggers/write
     Microsoft.ApiManagement/service/diagnostics/write
     Microsoft.Insights/diagnosticSettings/write
+    Microsoft.OperationalInsights/workspaces/read
+    Microsoft.OperationalInsights/workspaces/query/read
+(the last two are reads for KEY-001's evidence: whether gateway logs show the key unused;
+API-003's evidence is a TLS handshake to the backend, no Azure action)
 and "Key Vault Secrets Officer" on the product's vault (SEC-001); Storage Table Data
 Contributor and Blob Data Contributor on the product's own storage account (main.bicep).
 """
@@ -53,6 +57,7 @@ from shared.actions import (
 from shared.actions.executor import ArmApi, PreconditionFailed, SecretApi, apply_plan, unmet, verify_plan
 from shared.errors import OutOfScopeError, PermanentError, RemediatorError
 from shared.evaluation import evaluate_snapshot
+from shared.evidence import EvidenceSource, PlanEvidence
 from shared.inventory import InstanceRef
 from shared.journal import JournalEntry, Phase, Trigger
 from shared.model import Finding, Mode, Snapshot
@@ -146,6 +151,7 @@ class RemediationDeps:
     locks: LocksApi
     policy: Policy
     key_vault_url: str | None
+    evidence: EvidenceSource  # gateway-log key usage, backend TLS probes: gathered before planning
     today: date | None = None
 
 
@@ -159,27 +165,51 @@ def _describe(step: Step) -> str:
     return f"copy the value of {step.named_value_id} into {step.vault_url}/secrets/{step.secret_name}"
 
 
-def _context(policy: Policy, rule_id: str, key_vault_url: str | None) -> PlanContext:
-    return PlanContext(params=policy.params_of(rule_id), key_vault_url=key_vault_url)
+def _context(
+    policy: Policy, rule_id: str, key_vault_url: str | None, evidence: PlanEvidence, fixed_in_run: frozenset[str]
+) -> PlanContext:
+    return PlanContext(
+        params=policy.params_of(rule_id), key_vault_url=key_vault_url, evidence=evidence, fixed_in_run=fixed_in_run
+    )
 
 
 def plan_findings(
-    findings: Sequence[Finding], snapshot: Snapshot, policy: Policy, key_vault_url: str | None
+    findings: Sequence[Finding],
+    snapshot: Snapshot,
+    policy: Policy,
+    key_vault_url: str | None,
+    *,
+    evidence: PlanEvidence | None = None,
+    fixed_in_run: frozenset[str] = frozenset(),
 ) -> list[RemediationPlan | Refusal]:
     """Plans (or refusals) for `findings`, in dependency order, one per finding or one per
-    rule where the remediation combines its findings."""
+    rule where the remediation combines its findings.
+
+    `fixed_in_run`: rules already fixed in this run. A rule planned here counts as fixed for
+    the rules planned after it, so a dry run says what the apply would (SEC-001 after ID-001).
+    """
     by_rule: dict[str, list[Finding]] = {}
     for finding in findings:
         by_rule.setdefault(finding.rule_id, []).append(finding)
     planned: list[RemediationPlan | Refusal] = []
+    fixed = set(fixed_in_run)
     for rule_id in order_rules(list(by_rule)):
         remediation = REMEDIATIONS[rule_id]
-        context = _context(policy, rule_id, key_vault_url)
+        context = _context(policy, rule_id, key_vault_url, evidence or PlanEvidence(), frozenset(fixed))
         if remediation.combine and remediation.combiner is not None:
-            planned.append(remediation.combiner(by_rule[rule_id], snapshot, context))
+            results = [remediation.combiner(by_rule[rule_id], snapshot, context)]
         else:
-            planned.extend(remediation.plan(f, snapshot, context) for f in by_rule[rule_id])
+            results = [remediation.plan(f, snapshot, context) for f in by_rule[rule_id]]
+        planned.extend(results)
+        if any(isinstance(r, RemediationPlan) for r in results):
+            fixed.add(rule_id)
     return planned
+
+
+async def _gather(deps: RemediationDeps, snapshot: Snapshot, chosen: Sequence[Finding]) -> PlanEvidence:
+    """Evidence for the chosen findings, the same in a dry run as in an apply."""
+    params = {rule_id: deps.policy.params_of(rule_id) for rule_id in {f.rule_id for f in chosen}}
+    return await deps.evidence.gather(snapshot, chosen, params)
 
 
 def _write_count(plans: Sequence[RemediationPlan | Refusal]) -> int:
@@ -278,7 +308,8 @@ async def remediate(request: RemediateRequest, deps: RemediationDeps) -> Remedia
         snapshot = await deps.source.read(ref)
         findings = evaluate_snapshot(snapshot, deps.policy, today=deps.today or snapshot.read_at.date())
         chosen, left = _select(findings, request, deps.policy)
-        plans = plan_findings(chosen, snapshot, deps.policy, deps.key_vault_url)
+        evidence = await _gather(deps, snapshot, chosen)
+        plans = plan_findings(chosen, snapshot, deps.policy, deps.key_vault_url, evidence=evidence)
         return RemediationReport(
             instance_id=ref.id,
             dry_run=True,
@@ -313,7 +344,8 @@ async def _apply(
     today = deps.today or snapshot.read_at.date()
     findings = evaluate_snapshot(snapshot, deps.policy, today=today)
     chosen, left = _select(findings, request, deps.policy)
-    plans = plan_findings(chosen, snapshot, deps.policy, deps.key_vault_url)
+    evidence = await _gather(deps, snapshot, chosen)
+    plans = plan_findings(chosen, snapshot, deps.policy, deps.key_vault_url, evidence=evidence)
     cap = deps.policy.max_writes_per_sweep
     writes = _write_count(plans)
     if writes > cap:
@@ -331,6 +363,7 @@ async def _apply(
         )
     results: list[ActionResult] = []
     blocked: set[str] = set()
+    fixed: set[str] = set()  # rules fixed so far in this run, for PlanContext.fixed_in_run (issue 8)
 
     async def check_lease(_: Step) -> None:
         lease.assert_held()
@@ -348,7 +381,10 @@ async def _apply(
             )
             continue
         wrote = False
-        for item in plan_findings(current, snapshot, deps.policy, deps.key_vault_url):
+        planned = plan_findings(
+            current, snapshot, deps.policy, deps.key_vault_url, evidence=evidence, fixed_in_run=frozenset(fixed)
+        )
+        for item in planned:
             if needs:
                 results.append(
                     ActionResult(
@@ -365,9 +401,10 @@ async def _apply(
                 results.append(_would(item, deps.policy))
                 blocked.add(rule_id)
                 continue
-            result = await _apply_one(item, ref, request, deps, check_lease)
+            result = await _apply_one(item, ref, request, deps, check_lease, evidence, frozenset(fixed))
             if result.status is Status.FIXED:
                 wrote = True
+                fixed.add(rule_id)
             elif result.status is not Status.RESOLVED:
                 blocked.add(rule_id)
             results.append(result)
@@ -391,6 +428,8 @@ async def _apply_one(
     request: RemediateRequest,
     deps: RemediationDeps,
     check_lease: Callable[[Step], Awaitable[None]],
+    evidence: PlanEvidence,
+    fixed_in_run: frozenset[str],
 ) -> ActionResult:
     for attempt in range(1, MAX_REPLANS + 1):
         first = plan.steps[0] if plan.steps else None
@@ -411,7 +450,7 @@ async def _apply_one(
             await verify_plan(plan, deps.arm)
         except PreconditionFailed as error:
             await deps.journal.record_outcome(entry, Phase.ABANDONED, error=f"{error}; re-read and re-planned")
-            fresh = await _replan(plan, ref, deps)
+            fresh = await _replan(plan, ref, deps, evidence, fixed_in_run)
             if fresh is None:
                 return ActionResult(
                     plan.rule_id,
@@ -448,7 +487,9 @@ async def _apply_one(
     )
 
 
-async def _replan(plan: RemediationPlan, ref: InstanceRef, deps: RemediationDeps) -> RemediationPlan | Refusal | None:
+async def _replan(
+    plan: RemediationPlan, ref: InstanceRef, deps: RemediationDeps, evidence: PlanEvidence, fixed_in_run: frozenset[str]
+) -> RemediationPlan | Refusal | None:
     """After a 412: re-read, re-evaluate this rule, plan again for the same resource."""
     snapshot = await deps.source.read(ref)
     findings = [
@@ -460,8 +501,12 @@ async def _replan(plan: RemediationPlan, ref: InstanceRef, deps: RemediationDeps
     if remediation.combine:
         if not findings:
             return None
-        return plan_findings(findings, snapshot, deps.policy, deps.key_vault_url)[0]
+        return plan_findings(
+            findings, snapshot, deps.policy, deps.key_vault_url, evidence=evidence, fixed_in_run=fixed_in_run
+        )[0]
     same = [f for f in findings if f.resource_id.lower() == plan.resource_id.lower()]
     if not same:
         return None
-    return plan_findings(same[:1], snapshot, deps.policy, deps.key_vault_url)[0]
+    return plan_findings(
+        same[:1], snapshot, deps.policy, deps.key_vault_url, evidence=evidence, fixed_in_run=fixed_in_run
+    )[0]

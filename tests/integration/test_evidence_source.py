@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -122,9 +122,11 @@ async def test_key_usage_counts_the_subscriptions_requests_in_the_window(twin: T
     )
     usage = the_usage(await key_evidence(twin, bundle, service_id))
     assert (usage.uses, usage.service_rows, usage.missing, usage.workspaces) == (4, 9, None, ("law",))
-    assert usage.last_used is not None and usage.queried_at is not None
+    assert usage.last_used is not None
+    assert usage.queried_at is not None
     assert timedelta(hours=5) < usage.queried_at - usage.last_used < timedelta(hours=7)
-    assert usage.logs_since is not None and usage.queried_at - usage.logs_since > timedelta(days=29)
+    assert usage.logs_since is not None
+    assert usage.queried_at - usage.logs_since > timedelta(days=29)
     # Exactly the two calls the evidence needs reached Azure: the workspace GET and one query.
     _, log = twin.control("GET", "/_twin/log")
     paths = [e["path"] for e in log["entries"] if "operationalinsights" in e["path"].lower() or "/v1/" in e["path"]]
@@ -222,11 +224,11 @@ def backend(port: int) -> Backend:
 
 
 @pytest.fixture
-def free_port() -> Iterator[int]:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    yield port  # nothing listens on it any more
+        found: int = probe.getsockname()[1]
+    return found  # nothing listens on it any more
 
 
 def contexts(backend_ca: trustme.CA, tmp: Path) -> dict[str, ssl.SSLContext]:
@@ -271,7 +273,8 @@ async def test_tls_probe_unreachable_is_bounded(twin: TwinHandle, bundle: Path, 
     async with evidence_source(twin, bundle, probe_timeout=2.0) as source:
         probe = await asyncio.wait_for(source.probe(backend(free_port)), timeout=5)
     assert not probe.ok
-    assert probe.problem is not None and probe.problem.startswith("unreachable")
+    assert probe.problem is not None
+    assert probe.problem.startswith("unreachable")
 
 
 async def test_tls_probe_a_silent_server_times_out(twin: TwinHandle, bundle: Path) -> None:
