@@ -56,8 +56,10 @@ def main() -> int:
         banner("4. rescan: what is left for people (detect-only rules, refused fixes)")
         run(env, "scan", "--quiet", "--instance", PROD)
         banner("done")
-        print("The apply step exits 1 because NET-001 was refused: public access stays until a private")
-        print("endpoint exists. Everything else the policy allows was fixed, verified and journaled.")
+        print("The apply step exits 1 because NET-001 and SEC-001 were refused: public access stays until a")
+        print("private endpoint exists, and the secret named value moves into Key Vault on a later run, once")
+        print("the system-assigned identity the apply just turned on holds 'Key Vault Secrets User' on the vault.")
+        print("Everything else the policy allows was fixed, verified and journaled.")
         return 0 if applied in (0, 1) else applied
     finally:
         twin.stop()

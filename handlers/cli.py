@@ -24,6 +24,7 @@ from shared import __version__
 from shared.armapi import AzureArm, AzureSecrets
 from shared.azure import ClientFactory
 from shared.errors import RemediatorError
+from shared.evidence_source import AzureEvidenceSource
 from shared.journal import Journal, Trigger, TriggerKind
 from shared.locks import InstanceLocks
 from shared.model import Severity
@@ -137,6 +138,7 @@ async def _remediate(args: argparse.Namespace, out: TextIO) -> int:
                 locks=InstanceLocks(factory.blob_service_async(), duration=settings.lease_seconds),
                 policy=policy,
                 key_vault_url=settings.key_vault_url,
+                evidence=AzureEvidenceSource(factory),
             ),
         )
     finally:

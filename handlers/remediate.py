@@ -31,6 +31,10 @@ Azure actions: those of the scan (handlers/scan.py) plus, when remediating
     Microsoft.ApiManagement/service/loggers/write
     Microsoft.ApiManagement/service/diagnostics/write
     Microsoft.Insights/diagnosticSettings/write
+    Microsoft.OperationalInsights/workspaces/read
+    Microsoft.OperationalInsights/workspaces/query/read
+(the last two are reads for KEY-001's evidence: whether gateway logs show the key unused;
+API-003's evidence is a TLS handshake to the backend, no Azure action)
 and "Key Vault Secrets Officer" on the product's vault (SEC-001); Storage Table Data
 Contributor and Blob Data Contributor on the product's own storage account (main.bicep).
 """
@@ -72,6 +76,7 @@ from shared.actions.executor import (
 from shared.actions.service_settings import combine_service_plans
 from shared.errors import LeaseLost, OutOfScopeError, PermanentError, RemediatorError
 from shared.evaluation import evaluate_snapshot
+from shared.evidence import EvidenceSource, PlanEvidence
 from shared.inventory import InstanceRef
 from shared.journal import JournalEntry, JournalRefused, Phase, Trigger
 from shared.model import Finding, Mode, Snapshot
@@ -175,6 +180,7 @@ class RemediationDeps:
     locks: LocksApi
     policy: Policy
     key_vault_url: str | None
+    evidence: EvidenceSource  # gateway-log key usage, backend TLS probes: gathered before planning
     today: date | None = None
     # How long one run waits for a service update before journaling its operation URL and
     # leaving it to a later run (Azure may take an hour; a function has minutes).
@@ -192,9 +198,11 @@ def _describe(step: Step) -> str:
 
 
 def _context(
-    policy: Policy, rule_id: str, key_vault_url: str | None, fixed_in_run: frozenset[str] = frozenset()
+    policy: Policy, rule_id: str, key_vault_url: str | None, evidence: PlanEvidence, fixed_in_run: frozenset[str]
 ) -> PlanContext:
-    return PlanContext(params=policy.params_of(rule_id), key_vault_url=key_vault_url, fixed_in_run=fixed_in_run)
+    return PlanContext(
+        params=policy.params_of(rule_id), key_vault_url=key_vault_url, evidence=evidence, fixed_in_run=fixed_in_run
+    )
 
 
 def plan_findings(
@@ -202,22 +210,38 @@ def plan_findings(
     snapshot: Snapshot,
     policy: Policy,
     key_vault_url: str | None,
+    *,
+    evidence: PlanEvidence | None = None,
     fixed_in_run: frozenset[str] = frozenset(),
 ) -> list[RemediationPlan | Refusal]:
     """Plans (or refusals) for `findings` from one snapshot, in dependency order, one per
-    finding or one per rule where the remediation combines its findings."""
+    finding or one per rule where the remediation combines its findings.
+
+    `fixed_in_run`: rules already fixed in this run. A rule planned here counts as fixed for
+    the rules planned after it, so a dry run says what the apply would (SEC-001 after ID-001).
+    """
     by_rule: dict[str, list[Finding]] = {}
     for finding in findings:
         by_rule.setdefault(finding.rule_id, []).append(finding)
     planned: list[RemediationPlan | Refusal] = []
+    fixed = set(fixed_in_run)
     for rule_id in order_rules(list(by_rule)):
         remediation = REMEDIATIONS[rule_id]
-        context = _context(policy, rule_id, key_vault_url, fixed_in_run)
+        context = _context(policy, rule_id, key_vault_url, evidence or PlanEvidence(), frozenset(fixed))
         if remediation.combine and remediation.combiner is not None:
-            planned.append(remediation.combiner(by_rule[rule_id], snapshot, context))
+            results = [remediation.combiner(by_rule[rule_id], snapshot, context)]
         else:
-            planned.extend(remediation.plan(f, snapshot, context) for f in by_rule[rule_id])
+            results = [remediation.plan(f, snapshot, context) for f in by_rule[rule_id]]
+        planned.extend(results)
+        if any(isinstance(r, RemediationPlan) for r in results):
+            fixed.add(rule_id)
     return planned
+
+
+async def _gather(deps: RemediationDeps, snapshot: Snapshot, chosen: Sequence[Finding]) -> PlanEvidence:
+    """Evidence for the chosen findings, the same in a dry run as in an apply."""
+    params = {rule_id: deps.policy.params_of(rule_id) for rule_id in {f.rule_id for f in chosen}}
+    return await deps.evidence.gather(snapshot, chosen, params)
 
 
 @dataclass(frozen=True)
@@ -236,7 +260,11 @@ def _is_service_level(rule_id: str) -> bool:
 
 
 def plan_run(
-    findings: Sequence[Finding], snapshot: Snapshot, policy: Policy, key_vault_url: str | None
+    findings: Sequence[Finding],
+    snapshot: Snapshot,
+    policy: Policy,
+    key_vault_url: str | None,
+    evidence: PlanEvidence | None = None,
 ) -> list[PlannedItem]:
     """What a run would do, in order: the service-level plans as one update first, then every
     other rule's plans, each dependent planned from the snapshot as its dependencies would
@@ -246,7 +274,7 @@ def plan_run(
     items: list[PlannedItem] = []
     projected = snapshot
     done: set[str] = set()
-    service_items = plan_findings(service, snapshot, policy, key_vault_url)
+    service_items = plan_findings(service, snapshot, policy, key_vault_url, evidence=evidence)
     plans = tuple(p for p in service_items if isinstance(p, RemediationPlan))
     items.extend(p for p in service_items if isinstance(p, Refusal))
     if plans:
@@ -260,7 +288,9 @@ def plan_run(
     for finding in others:
         by_rule.setdefault(finding.rule_id, []).append(finding)
     for rule_id in order_rules(list(by_rule)):
-        rule_items = plan_findings(by_rule[rule_id], projected, policy, key_vault_url, frozenset(done))
+        rule_items = plan_findings(
+            by_rule[rule_id], projected, policy, key_vault_url, evidence=evidence, fixed_in_run=frozenset(done)
+        )
         items.extend(rule_items)
         if any(isinstance(i, RemediationPlan) for i in rule_items):
             done.add(rule_id)
@@ -422,7 +452,8 @@ async def remediate(request: RemediateRequest, deps: RemediationDeps) -> Remedia
         snapshot = await deps.source.read(ref)
         findings = evaluate_snapshot(snapshot, deps.policy, today=deps.today or snapshot.read_at.date())
         chosen, left = _select(findings, request, deps.policy)
-        items = plan_run(chosen, snapshot, deps.policy, deps.key_vault_url)
+        evidence = await _gather(deps, snapshot, chosen)
+        items = plan_run(chosen, snapshot, deps.policy, deps.key_vault_url, evidence)
         return RemediationReport(
             instance_id=ref.id,
             dry_run=True,
@@ -504,7 +535,8 @@ async def _apply(
     today = deps.today or snapshot.read_at.date()
     findings = evaluate_snapshot(snapshot, deps.policy, today=today)
     chosen, left = _select(findings, request, deps.policy)
-    items = plan_run(chosen, snapshot, deps.policy, deps.key_vault_url)
+    evidence = await _gather(deps, snapshot, chosen)
+    items = plan_run(chosen, snapshot, deps.policy, deps.key_vault_url, evidence)
     budget = WriteBudget(deps.policy.max_writes_per_run)
     projected = _write_count(items)
     if not budget.allows(projected):
@@ -557,7 +589,10 @@ async def _apply(
             )
             continue
         attempted = False
-        for item in plan_findings(current, snapshot, deps.policy, deps.key_vault_url, frozenset(fixed)):
+        planned = plan_findings(
+            current, snapshot, deps.policy, deps.key_vault_url, evidence=evidence, fixed_in_run=frozenset(fixed)
+        )
+        for item in planned:
             summary = getattr(item, "summary", item.rule_id)
             if needs:
                 detail = f"needs {', '.join(needs)} first, which did not succeed"
@@ -575,7 +610,7 @@ async def _apply(
                 blocked.add(rule_id)
                 continue
             attempted = True
-            result = await _apply_one(item, ref, request, deps, lease, budget)
+            result = await _apply_one(item, ref, request, deps, lease, budget, evidence, frozenset(fixed))
             if result.status is Status.FIXED:
                 fixed.add(rule_id)
             elif result.status is not Status.RESOLVED:
@@ -640,6 +675,8 @@ async def _apply_one(
     deps: RemediationDeps,
     lease: Lease,
     budget: WriteBudget,
+    evidence: PlanEvidence,
+    fixed_in_run: frozenset[str],
 ) -> ActionResult:
     async def before_each(_: Step) -> None:
         lease.assert_held()
@@ -665,7 +702,7 @@ async def _apply_one(
             await deps.journal.record_outcome(
                 entry, phase, error=f"{error}; re-read and re-planned", steps_done=error.steps_done
             )
-            fresh = await _replan(plan, ref, deps)
+            fresh = await _replan(plan, ref, deps, evidence, fixed_in_run)
             if fresh is None:
                 return ActionResult(
                     plan.rule_id,
@@ -713,7 +750,9 @@ async def _apply_one(
     )
 
 
-async def _replan(plan: RemediationPlan, ref: InstanceRef, deps: RemediationDeps) -> RemediationPlan | Refusal | None:
+async def _replan(
+    plan: RemediationPlan, ref: InstanceRef, deps: RemediationDeps, evidence: PlanEvidence, fixed_in_run: frozenset[str]
+) -> RemediationPlan | Refusal | None:
     """After a 412: re-read, re-evaluate this rule, plan again for the same resource."""
     snapshot = await deps.source.read(ref)
     findings = [
@@ -725,11 +764,15 @@ async def _replan(plan: RemediationPlan, ref: InstanceRef, deps: RemediationDeps
     if remediation.combine:
         if not findings:
             return None
-        return plan_findings(findings, snapshot, deps.policy, deps.key_vault_url)[0]
+        return plan_findings(
+            findings, snapshot, deps.policy, deps.key_vault_url, evidence=evidence, fixed_in_run=fixed_in_run
+        )[0]
     same = [f for f in findings if f.resource_id.lower() == plan.resource_id.lower()]
     if not same:
         return None
-    return plan_findings(same[:1], snapshot, deps.policy, deps.key_vault_url)[0]
+    return plan_findings(
+        same[:1], snapshot, deps.policy, deps.key_vault_url, evidence=evidence, fixed_in_run=fixed_in_run
+    )[0]
 
 
 # -- the one service update of a run ----------------------------------------------------------

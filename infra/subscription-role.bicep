@@ -35,6 +35,11 @@ var writeActions = [
   'Microsoft.ApiManagement/service/loggers/write'
   'Microsoft.ApiManagement/service/diagnostics/write'
   'Microsoft.Insights/diagnosticSettings/write'
+  // Reads, but only remediation needs them: KEY-001 suspends a key only once the gateway logs
+  // show it unused (the workspace's customerId, then a Log Analytics query). A workspace in
+  // another subscription needs these two granted there as well.
+  'Microsoft.OperationalInsights/workspaces/read'
+  'Microsoft.OperationalInsights/workspaces/query/read'
 ]
 
 var roleName = allowRemediation ? 'APIM Remediator (remediate)' : 'APIM Remediator (detect)'

@@ -15,6 +15,7 @@ loop.
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -303,6 +304,21 @@ class ClientFactory:
             "logs_async", "", lambda: AsyncLogsQueryClient(self.async_credential(), **self._logs_kwargs())
         )
         return client
+
+    # -- TLS probes of backends (API-003's evidence) ------------------------------------
+
+    def tls_probe_context(self) -> ssl.SSLContext:
+        """One client SSL context for probing backends: chain and host name verified against
+        the system store plus APIMR_CA_BUNDLE (a private CA the backends use)."""
+
+        def build() -> ssl.SSLContext:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+            if self.settings.ca_bundle:
+                context.load_verify_locations(cafile=self.settings.ca_bundle)
+            return context
+
+        built: ssl.SSLContext = self._memo("tls_probe", "", build)
+        return built
 
     # -- Storage (the product's own queue, journal, leases) ------------------------------
 

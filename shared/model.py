@@ -66,6 +66,7 @@ class Service:
     etag: str | None
     tags: Mapping[str, str] = field(default_factory=frozen_map)
     identity_type: str | None = None  # None | "SystemAssigned" | "UserAssigned" | "SystemAssigned, UserAssigned"
+    principal_id: str | None = None  # identity.principalId of the system-assigned identity
     public_network_access: str | None = None  # "Enabled" | "Disabled"
     virtual_network_type: str | None = None  # "None" | "External" | "Internal"
     subnet_id: str | None = None  # virtualNetworkConfiguration.subnetResourceId

@@ -117,6 +117,7 @@ def map_service(model: apim_models.ApiManagementServiceResource, ref: InstanceRe
         etag=model.etag,
         tags=frozen_map(model.tags),
         identity_type=text(model.identity.type) if model.identity is not None else None,
+        principal_id=model.identity.principal_id if model.identity is not None else None,
         public_network_access=text(model.public_network_access),
         virtual_network_type=text(model.virtual_network_type),
         subnet_id=vnet.subnet_resource_id if vnet is not None else None,

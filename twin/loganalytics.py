@@ -1,5 +1,7 @@
 """Azure Monitor Logs query (`POST /v1/workspaces/{id}/query`) over rows seeded per
-workspace, evaluated with the documented KQL subset in `twin.kql`.
+workspace, evaluated with the documented KQL subset in `twin.kql`; and, on the ARM port, the
+workspace resource itself (`setup_arm`: Workspaces - Get), whose `properties.customerId` is
+the id the query API takes.
 
 Estate section `workspaces`: `{name, customer_id, tables: {TableName: {columns?: {col:
 type}, rows: [{col: value, ago: "5m"}]}}}`. `ago` sets TimeGenerated relative to the twin
@@ -15,12 +17,18 @@ from typing import Any
 
 from aiohttp import web
 
+from twin.arm import resource_group_or_404, resource_not_found, subscription_or_404
 from twin.estate import EstateError, SeedContext
 from twin.kql import Column, KqlError, Table, run_query
 from twin.state import TwinState
 from twin.web import ServiceError, add_route, json_response, params, read_json, state_of
 
 WORKSPACE_TYPE = "Microsoft.OperationalInsights/workspaces"
+WORKSPACE_PATH = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.OperationalInsights/workspaces/{ws}"
+# Workspaces - Get (Microsoft Learn, REST API "Workspaces - Get"; azure-rest-api-specs
+# specification/operationalinsights/resource-manager/Microsoft.OperationalInsights/OperationalInsights/
+# stable/<version>/Workspaces.json): the stable versions.
+WORKSPACE_VERSIONS = frozenset({"2020-08-01", "2020-10-01", "2021-06-01", "2022-10-01", "2023-09-01", "2025-02-01"})
 _GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 _SPAN = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _ISO_DURATION = re.compile(
@@ -255,6 +263,24 @@ async def query_post(request: web.Request) -> web.StreamResponse:
 
 async def query_get(request: web.Request) -> web.StreamResponse:
     return await _run(request, {"query": request.query.get("query"), "timespan": request.query.get("timespan")})
+
+
+async def get_workspace(request: web.Request) -> web.StreamResponse:
+    """ARM GET of a workspace: {id, name, type, location, properties{customerId, provisioningState,
+    retentionInDays, ...}} with its ETag, or ARM's ResourceNotFound."""
+    state = state_of(request)
+    p = params(request)
+    subscription_or_404(state, p["sub"])
+    resource_group_or_404(state, p["sub"], p["rg"])
+    resource_id = f"/subscriptions/{p['sub']}/resourceGroups/{p['rg']}/providers/{WORKSPACE_TYPE}/{p['ws']}"
+    found = state.store.get(resource_id)
+    if found is None or str(found.body.get("type", "")).lower() != WORKSPACE_TYPE.lower():
+        raise resource_not_found(WORKSPACE_TYPE, p["ws"], p["rg"])
+    return json_response({**found.body, "etag": found.etag}, headers={"ETag": found.etag})
+
+
+def setup_arm(app: web.Application) -> None:
+    add_route(app, "GET", WORKSPACE_PATH, get_workspace, versions=WORKSPACE_VERSIONS)
 
 
 def setup(app: web.Application) -> None:

@@ -131,6 +131,7 @@ class TwinServer:
         arm_app = make_app(state, "arm", self.issuer, arm_policy)
         for module in (arm, control, apim, insights, graph, sentinel, eventgrid, keyvault):
             module.setup(arm_app)
+        loganalytics.setup_arm(arm_app)  # the workspace resource; its query API has its own port
         state.urls["arm"] = await self._site(arm_app)
 
         logs_app = make_app(state, "logs", self.issuer, AuthPolicy(audiences=lambda: [state.urls["logs"]]))

@@ -11,10 +11,12 @@ journals, leases, orders and verifies. Importing this package registers every mo
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.evidence import PlanEvidence
 from shared.model import Finding, Snapshot
 
 APIM_API_VERSION = "2024-05-01"
@@ -34,6 +36,25 @@ class Change:
     after: str
 
 
+@dataclass(frozen=True, repr=False)
+class Digest:
+    """A guard value compared by its SHA-256, for a property whose value may carry secrets
+    (a backend URL with user:password@ or ?sig=...): the plan, the dry run and the journal
+    hold the hash, never the value, and nothing prints even the hash."""
+
+    sha256: str
+
+    @classmethod
+    def of(cls, value: str) -> Digest:
+        return cls(hashlib.sha256(value.encode()).hexdigest())
+
+    def matches(self, actual: Any) -> bool:
+        return isinstance(actual, str) and hashlib.sha256(actual.encode()).hexdigest() == self.sha256
+
+    def __repr__(self) -> str:
+        return "(as planned, compared by SHA-256)"
+
+
 @dataclass(frozen=True)
 class Expectation:
     """After the write, `GET resource_id` must show `value` at the dotted `path`."""
@@ -41,7 +62,7 @@ class Expectation:
     resource_id: str
     api_version: str
     path: str  # dotted, e.g. "properties.publicNetworkAccess"
-    value: Any  # compared case-insensitively for strings; None = the path is absent or null
+    value: Any  # compared case-insensitively for strings; None = the path is absent or null; a Digest by hash
     # With a dict value: only the keys given must read back (keys and string values compared
     # case-insensitively); other keys of the map are not this expectation's business.
     subset: bool = False
@@ -74,7 +95,15 @@ class ArmWrite:
         if self.create_only:
             return "only if it still does not exist"
         if self.etag_from_read:
-            checks = ", ".join(f"{g.path}={g.value!r}" for g in self.guard) or "nothing else"
+            checks = (
+                ", ".join(
+                    f"{g.path} unchanged (compared by SHA-256)"
+                    if isinstance(g.value, Digest)
+                    else f"{g.path}={g.value!r}"
+                    for g in self.guard
+                )
+                or "nothing else"
+            )
             return f"If-Match: the ETag of a read just before (which must still show {checks})"
         return f"If-Match: {self.if_match}" if self.if_match else ""
 
@@ -126,8 +155,11 @@ class PlanContext:
 
     params: Mapping[str, Any]  # the rule's parameters from the policy
     key_vault_url: str | None  # the product's Key Vault (settings), e.g. for SEC-001
-    # Rules whose fix landed earlier in this run (in a dry run: would have): a dependent
-    # may need to know its premise is minutes old (SEC-001 after ID-001's new identity).
+    # What the engine gathered before planning (gateway-log key usage, backend TLS probes):
+    # a fix that can cut callers off acts on evidence, and refuses when it is missing.
+    evidence: PlanEvidence = field(default_factory=PlanEvidence)
+    # Rules the engine fixed earlier in this run (or, in a dry run, planned to): e.g. SEC-001
+    # after ID-001 knows the identity is brand new and cannot have access to the vault yet.
     fixed_in_run: frozenset[str] = frozenset()
 
 

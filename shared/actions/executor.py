@@ -12,7 +12,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.actions import APIM_API_VERSION, ArmWrite, CopySecretToVault, Expectation, RemediationPlan, Step
+from shared.actions import (
+    APIM_API_VERSION,
+    ArmWrite,
+    CopySecretToVault,
+    Digest,
+    Expectation,
+    RemediationPlan,
+    Step,
+)
 from shared.errors import PermanentError, RemediatorError, TransientError
 
 
@@ -96,7 +104,10 @@ async def _fresh_etag(step: ArmWrite, arm: ArmApi, seen: dict[str, str]) -> str:
     if current.status >= 400:
         raise PermanentError(f"reading {step.resource_id} before writing it: {_error_text(current)}")
     changed = [
-        f"{g.path} is {read_path(current.body, g.path)!r}, planned from {g.value!r}"
+        # A hashed premise may carry a secret: say that it changed, never what it is now.
+        f"{g.path} changed"
+        if isinstance(g.value, Digest)
+        else f"{g.path} is {read_path(current.body, g.path)!r}, planned from {g.value!r}"
         for g in step.guard
         if not matches(read_path(current.body, g.path), g.value)
     ]
@@ -195,6 +206,8 @@ def _subset_matches(actual: Any, expected: Mapping[str, Any]) -> bool:
 
 
 def matches(actual: Any, expected: Any, *, subset: bool = False) -> bool:
+    if isinstance(expected, Digest):
+        return expected.matches(actual)
     if subset and isinstance(expected, dict):
         return _subset_matches(actual, expected)
     if isinstance(expected, dict) and isinstance(actual, dict):

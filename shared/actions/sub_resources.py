@@ -11,10 +11,10 @@ one between that read and the write fails with 412; a concurrent change to any o
 survives because each PATCH sends only what it changes (LOG-003 sends a diagnostic side whole,
 so its guard covers the whole side).
 
-Creating PUTs (LOG-001's diagnostic setting, LOG-002's logger and diagnostic when the snapshot
-has none) send no If-Match: see `send_gateway_logs_to_workspace` and
-`wire_azure_monitor_diagnostic` for why that cannot overwrite someone else's resource, or how
-little it could.
+Creating PUTs send no If-Match. LOG-002's logger and diagnostic are `create_only` (the
+executor checks they are still absent just before); LOG-001's diagnostic setting is the
+product's own: see `send_gateway_logs_to_workspace` for why that cannot overwrite someone
+else's setting.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from typing import Any
 
 from shared.actions import (
@@ -31,6 +32,7 @@ from shared.actions import (
     ArmWrite,
     Change,
     CopySecretToVault,
+    Digest,
     Expectation,
     PlanContext,
     Refusal,
@@ -39,6 +41,7 @@ from shared.actions import (
     combined_remediation,
     remediation,
 )
+from shared.evidence import KeyUsage, safe_target
 from shared.model import ApimDiagnostic, Finding, Snapshot
 
 BUILTIN_SID = "master"
@@ -98,15 +101,24 @@ def suspend_all_apis_subscription(
     cancel, or delete any subscription (including the built-in all-access subscription)");
     suspending it takes its key away from the portal's test console as well, which the
     summary says. Suspending, not deleting: a person can reactivate it.
+
+    Suspending a key somebody still calls with cuts them off, so the plan needs evidence
+    (`context.evidence`): gateway logs that show the key unused for `unused_days` while the
+    service's logs were arriving over that whole window. Anything less is a refusal that
+    says what was seen or what is missing.
     """
     sub = next((s for s in snapshot.subscriptions if _same(s.id, finding.resource_id)), None)
     if sub is None:
         return _gone(finding, "subscription")
     if sub.state.strip().lower() != "active":
         return _refuse(finding, f"subscription '{sub.sid}' is {sub.state}, not active: nothing to suspend.")
+    days = int(context.params.get("unused_days", 30))
+    unused = _unused_refusal(finding, sub.sid, days, context.evidence.usage_of(sub.id))
+    if unused is not None:
+        return unused
     builtin = sub.sid.strip().lower() == BUILTIN_SID
     label = f"'{sub.display_name or sub.sid}' ({sub.sid})"
-    summary = f"Suspend subscription {label}, whose key opens every API"
+    summary = f"Suspend subscription {label}, whose key opens every API and was unused for {days} days"
     if builtin:
         summary += " (the built-in all-access subscription: the portal's test console loses its key too)"
     return RemediationPlan(
@@ -132,6 +144,42 @@ def suspend_all_apis_subscription(
         ),
         expectations=(Expectation(sub.id, APIM_API_VERSION, "properties.state", "suspended"),),
     )
+
+
+def _unused_refusal(finding: Finding, sid: str, days: int, usage: KeyUsage | None) -> Refusal | None:
+    """None when gateway logs show the key unused for `days`; else a refusal saying why not."""
+    what = f"subscription '{sid}'"
+    if usage is None:
+        return _refuse(
+            finding,
+            f"no gateway-log evidence was gathered for {what}, so nothing shows its key unused for {days} days; "
+            "suspending it could cut its callers off. Plan through the remediation engine, which queries the logs.",
+        )
+    where = ", ".join(usage.workspaces) or "no workspace"
+    if usage.uses > 0:
+        last = f", last at {usage.last_used:%Y-%m-%d %H:%M} UTC" if usage.last_used else ""
+        return _refuse(
+            finding,
+            f"gateway logs ({where}) show {what} in use: {usage.uses} request(s) in the last {days} days{last}. "
+            "Suspending it would cut those callers off: move them to product- or API-scoped keys first, or exempt it.",
+        )
+    if usage.missing:
+        return _refuse(finding, f"cannot show {what} unused for {days} days: {usage.missing}")
+    if usage.service_rows == 0:
+        return _refuse(
+            finding,
+            f"no gateway log rows of the service arrived in {where} in the last {days} days, so seeing no request "
+            f"with {what} proves nothing. Check the diagnostic setting sends GatewayLogs, then run again.",
+        )
+    if usage.logs_since is not None and usage.queried_at is not None:
+        covered = usage.queried_at - usage.logs_since
+        if covered < timedelta(days=days - 1):
+            return _refuse(
+                finding,
+                f"gateway logs in {where} reach back only {covered.total_seconds() / 86400:.1f} days (oldest row "
+                f"{usage.logs_since:%Y-%m-%d %H:%M} UTC), not the {days} days needed to show {what} unused.",
+            )
+    return None
 
 
 # -- SEC-001 ------------------------------------------------------------------------------------
@@ -178,6 +226,24 @@ def move_secret_named_value_to_key_vault(
         )
     if (nv.key_vault_secret_id or "").strip():
         return _refuse(finding, f"named value '{nv.name}' already references Key Vault: nothing to move.")
+    vault = str(context.params.get("vault_url") or context.key_vault_url or "").strip().rstrip("/")
+    if "ID-001" in context.fixed_in_run:
+        # The system-assigned identity is new in this run: it cannot have been granted the
+        # vault yet, and a reference it cannot read would leave APIM without the secret.
+        # Checking role assignments (Microsoft.Authorization) comes with another issue; until
+        # then the product refuses and names the role to grant.
+        principal = snapshot.service.principal_id
+        who = (
+            f"principal {principal}"
+            if principal
+            else "the principal of the new system-assigned identity (its id shows once ID-001 has run)"
+        )
+        return _refuse(
+            finding,
+            f"the service's system-assigned identity is new in this run (ID-001), so it cannot read "
+            f"{vault or 'the Key Vault'} yet: grant 'Key Vault Secrets User' on the vault to {who}. The next run "
+            f"moves named value '{nv.name}' once that is granted.",
+        )
     identity = snapshot.service.identity_type
     if not _has_system_identity(identity):
         has_user = "userassigned" in (identity or "").replace(" ", "").lower()
@@ -191,7 +257,6 @@ def move_secret_named_value_to_key_vault(
                 "ID-001 first (system-assigned identity with get access to the vault's secrets)."
             ),
         )
-    vault = str(context.params.get("vault_url") or context.key_vault_url or "").strip().rstrip("/")
     if not vault:
         return _refuse(
             finding,
@@ -289,7 +354,13 @@ def api_https_only(finding: Finding, snapshot: Snapshot, context: PlanContext) -
 def backend_validates_certificates(
     finding: Finding, snapshot: Snapshot, context: PlanContext
 ) -> RemediationPlan | Refusal:
-    """PATCH tls.validateCertificateChain/Name=true on an https backend."""
+    """PATCH tls.validateCertificateChain/Name=true on an https backend.
+
+    Only on evidence (`context.evidence`): a TLS handshake from the product to the backend's
+    host:port verified the chain (system store plus APIMR_CA_BUNDLE) and the host name. It is
+    the product's view, not the gateway's: APIM trusts its own store plus the CA certificates
+    uploaded to it. The guard compares the URL by hash: it may carry credentials or a SAS.
+    """
     backend = next((b for b in snapshot.backends if _same(b.id, finding.resource_id)), None)
     if backend is None:
         return _gone(finding, "backend")
@@ -300,6 +371,23 @@ def backend_validates_certificates(
             "TLS, which only its owner can arrange. Change the backend URL once it does, or exempt the backend.",
         )
 
+    target = safe_target(backend.url)
+    probe = context.evidence.probe_of(backend.id)
+    if probe is None:
+        return _refuse(
+            finding,
+            f"no TLS handshake to backend '{backend.name}' ({target}) was made before planning, so nothing shows "
+            "its certificate validates; turning validation on could cut the API's callers off. Plan through the "
+            "remediation engine, which probes the backend first.",
+        )
+    if not probe.ok:
+        return _refuse(
+            finding,
+            f"a TLS handshake to backend '{backend.name}' ({probe.target}) did not validate: {probe.problem}. "
+            "With validation on APIM would refuse the backend and the API's callers would get errors: fix the "
+            "backend's certificate (or give APIM its CA), and the next run turns validation on.",
+        )
+
     def shown(value: bool | None) -> str:
         return "(not set)" if value is None else str(value).lower()
 
@@ -307,7 +395,8 @@ def backend_validates_certificates(
         rule_id=finding.rule_id,
         instance_id=snapshot.service.id,
         resource_id=backend.id,
-        summary=f"Validate the certificate chain and name of backend '{backend.name}'",
+        summary=f"Validate the certificate chain and name of backend '{backend.name}' (a TLS handshake to "
+        f"{probe.target} validated both)",
         changes=(
             Change("properties.tls.validateCertificateChain", shown(backend.validate_certificate_chain), "true"),
             Change("properties.tls.validateCertificateName", shown(backend.validate_certificate_name), "true"),
@@ -321,10 +410,11 @@ def backend_validates_certificates(
                 if_match=None,
                 description=f"PATCH backend {backend.name} tls validation",
                 etag_from_read=True,
-                # The flags as planned from, and the https URL that made the finding remediable.
+                # The flags as planned from, and the https URL that made the finding remediable
+                # (and that was probed) — by its hash: the URL may carry user:password@ or ?sig=.
                 guard=_guard(
                     backend.id,
-                    ("properties.url", backend.url),
+                    ("properties.url", Digest.of(backend.url or "")),
                     ("properties.tls.validateCertificateChain", backend.validate_certificate_chain),
                     ("properties.tls.validateCertificateName", backend.validate_certificate_name),
                 ),
@@ -439,14 +529,12 @@ def wire_azure_monitor_diagnostic(
     pointing at it, or re-point an existing one (PATCH loggerId; nothing else of it changes).
 
     The re-pointing PATCH is guarded: it goes out only if the diagnostic still points where
-    the snapshot said. The creating PUTs carry no condition: APIM's logger and diagnostic PUT
-    take If-Match only to update (REST spec: "not required when creating an entity"), and no
-    If-None-Match (neither the REST spec, the SDK's create_or_update nor the twin have one).
-    The logger is harmless to re-create: APIM reserves the name 'azuremonitor' for the one
-    azureMonitor logger, which has no settings beyond isBuffered and a description. The
-    diagnostic is the remaining window: one a person creates between the scan and the apply
-    (seconds) would be replaced by ours; a GET-must-be-404 check just before the PUT would
-    narrow it, and needs the executor's support.
+    the snapshot said. The creating PUTs are `create_only`: APIM's logger and diagnostic PUT
+    take If-Match only to update (REST spec: "not required when creating an entity") and no
+    If-None-Match, so the executor reads each just before and writes only while it is still
+    absent; a logger or diagnostic a person created meanwhile is left as it is and the plan
+    is made again from a fresh read (which then reuses or re-points it). What remains is the
+    moment between that read and the PUT.
     """
     service = snapshot.service
     logger_id = f"{service.id}/loggers/{AZURE_MONITOR_LOGGER}"
@@ -470,6 +558,7 @@ def wire_azure_monitor_diagnostic(
                 body={"properties": {"loggerType": "azureMonitor", "isBuffered": True}},
                 if_match=None,
                 description=f"PUT logger {AZURE_MONITOR_LOGGER} (azureMonitor)",
+                create_only=True,
             )
         )
         changes.append(Change(f"loggers/{AZURE_MONITOR_LOGGER}", "(none)", "azureMonitor logger"))

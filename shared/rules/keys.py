@@ -105,7 +105,8 @@ def _days(delta: timedelta) -> str:
         "skeleton key: it opens every current and future API of the instance, including ones never "
         "meant for its holder. Scope keys to a product or a single API. Azure Policy's built-in only "
         "matches scopes ending in '/apis'; this rule also recognises '/apis/' and the built-in "
-        "subscription's service-level scope. Remediation suspends the subscription (opt-in)."
+        "subscription's service-level scope. Remediation suspends the subscription (opt-in), only once "
+        "gateway logs show its key unused for unused_days."
     ),
     references=References(
         azure_policy=("3aa03346-d8c5-4994-a5bc-7652c2a2aef1",),
@@ -119,7 +120,15 @@ def _days(delta: timedelta) -> str:
             True,
             "Also flag the built-in all-access subscription; set false to accept it while still "
             "flagging every other all-APIs subscription.",
-        )
+        ),
+        Param(
+            "unused_days",
+            30,
+            "Remediation suspends a subscription only when the gateway logs (ApiManagementGatewayLogs in a "
+            "workspace the service sends GatewayLogs to) show its key unused for this many days, with logs "
+            "arriving over the whole window.",
+            minimum=1,
+        ),
     ],
     remediable=True,
 )

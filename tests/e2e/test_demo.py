@@ -23,10 +23,14 @@ def test_demo_scans_fixes_and_rescans() -> None:
         assert step in out
     assert "dry run (nothing changed; --apply to act)" in out
     assert "REFUSED   NET-001" in out
-    assert "8 fixed, 0 failed" in out
+    # The identity ID-001 adds in this run cannot read the vault yet: SEC-001 names the role.
+    assert "REFUSED   SEC-001" in out
+    assert "grant 'Key Vault Secrets User' on the vault to principal" in out
+    assert "7 fixed, 0 failed" in out
     # The fixed findings are gone from the rescan; the refused and detect-only ones remain.
     rescan = out.split("4. rescan")[1]
-    for fixed in ("TLS-001", "MGMT-001", "ID-001", "ID-002", "ID-003", "API-001", "SEC-001"):
+    for fixed in ("TLS-001", "MGMT-001", "ID-001", "ID-002", "ID-003", "API-001"):
         assert f" {fixed} " not in rescan, fixed
     assert " NET-001 " in rescan
+    assert " SEC-001 " in rescan
     assert "twin-demo-secret-product" not in out + result.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from shared.actions.executor import ArmApi, ArmResponse, PreconditionFailed, app
 from shared.actions.sub_resources import SUSPEND_COMMENT, vault_secret_name
 from shared.armapi import AzureArm, AzureSecrets
 from shared.azure import ClientFactory
+from shared.evidence import KeyUsage, PlanEvidence, TlsProbe, safe_target
 from shared.inventory import instance_ref
 from shared.model import Finding, Snapshot
 from shared.rules import REGISTRY, evaluate_rule
@@ -75,8 +76,24 @@ async def snapshot_of(factory: ClientFactory, service_id: str) -> Snapshot:
     return await read_snapshot(factory, ref, key_vault_url=None, hash_key=HASH_KEY, now=NOW)
 
 
-def context(twin: TwinHandle, rule_id: str, params: Mapping[str, Any]) -> PlanContext:
-    return PlanContext(params={**REGISTRY[rule_id].defaults(), **params}, key_vault_url=twin.urls[f"vault:{VAULT}"])
+def as_if_safe(snapshot: Snapshot) -> PlanEvidence:
+    """Evidence that lets KEY-001 and API-003 go ahead: these tests are about the writes (the
+    evidence itself is tested in test_evidence_source.py and test_remediate_lockouts.py)."""
+    return PlanEvidence(
+        key_usage=tuple(
+            KeyUsage(s.id, s.sid, 30, ("law",), service_rows=100, logs_since=NOW - timedelta(days=30), queried_at=NOW)
+            for s in snapshot.subscriptions
+        ),
+        tls_probes=tuple(TlsProbe(b.id, safe_target(b.url), ok=True) for b in snapshot.backends),
+    )
+
+
+def context(twin: TwinHandle, rule_id: str, params: Mapping[str, Any], snapshot: Snapshot | None = None) -> PlanContext:
+    return PlanContext(
+        params={**REGISTRY[rule_id].defaults(), **params},
+        key_vault_url=twin.urls[f"vault:{VAULT}"],
+        evidence=as_if_safe(snapshot) if snapshot is not None else PlanEvidence(),
+    )
 
 
 def plan_for(
@@ -84,9 +101,9 @@ def plan_for(
 ) -> RemediationPlan | Refusal:
     remediation = REMEDIATIONS[rule_id]
     if remediation.combiner is not None:
-        return remediation.combiner(findings, snapshot, context(twin, rule_id, params))
+        return remediation.combiner(findings, snapshot, context(twin, rule_id, params, snapshot))
     (finding,) = findings
-    return remediation.plan(finding, snapshot, context(twin, rule_id, params))
+    return remediation.plan(finding, snapshot, context(twin, rule_id, params, snapshot))
 
 
 def arm_writes(twin: TwinHandle) -> list[str]:
@@ -308,6 +325,28 @@ async def test_log_002_creates_the_diagnostic(twin: TwinHandle) -> None:
     assert diagnostic.sampling.percentage == 100
     assert diagnostic.verbosity == "information"
     assert diagnostic.log_client_ip is True
+
+
+async def test_log_002_a_logger_created_meanwhile_is_not_replaced(twin: TwinHandle) -> None:
+    service_id = seed(twin, "LOG-002", tweak=lambda spec: spec.update(loggers=[], diagnostics=[]))
+    logger_id = f"{service_id}/loggers/azuremonitor"
+    async with product_factory(twin) as factory:
+        plan = await planned(twin, factory, service_id, "LOG-002")
+        first = next(s for s in plan.steps if isinstance(s, ArmWrite))
+        assert (first.method, first.resource_id, first.create_only) == ("PUT", logger_id, True)
+        # A person creates the logger between the plan and the apply.
+        made = twin.arm(
+            "PUT",
+            f"{logger_id}?api-version=2024-05-01",
+            json={"properties": {"loggerType": "azureMonitor", "isBuffered": False, "description": "the team's"}},
+        )
+        assert made.status_code in (200, 201), made.text
+        twin.control("DELETE", "/_twin/log")
+        with pytest.raises(PreconditionFailed, match="somebody created it since the plan was made"):
+            await apply_plan(plan, AzureArm(factory, poll_default=0.01), AzureSecrets(factory))
+    assert arm_writes(twin) == []
+    logger = twin.arm("GET", f"{logger_id}?api-version=2024-05-01").json()["properties"]
+    assert (logger["description"], logger["isBuffered"]) == ("the team's", False)
 
 
 async def test_log_002_repoints_an_existing_diagnostic(twin: TwinHandle) -> None:

@@ -22,6 +22,7 @@ from handlers.remediate import RemediateRequest, RemediationDeps, Status, remedi
 from shared.actions.executor import ArmResponse, OperationState
 from shared.armapi import AzureArm, AzureSecrets
 from shared.azure import ClientFactory
+from shared.evidence_source import AzureEvidenceSource
 from shared.journal import Journal, Phase, Trigger, TriggerKind
 from shared.locks import InstanceLocks
 from shared.policy import parse_policy
@@ -221,6 +222,7 @@ async def test_concurrent_service_change_survives_and_is_reported(twin: TwinHand
         locks=InstanceLocks(factory.blob_service_async(), duration=15),
         policy=parse_policy(NET_REMEDIATE, source="policy.yaml"),
         key_vault_url=None,
+        evidence=AzureEvidenceSource(factory),
     )
     report = await remediate(
         RemediateRequest(instance_id=service_id, trigger=Trigger(TriggerKind.CLI, "test"), apply=True), deps

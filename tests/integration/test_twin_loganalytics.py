@@ -135,3 +135,20 @@ async def test_async_client_queries_the_same_rows(twin: TwinHandle) -> None:
         )
     assert [list(r) for r in result.tables[0].rows] == [["orders", 401], ["billing", 500]]
     assert result.tables[0].columns_types == ["string", "int"]
+
+
+def test_arm_serves_the_workspace_resource_with_its_customer_id(twin: TwinHandle) -> None:
+    # Workspaces - Get: what the product reads to turn a diagnostic setting's workspace
+    # resource id into the id the query API takes.
+    seed_logs(twin)
+    path = f"/subscriptions/{twin.subscription_id}/resourceGroups/rg-monitoring/providers/Microsoft.OperationalInsights"
+    answer = twin.arm("GET", f"{path}/workspaces/LAW-APIM?api-version=2023-09-01")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["properties"]["customerId"] == WORKSPACE
+    assert body["type"] == "Microsoft.OperationalInsights/workspaces"
+    assert answer.headers["ETag"]
+    missing = twin.arm("GET", f"{path}/workspaces/nope?api-version=2023-09-01")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "ResourceNotFound")
+    unknown_version = twin.arm("GET", f"{path}/workspaces/law-apim?api-version=2019-01-01")
+    assert unknown_version.json()["error"]["code"] == "InvalidApiVersionParameter"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.actions import APIM_API_VERSION, ArmWrite, CopySecretToVault, Expectation, RemediationPlan
+from shared.actions import APIM_API_VERSION, ArmWrite, CopySecretToVault, Digest, Expectation, RemediationPlan
 from shared.actions.executor import ArmResponse, PreconditionFailed, apply_plan, matches
 
 NV = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ApiManagement/service/a/namedValues/db"
@@ -86,3 +86,39 @@ def test_create_only_refuses_when_somebody_created_it() -> None:
 def test_dicts_match_whether_unset_is_null_or_absent() -> None:
     assert matches({"a": 1, "b": None, "c": {"d": None}}, {"a": 1, "c": {}})
     assert not matches({"a": 1, "b": 2}, {"a": 1})
+
+
+BACKEND = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ApiManagement/service/a/backends/b"
+SECRET_URL = "https://u:P4ssw0rd@b.example/x?sig=s1g-CANARY"
+TLS_ON = ArmWrite(
+    "PATCH", BACKEND, APIM_API_VERSION, {"properties": {"tls": {"validateCertificateChain": True}}}, None, "tls",
+    etag_from_read=True, guard=(Expectation(BACKEND, APIM_API_VERSION, "properties.url", Digest.of(SECRET_URL)),),
+)  # fmt: skip
+
+
+def test_a_hashed_guard_holds_for_the_same_value() -> None:
+    arm = Recording({
+        ("GET", BACKEND): [ArmResponse(200, '"e1"', {"properties": {"url": SECRET_URL}})],
+        ("PATCH", BACKEND): [ArmResponse(200, '"e2"', None)],
+    })  # fmt: skip
+    asyncio.run(apply_plan(plan(TLS_ON), arm, Vault()))
+    assert arm.calls[-1] == ("PATCH", BACKEND, '"e1"')
+
+
+def test_a_hashed_guard_stops_the_write_and_says_nothing_of_either_value() -> None:
+    changed = "https://u:N3wPassw0rd@b.example/x?sig=other-CANARY"
+    arm = Recording({("GET", BACKEND): [ArmResponse(200, '"e1"', {"properties": {"url": changed}})]})
+    with pytest.raises(PreconditionFailed) as caught:
+        asyncio.run(apply_plan(plan(TLS_ON), arm, Vault()))
+    message = str(caught.value)
+    assert "properties.url changed" in message
+    for canary in ("P4ssw0rd", "N3wPassw0rd", "CANARY", "sig=", Digest.of(SECRET_URL).sha256):
+        assert canary not in message
+    assert [c[0] for c in arm.calls] == ["GET"]
+
+
+def test_digest_matches_only_the_same_string() -> None:
+    assert matches(SECRET_URL, Digest.of(SECRET_URL))
+    assert not matches(SECRET_URL.upper(), Digest.of(SECRET_URL))
+    assert not matches(None, Digest.of(SECRET_URL))
+    assert "P4ssw0rd" not in repr(Digest.of(SECRET_URL))

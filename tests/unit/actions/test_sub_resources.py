@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from shared.actions import (
     REMEDIATIONS,
     ArmWrite,
     CopySecretToVault,
+    Digest,
     Expectation,
     PlanContext,
     Refusal,
@@ -24,9 +26,10 @@ from shared.actions import (
 )
 from shared.actions.executor import ArmResponse, PreconditionFailed, apply_plan
 from shared.actions.sub_resources import SUSPEND_COMMENT, secure_protocols, vault_secret_name
+from shared.evidence import KeyUsage, PlanEvidence, TlsProbe, safe_target
 from shared.model import Api, ApimDiagnostic, DiagnosticLog, DiagnosticSetting, Finding, Logger, NamedValue, Snapshot
 from shared.rules import REGISTRY, evaluate_rule
-from tests.factories import SERVICE_ID, VAULT, WORKSPACE_ID, compliant, service, sub_id, subscription
+from tests.factories import NOW, SERVICE_ID, VAULT, WORKSPACE_ID, compliant, service, sub_id, subscription
 
 NO_CONTEXT = PlanContext(params={}, key_vault_url=None)
 DIAG_ID = f"{SERVICE_ID}/diagnostics/azuremonitor"
@@ -35,8 +38,36 @@ SETTING_ID = f"{SERVICE_ID}/providers/Microsoft.Insights/diagnosticSettings/apim
 OTHER_WORKSPACE = WORKSPACE_ID.replace("/law", "/law-security")
 
 
-def context(rule_id: str, key_vault_url: str | None = None, **params: Any) -> PlanContext:
-    return PlanContext(params={**REGISTRY[rule_id].defaults(), **params}, key_vault_url=key_vault_url)
+def unused(sid: str, *, days: int = 30, **changes: Any) -> KeyUsage:
+    """Gateway logs that show this subscription's key unused, with logs arriving all along."""
+    base = KeyUsage(
+        subscription_id=sub_id(sid),
+        sid=sid,
+        window_days=days,
+        workspaces=("law",),
+        service_rows=1200,
+        logs_since=NOW - timedelta(days=days - 0.5),
+        queried_at=NOW,
+    )
+    return replace(base, **changes)
+
+
+def fine_evidence(snapshot: Snapshot) -> PlanEvidence:
+    """Evidence that lets every fix go ahead: keys unused, backends' certificates valid."""
+    return PlanEvidence(
+        key_usage=tuple(unused(s.sid) for s in snapshot.subscriptions),
+        tls_probes=tuple(TlsProbe(b.id, safe_target(b.url), ok=True) for b in snapshot.backends),
+    )
+
+
+def context(
+    rule_id: str, key_vault_url: str | None = None, evidence: PlanEvidence | None = None, **params: Any
+) -> PlanContext:
+    return PlanContext(
+        params={**REGISTRY[rule_id].defaults(), **params},
+        key_vault_url=key_vault_url,
+        evidence=evidence or PlanEvidence(),
+    )
 
 
 def findings(rule_id: str, snapshot: Snapshot, **params: Any) -> list[Finding]:
@@ -47,7 +78,9 @@ def findings(rule_id: str, snapshot: Snapshot, **params: Any) -> list[Finding]:
 
 def plan_one(rule_id: str, snapshot: Snapshot, ctx: PlanContext | None = None, **params: Any) -> RemediationPlan:
     (finding,) = findings(rule_id, snapshot, **params)
-    result = REMEDIATIONS[rule_id].plan(finding, snapshot, ctx or context(rule_id, **params))
+    result = REMEDIATIONS[rule_id].plan(
+        finding, snapshot, ctx or context(rule_id, evidence=fine_evidence(snapshot), **params)
+    )
     assert isinstance(result, RemediationPlan), result
     assert result.rule_id == rule_id
     assert result.instance_id == SERVICE_ID
@@ -134,6 +167,60 @@ def test_key_001_refuses_a_subscription_the_snapshot_does_not_have() -> None:
     assert "not in the snapshot" in result.reason
 
 
+# KEY-001 acts on evidence (issue 8, "no lock-outs"): gateway logs that show the key unused.
+
+
+def key_refusal(usage: KeyUsage | None, **params: Any) -> str:
+    snapshot = all_apis("everything")
+    evidence = PlanEvidence(key_usage=(usage,) if usage else ())
+    reason = refused("KEY-001", snapshot, context("KEY-001", evidence=evidence, **params)).reason
+    assert "primaryKey" not in reason
+    assert "key-value" not in reason
+    return reason
+
+
+def test_key_001_refuses_without_gateway_log_evidence() -> None:
+    assert "no gateway-log evidence was gathered for subscription 'everything'" in key_refusal(None)
+
+
+def test_key_001_refuses_a_key_the_logs_show_in_use_and_says_what_was_seen() -> None:
+    reason = key_refusal(unused("everything", uses=42, last_used=NOW - timedelta(days=2)))
+    assert "show subscription 'everything' in use: 42 request(s) in the last 30 days" in reason
+    assert "last at 2026-11-21 12:00 UTC" in reason
+    assert "law" in reason
+
+
+def test_key_001_refuses_when_the_evidence_is_missing() -> None:
+    reason = key_refusal(unused("everything", missing="no diagnostic setting sends the service's GatewayLogs"))
+    assert reason.startswith("cannot show subscription 'everything' unused for 30 days: no diagnostic setting")
+
+
+def test_key_001_silence_is_no_evidence_when_no_logs_arrive() -> None:
+    reason = key_refusal(unused("everything", service_rows=0, logs_since=None, queried_at=None))
+    assert "no gateway log rows of the service arrived in law in the last 30 days" in reason
+
+
+def test_key_001_logs_must_cover_the_whole_window() -> None:
+    reason = key_refusal(unused("everything", logs_since=NOW - timedelta(days=3)))
+    assert "reach back only 3.0 days" in reason
+    assert "not the 30 days needed" in reason
+
+
+def test_key_001_window_is_the_unused_days_parameter() -> None:
+    # 30 days of logs: enough for the default window, not for 60.
+    short = unused("everything", days=60, logs_since=NOW - timedelta(days=29.5))
+    assert "reach back only 29.5 days" in key_refusal(short, unused_days=60)
+    snapshot = all_apis("everything")
+    evidence = PlanEvidence(key_usage=(unused("everything", days=60, logs_since=NOW - timedelta(days=60)),))
+    plan = plan_one("KEY-001", snapshot, context("KEY-001", evidence=evidence, unused_days=60))
+    assert "unused for 60 days" in plan.summary
+
+
+def test_key_001_unused_days_is_a_validated_parameter() -> None:
+    (param,) = [p for p in REGISTRY["KEY-001"].params if p.name == "unused_days"]
+    assert (param.default, param.minimum, param.type_name) == (30, 1, "integer")
+
+
 # -- SEC-001 --------------------------------------------------------------------------------------
 
 
@@ -205,6 +292,25 @@ def test_sec_001_refuses_without_a_vault() -> None:
 def test_sec_001_refuses_the_name_heuristic_finding() -> None:
     result = refused("SEC-001", with_named_value(secret=False, name="api-token"), context("SEC-001", VAULT))
     assert "only a person can tell" in result.reason
+
+
+def test_sec_001_right_after_id_001_refuses_and_names_the_role_to_grant() -> None:
+    snapshot = with_named_value(principal_id="9f1c0000-0000-4000-8000-0000000000ab")
+    ctx = replace(context("SEC-001", key_vault_url=VAULT), fixed_in_run=frozenset({"ID-001"}))
+    reason = refused("SEC-001", snapshot, ctx).reason
+    assert "new in this run (ID-001)" in reason
+    assert "grant 'Key Vault Secrets User' on the vault to principal 9f1c0000-0000-4000-8000-0000000000ab" in reason
+    assert VAULT in reason
+    assert "next run moves named value 'db-password' once that is granted" in reason
+
+
+def test_sec_001_in_a_dry_run_with_id_001_planned_says_the_same() -> None:
+    # The dry run's snapshot has no identity yet: the refusal still names the role.
+    snapshot = with_named_value(identity_type=None)
+    ctx = replace(context("SEC-001", key_vault_url=VAULT), fixed_in_run=frozenset({"ID-001"}))
+    reason = refused("SEC-001", snapshot, ctx).reason
+    assert "grant 'Key Vault Secrets User' on the vault to the principal of the new system-assigned identity" in reason
+    assert "next run moves" in reason
 
 
 @pytest.mark.parametrize(
@@ -301,7 +407,7 @@ def test_api_003_turns_certificate_validation_on() -> None:
         etag_from_read=True,
         guard=guard(
             backend_id,
-            ("properties.url", "https://orders.internal.example"),
+            ("properties.url", Digest.of("https://orders.internal.example")),
             ("properties.tls.validateCertificateChain", True),
             ("properties.tls.validateCertificateName", False),
         ),
@@ -316,6 +422,47 @@ def test_api_003_turns_certificate_validation_on() -> None:
 def test_api_003_refuses_a_plain_http_backend() -> None:
     result = refused("API-003", with_backend(url="http://orders.internal.example"))
     assert "serve TLS" in result.reason
+
+
+CREDENTIAL_URL = "https://svc-user:P4ssw0rd@orders.internal.example:8443/api?code=c0de-CANARY&sig=s1g-CANARY"
+
+
+def test_api_003_refuses_without_a_tls_probe() -> None:
+    reason = refused("API-003", with_backend(validate_certificate_chain=False), context("API-003")).reason
+    assert "no TLS handshake to backend 'orders' (https://orders.internal.example:443)" in reason
+
+
+@pytest.mark.parametrize(
+    "problem", ["certificate expired", "self-signed certificate", "unreachable (Connection refused)"]
+)
+def test_api_003_refuses_when_the_handshake_did_not_validate(problem: str) -> None:
+    snapshot = with_backend(validate_certificate_chain=False, url=CREDENTIAL_URL)
+    probe = TlsProbe(f"{SERVICE_ID}/backends/orders", safe_target(CREDENTIAL_URL), ok=False, problem=problem)
+    reason = refused("API-003", snapshot, context("API-003", evidence=PlanEvidence(tls_probes=(probe,)))).reason
+    assert f"(https://orders.internal.example:8443) did not validate: {problem}" in reason
+    for canary in ("P4ssw0rd", "svc-user", "CANARY", "sig=", "code="):
+        assert canary not in reason
+
+
+def test_api_003_guards_a_credential_url_by_hash_and_shows_no_secret() -> None:
+    snapshot = with_backend(validate_certificate_name=False, url=CREDENTIAL_URL)
+    plan = plan_one("API-003", snapshot)
+    step = only_write(plan)
+    assert step.guard[0] == Expectation(
+        f"{SERVICE_ID}/backends/orders", APIM_API_VERSION, "properties.url", Digest.of(CREDENTIAL_URL)
+    )
+    shown = " ".join(
+        [
+            plan.summary,
+            step.describe(),
+            step.describe_condition(),
+            repr(plan),
+            json.dumps([c.__dict__ for c in plan.changes]),
+        ]
+    )
+    assert "properties.url unchanged (compared by SHA-256)" in step.describe_condition()
+    for canary in ("P4ssw0rd", "svc-user", "CANARY", "sig=", "code=", Digest.of(CREDENTIAL_URL).sha256):
+        assert canary not in shown
 
 
 # -- LOG-001 --------------------------------------------------------------------------------------
@@ -405,6 +552,7 @@ def test_log_002_creates_logger_and_diagnostic() -> None:
             body={"properties": {"loggerType": "azureMonitor", "isBuffered": True}},
             if_match=None,
             description="PUT logger azuremonitor (azureMonitor)",
+            create_only=True,  # a logger somebody created meanwhile is not replaced either
         ),
         ArmWrite(
             method="PUT",
@@ -639,7 +787,7 @@ def test_every_patch_is_guarded_and_none_is_unconditional() -> None:
         "LOG-003": with_sides(FRONTEND),
     }
     for rule_id, snapshot in snapshots.items():
-        ctx = context(rule_id, key_vault_url=VAULT, workspace_id=WORKSPACE_ID)
+        ctx = context(rule_id, key_vault_url=VAULT, evidence=fine_evidence(snapshot), workspace_id=WORKSPACE_ID)
         found = findings(rule_id, snapshot, **({"workspace_id": WORKSPACE_ID} if rule_id == "LOG-001" else {}))
         remediation = REMEDIATIONS[rule_id]
         plan = (

@@ -36,7 +36,7 @@ def test_registry_metadata() -> None:
     # KEY-002/003/004 are fixed by key rotation, which arrives with its own issue.
     assert [r for r in KEY_RULES if REGISTRY[r].remediable] == ["KEY-001"]
     assert REGISTRY["KEY-001"].references.azure_policy == ("3aa03346-d8c5-4994-a5bc-7652c2a2aef1",)
-    assert REGISTRY["KEY-001"].defaults() == {"include_builtin": True}
+    assert REGISTRY["KEY-001"].defaults() == {"include_builtin": True, "unused_days": 30}
     assert REGISTRY["KEY-003"].defaults() == {"max_age_days": 90}
     assert REGISTRY["KEY-005"].defaults() == {"ignore_builtin": True}
 
