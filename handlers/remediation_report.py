@@ -27,6 +27,7 @@ def render_remediation_table(report: RemediationReport) -> str:
     if not report.results:
         lines.append("  nothing to do")
     if not report.dry_run:
+        lines.append(f"{report.writes} write request(s) sent, charged to the run's write budget")
         lines.append(f"{len(report.remaining)} finding(s) not exempt remain after a rescan")
         for f in report.remaining:
             lines.append(f"  {f.severity.value.upper():<8} {f.rule_id:<9} {f.message}")
@@ -43,6 +44,7 @@ def render_remediation_json(report: RemediationReport) -> str:
                 "dry_run": report.dry_run,
                 "correlation_id": report.correlation_id,
                 "stopped": report.stopped,
+                "writes": report.writes,
                 "recovered": list(report.recovered),
                 "results": [
                     {
