@@ -20,6 +20,18 @@ ParamValue = int | float | str | bool | tuple[str, ...]
 
 
 @dataclass(frozen=True)
+class ParamFormat:
+    """The shape a string parameter (or each item of a list) must have beyond its type.
+
+    The policy loader checks it, so a value the rule could not use is refused at load time
+    with the file, line and key, instead of failing the rule during a scan.
+    """
+
+    description: str  # what is accepted, for messages and docs: "an api-version date YYYY-MM-DD"
+    accepts: Callable[[str], bool] = field(compare=False)
+
+
+@dataclass(frozen=True)
 class Param:
     """A rule parameter: its type is the type of its default (tuple = list of strings)."""
 
@@ -27,7 +39,9 @@ class Param:
     default: ParamValue
     description: str
     minimum: float | None = None
+    maximum: float | None = None
     choices: tuple[str, ...] = ()
+    format: ParamFormat | None = None
 
     @property
     def type_name(self) -> str:
