@@ -34,3 +34,8 @@ class PermanentError(RemediatorError):
 
 class OutOfScopeError(PermanentError):
     """The request names a resource outside the configured scope."""
+
+
+class RuleError(PermanentError):
+    """A rule raised while evaluating a snapshot (a bug, or a parameter it cannot use): the
+    findings are incomplete, so nothing may be concluded (or remediated) from them."""

@@ -322,3 +322,15 @@ class Finding:
     @property
     def exempt(self) -> bool:
         return self.exemption is not None
+
+
+@dataclass(frozen=True)
+class RuleFailure:
+    """A rule that raised on one instance: its checks are missing from that instance's result."""
+
+    rule_id: str
+    instance_id: str
+    reason: str  # the exception's class and the first line of its message
+
+    def __str__(self) -> str:
+        return f"rule {self.rule_id} failed on {self.instance_id}: {self.reason}"

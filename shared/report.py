@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from shared import __version__
-from shared.model import Finding, Severity
+from shared.model import Finding, RuleFailure, Severity
 from shared.rules import REGISTRY
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -39,6 +39,7 @@ class InstanceResult:
     unreadable: tuple[str, ...] = ()  # parts of the snapshot that could not be read
     error: str | None = None  # the instance could not be scanned at all
     notes: tuple[str, ...] = ()  # e.g. problems with the exemption tags
+    rule_failures: tuple[RuleFailure, ...] = ()  # rules that raised: their checks are missing
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,14 @@ class ScanReport:
         return max((f.severity for f in active), key=lambda s: s.rank) if active else None
 
     def fails(self, threshold: Severity | None) -> bool:
-        """True when an unexempted finding is at or above `threshold`, or an instance failed."""
+        """True when an instance failed; with a threshold, also when an unexempted finding is
+        at or above it or a rule failed (its checks are missing, so "below" is unknown)."""
         if any(result.error for result in self.instances):
             return True
         if threshold is None:
             return False
+        if any(result.rule_failures for result in self.instances):
+            return True
         return any(f.severity.rank >= threshold.rank for f in self.active_findings)
 
 
@@ -92,6 +96,8 @@ def render_table(report: ScanReport) -> str:
             lines.append(f"  {'':<8} {'':<9} {f.evidence.path}: {f.evidence.actual} (expected {f.evidence.expected})")
         for part in result.unreadable:
             lines.append(f"  UNREAD   {part}")
+        for failure in result.rule_failures:
+            lines.append(f"  FAILED   rule {failure.rule_id} did not run to the end: {failure.reason}")
         for note in result.notes:
             lines.append(f"  NOTE     {note}")
     active = report.active_findings
@@ -127,6 +133,7 @@ def render_json(report: ScanReport) -> str:
                 "error": r.error,
                 "unreadable": list(r.unreadable),
                 "notes": list(r.notes),
+                "rule_failures": [{"rule": f.rule_id, "reason": f.reason} for f in r.rule_failures],
                 "findings": [_finding_json(f) for f in _sorted(list(r.findings))],
             }
             for r in report.instances
@@ -184,12 +191,22 @@ def render_sarif(report: ScanReport) -> str:
         if f.exemption is not None:
             result["suppressions"] = [{"kind": "external", "justification": f.exemption.reason}]
         results.append(result)
-    notifications = [
+    notifications: list[dict[str, Any]] = [
         {"level": "error", "message": {"text": f"{r.instance_id}: {r.error}"}} for r in report.instances if r.error
     ] + [
         {"level": "warning", "message": {"text": f"{r.instance_id}: could not read {part}"}}
         for r in report.instances
         for part in r.unreadable
+    ]
+    notifications += [
+        {
+            "level": "error",
+            "message": {"text": f"{failure}; its checks are missing for this instance"},
+            "associatedRule": {"id": failure.rule_id, "index": index[failure.rule_id]},
+            "locations": [{"logicalLocations": [{"fullyQualifiedName": failure.instance_id, "kind": "resource"}]}],
+        }
+        for r in report.instances
+        for failure in r.rule_failures
     ]
     run: dict[str, Any] = {
         "tool": {
@@ -201,7 +218,7 @@ def render_sarif(report: ScanReport) -> str:
         },
         "invocations": [
             {
-                "executionSuccessful": not any(r.error for r in report.instances),
+                "executionSuccessful": not any(r.error or r.rule_failures for r in report.instances),
                 "startTimeUtc": report.started.isoformat().replace("+00:00", "Z"),
                 "endTimeUtc": report.finished.isoformat().replace("+00:00", "Z"),
                 "toolExecutionNotifications": notifications,

@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import UTC, date, datetime
 
 from shared.evaluation import evaluate_snapshot
-from shared.model import Exemption, Severity
+from shared.model import Exemption, RuleFailure, Severity
 from shared.policy import Policy
 from shared.report import InstanceResult, ScanReport, render_json, render_sarif, render_table
 from shared.rules import REGISTRY
@@ -108,3 +108,31 @@ def test_fails_on_threshold_ignores_exempt_findings() -> None:
     assert only_first.worst() is Severity.HIGH
     assert only_first.fails(Severity.HIGH)
     assert not only_first.fails(Severity.CRITICAL)
+
+
+def rule_failure_report() -> ScanReport:
+    failure = RuleFailure("MGMT-003", SERVICE_ID, "ValueError: MGMT-003: min_api_version must be YYYY-MM-DD")
+    return ScanReport(
+        started=STARTED,
+        finished=STARTED,
+        policy_file="p",
+        instances=(InstanceResult(SERVICE_ID, rule_failures=(failure,)),),
+    )
+
+
+def test_a_rule_failure_is_a_tool_notification_naming_rule_and_instance() -> None:
+    run = json.loads(render_sarif(rule_failure_report()))["runs"][0]
+    invocation = run["invocations"][0]
+    assert invocation["executionSuccessful"] is False
+    [notification] = invocation["toolExecutionNotifications"]
+    assert notification["level"] == "error"
+    assert notification["associatedRule"] == {"id": "MGMT-003", "index": sorted(REGISTRY).index("MGMT-003")}
+    assert SERVICE_ID in notification["message"]["text"]
+    assert "MGMT-003" in notification["message"]["text"]
+    [location] = notification["locations"]
+    assert location["logicalLocations"][0]["fullyQualifiedName"] == SERVICE_ID
+    body = json.loads(render_json(rule_failure_report()))
+    assert body["instances"][0]["rule_failures"] == [
+        {"rule": "MGMT-003", "reason": "ValueError: MGMT-003: min_api_version must be YYYY-MM-DD"}
+    ]
+    assert "FAILED   rule MGMT-003 did not run to the end: ValueError" in render_table(rule_failure_report())
