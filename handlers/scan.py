@@ -103,6 +103,7 @@ async def scan(
                     instance_id=ref.id,
                     findings=evaluation.findings,
                     unreadable=snapshot.unreadable,
+                    not_configured=snapshot.not_configured,
                     notes=tuple(policy.tag_problems(dict(snapshot.service.tags))),
                     rule_failures=evaluation.failures,
                 )

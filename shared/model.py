@@ -275,8 +275,11 @@ class Snapshot:
     key_ledger: tuple[TrackedKey, ...] = ()
     key_hashes: tuple[KeyHashes, ...] = ()
     # Parts that could not be read (e.g. "diagnostic_settings: 403 AuthorizationFailed"): rules
-    # whose input is missing say nothing rather than guess.
+    # whose input is missing say nothing rather than guess, and the result is partial.
     unreadable: tuple[str, ...] = ()
+    # Parts the deployment does not ask for (e.g. "key_ledger: not configured (APIMR_KEY_VAULT_URL
+    # is not set)"): their rules say nothing too, but nothing failed, so the result is complete.
+    not_configured: tuple[str, ...] = ()
 
     def policy(self, scope: PolicyScope, owner: str = "") -> Policy | None:
         for p in self.policies:
@@ -285,7 +288,8 @@ class Snapshot:
         return None
 
     def readable(self, part: str) -> bool:
-        return not any(u.split(":", 1)[0] == part for u in self.unreadable)
+        """Whether `part` was read: neither failed nor left out by configuration."""
+        return not any(u.split(":", 1)[0] == part for u in (*self.unreadable, *self.not_configured))
 
 
 # -- findings --------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ _SECURITY_SEVERITY = {
 class InstanceResult:
     instance_id: str
     findings: tuple[Finding, ...] = ()
-    unreadable: tuple[str, ...] = ()  # parts of the snapshot that could not be read
+    unreadable: tuple[str, ...] = ()  # parts of the snapshot that could not be read: a partial result
+    not_configured: tuple[str, ...] = ()  # parts the settings leave out: not read, but nothing failed
     error: str | None = None  # the instance could not be scanned at all
     notes: tuple[str, ...] = ()  # e.g. problems with the exemption tags
     rule_failures: tuple[RuleFailure, ...] = ()  # rules that raised: their checks are missing
@@ -62,14 +63,21 @@ class ScanReport:
         active = self.active_findings
         return max((f.severity for f in active), key=lambda s: s.rank) if active else None
 
-    def fails(self, threshold: Severity | None) -> bool:
+    @property
+    def partial(self) -> bool:
+        """A part could not be read or a rule failed somewhere: some checks did not happen.
+        Parts left out by configuration do not make a result partial."""
+        return any(result.unreadable or result.rule_failures for result in self.instances)
+
+    def fails(self, threshold: Severity | None, *, allow_partial: bool = False) -> bool:
         """True when an instance failed; with a threshold, also when an unexempted finding is
-        at or above it or a rule failed (its checks are missing, so "below" is unknown)."""
+        at or above it, or when the result is partial (what was not checked may be above it)
+        unless the operator allows partial results."""
         if any(result.error for result in self.instances):
             return True
         if threshold is None:
             return False
-        if any(result.rule_failures for result in self.instances):
+        if self.partial and not allow_partial:
             return True
         return any(f.severity.rank >= threshold.rank for f in self.active_findings)
 
@@ -96,6 +104,8 @@ def render_table(report: ScanReport) -> str:
             lines.append(f"  {'':<8} {'':<9} {f.evidence.path}: {f.evidence.actual} (expected {f.evidence.expected})")
         for part in result.unreadable:
             lines.append(f"  UNREAD   {part}")
+        for part in result.not_configured:
+            lines.append(f"  NOT SET  {part}")
         for failure in result.rule_failures:
             lines.append(f"  FAILED   rule {failure.rule_id} did not run to the end: {failure.reason}")
         for note in result.notes:
@@ -132,6 +142,7 @@ def render_json(report: ScanReport) -> str:
                 "id": r.instance_id,
                 "error": r.error,
                 "unreadable": list(r.unreadable),
+                "not_configured": list(r.not_configured),
                 "notes": list(r.notes),
                 "rule_failures": [{"rule": f.rule_id, "reason": f.reason} for f in r.rule_failures],
                 "findings": [_finding_json(f) for f in _sorted(list(r.findings))],
@@ -197,6 +208,11 @@ def render_sarif(report: ScanReport) -> str:
         {"level": "warning", "message": {"text": f"{r.instance_id}: could not read {part}"}}
         for r in report.instances
         for part in r.unreadable
+    ]
+    notifications += [
+        {"level": "note", "message": {"text": f"{r.instance_id}: did not read {part}"}}
+        for r in report.instances
+        for part in r.not_configured
     ]
     notifications += [
         {

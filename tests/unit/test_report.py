@@ -106,8 +106,31 @@ def test_fails_on_threshold_ignores_exempt_findings() -> None:
     only_first = replace(report, instances=report.instances[:1])
     # NET-001 is exempt; KEY-001 (high) is the worst that counts.
     assert only_first.worst() is Severity.HIGH
-    assert only_first.fails(Severity.HIGH)
-    assert not only_first.fails(Severity.CRITICAL)
+    assert only_first.fails(Severity.HIGH, allow_partial=True)
+    assert not only_first.fails(Severity.CRITICAL, allow_partial=True)
+
+
+def test_a_partial_result_fails_the_gate_unless_allowed_and_not_configured_is_not_partial() -> None:
+    partial = ScanReport(
+        started=STARTED,
+        finished=STARTED,
+        policy_file="p",
+        instances=(InstanceResult(SERVICE_ID, unreadable=("loggers: 403 Forbidden",)),),
+    )
+    assert partial.partial
+    assert partial.fails(Severity.CRITICAL)  # nothing found, but loggers were never looked at
+    assert not partial.fails(Severity.CRITICAL, allow_partial=True)
+    assert not partial.fails(None)
+    unset = replace(
+        partial,
+        instances=(InstanceResult(SERVICE_ID, not_configured=("key_ledger: not configured (no vault)",)),),
+    )
+    assert not unset.partial
+    assert not unset.fails(Severity.INFO)
+    assert "NOT SET  key_ledger: not configured" in render_table(unset)
+    assert json.loads(render_json(unset))["instances"][0]["not_configured"] == ["key_ledger: not configured (no vault)"]
+    notes = json.loads(render_sarif(unset))["runs"][0]["invocations"][0]["toolExecutionNotifications"]
+    assert [n["level"] for n in notes] == ["note"]
 
 
 def rule_failure_report() -> ScanReport:
