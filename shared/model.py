@@ -322,6 +322,10 @@ class Finding:
     evidence: Evidence
     remediable: bool
     exemption: Exemption | None = None
+    # Which entry of a list at `evidence.path` the finding is about, when one resource and path
+    # can carry several findings (LOG-003: a header name, lowercased). Part of the finding's
+    # identity (the SARIF fingerprint); empty when rule, resource and path already identify it.
+    entry: str = ""
 
     @property
     def exempt(self) -> bool:

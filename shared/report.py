@@ -82,6 +82,14 @@ class ScanReport:
         return any(f.severity.rank >= threshold.rank for f in self.active_findings)
 
 
+def fingerprint(f: Finding) -> str:
+    """A finding's identity across scans: rule, resource and property path, plus the list
+    entry when one path carries several findings (two secret headers of one diagnostic).
+    Never a value that changes while the finding stays the same problem."""
+    base = f"{f.rule_id}:{f.resource_id.lower()}:{f.evidence.path}"
+    return f"{base}:{f.entry}" if f.entry else base
+
+
 def _sorted(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: (-f.severity.rank, f.instance_id, f.rule_id, f.resource_id))
 
@@ -196,7 +204,7 @@ def render_sarif(report: ScanReport) -> str:
                     "logicalLocations": [{"fullyQualifiedName": f.resource_id, "kind": "resource"}],
                 }
             ],
-            "partialFingerprints": {"apimRemediator/v1": f"{f.rule_id}:{f.resource_id.lower()}:{f.evidence.path}"},
+            "partialFingerprints": {"apimRemediator/v1": fingerprint(f)},
             "properties": {"severity": f.severity.value, "instance": f.instance_id, "remediable": f.remediable},
         }
         if f.exemption is not None:

@@ -94,10 +94,12 @@ class Rule:
         resource_id: str | None = None,
         severity: Severity | None = None,
         remediable: bool | None = None,
+        entry: str = "",
     ) -> Finding:
         """A finding of this rule about `resource_id` (default: the service). `severity` and
         `remediable` override the rule's for this finding (e.g. a heuristic finding that
-        the rule's remediation does not cover)."""
+        the rule's remediation does not cover); `entry` names the list entry at `path` it is
+        about when one resource and path can carry several findings."""
         return Finding(
             rule_id=self.id,
             resource_id=resource_id or snapshot.service.id,
@@ -107,6 +109,7 @@ class Rule:
             message=message,
             evidence=Evidence(path=path, actual=_text(actual), expected=_text(expected)),
             remediable=self.remediable if remediable is None else remediable,
+            entry=entry,
         )
 
 

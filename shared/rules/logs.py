@@ -250,6 +250,7 @@ def _logged_secrets(
                     actual=name,
                     expected="(not logged)",
                     resource_id=diagnostic.id,
+                    entry=key,
                 )
             )
     return findings

@@ -14,6 +14,7 @@ from shared.rules import REGISTRY
 from tests.factories import SERVICE_ID, compliant, service, subscription
 
 STARTED = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+TODAY = date(2026, 11, 23)
 
 
 def drifted_report() -> ScanReport:
@@ -159,3 +160,26 @@ def test_a_rule_failure_is_a_tool_notification_naming_rule_and_instance() -> Non
         {"rule": "MGMT-003", "reason": "ValueError: MGMT-003: min_api_version must be YYYY-MM-DD"}
     ]
     assert "FAILED   rule MGMT-003 did not run to the end: ValueError" in render_table(rule_failure_report())
+
+
+def test_two_secret_headers_of_one_diagnostic_get_distinct_stable_fingerprints() -> None:
+    base = compliant()
+
+    def fingerprints(*headers: str) -> list[str]:
+        diagnostic = replace(base.apim_diagnostics[0], frontend_request_headers=headers)
+        snapshot = replace(base, apim_diagnostics=(diagnostic,))
+        report = ScanReport(
+            started=STARTED,
+            finished=STARTED,
+            policy_file="p",
+            instances=(InstanceResult(SERVICE_ID, findings=tuple(evaluate_snapshot(snapshot, Policy(), today=TODAY))),),
+        )
+        results = json.loads(render_sarif(report))["runs"][0]["results"]
+        return sorted(r["partialFingerprints"]["apimRemediator/v1"] for r in results if r["ruleId"] == "LOG-003")
+
+    both = fingerprints("Authorization", "Ocp-Apim-Subscription-Key")
+    assert len(both) == 2
+    assert len(set(both)) == 2, both
+    # Stable: the same header keeps its fingerprint when the other goes away or the case changes.
+    assert set(fingerprints("authorization")) < set(both)
+    assert fingerprints("Authorization", "Ocp-Apim-Subscription-Key") == both
