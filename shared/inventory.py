@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from azure.core.exceptions import AzureError, HttpResponseError
 from azure.mgmt.resourcegraph.models import QueryRequest, QueryRequestOptions, QueryResponse
@@ -126,12 +129,69 @@ def select(refs: Iterable[InstanceRef], settings: Settings) -> tuple[InstanceRef
     return tuple(sorted(unique.values(), key=lambda r: r.id.lower()))
 
 
-def describe_failure(error: AzureError) -> str:
-    """Status and error code of an SDK failure; never its message (which may echo a request)."""
-    if isinstance(error, HttpResponseError):
+def endpoint_of(url: str) -> str:
+    """Host (and port) and path of a URL: never its user info, query or fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return f"{host}{parts.path}"
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and what caused it: azure-core's inner_exception, then causes and OS errors."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in seen and len(seen) < 10:
+        seen.append(current)
+        current = (
+            getattr(current, "inner_exception", None)
+            or getattr(current, "os_error", None)  # aiohttp's connector errors
+            or current.__cause__
+            or current.__context__
+        )
+    return seen
+
+
+def why_no_response(error: BaseException) -> str:
+    """The root cause of a request that got no HTTP answer, as "<class>: <short reason>".
+
+    Only the class and fixed texts (the OS's wording of an errno, "timed out", a TLS
+    verification reason) are used: the messages of transport errors can carry a URL.
+    """
+    chain = _chain(error)
+    root = chain[-1]
+    for cause in reversed(chain):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"{type(cause).__name__}: {cause.verify_message or 'certificate verification failed'}"
+        if isinstance(cause, TimeoutError | asyncio.TimeoutError):
+            return f"{type(cause).__name__}: timed out"
+        if isinstance(cause, OSError) and cause.errno:
+            return f"{type(cause).__name__}: {os.strerror(cause.errno).lower()}"
+    return type(root).__name__
+
+
+def _host_of(error: BaseException) -> str | None:
+    # aiohttp's connector errors name the host and port they could not reach.
+    for cause in _chain(error):
+        host, port = getattr(cause, "host", None), getattr(cause, "port", None)
+        if isinstance(host, str) and host:
+            return f"{host}:{port}" if isinstance(port, int) else host
+    return None
+
+
+def describe_failure(error: AzureError, url: str | None = None) -> str:
+    """Status and error code of an SDK failure; never its message (which may echo a request).
+
+    Without an HTTP answer: where the request went (`url`'s host and path, else the host
+    the transport names) and why ("no response from 127.0.0.1:8443/subscriptions/...
+    (ConnectionRefusedError: connection refused)").
+    """
+    if isinstance(error, HttpResponseError) and error.status_code is not None:
         code = getattr(error.error, "code", None) or error.reason or type(error).__name__
         return f"{error.status_code} {code}"
-    return f"no response ({type(error).__name__})"
+    where = endpoint_of(url) if url else _host_of(error)
+    return f"no response{f' from {where}' if where else ''} ({type(error).__name__}: {why_no_response(error)})"
 
 
 # -- discovery ----------------------------------------------------------------------------------
