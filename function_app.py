@@ -19,4 +19,5 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def health(req: func.HttpRequest) -> func.HttpResponse:
     report = check_health()
-    return func.HttpResponse(json.dumps(report.to_dict()), status_code=report.status_code, mimetype="application/json")
+    body = json.dumps(report.public_body())
+    return func.HttpResponse(body, status_code=report.status_code, mimetype="application/json")

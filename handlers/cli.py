@@ -2,8 +2,8 @@
 
 A thin adapter like function_app.py: parse arguments, build the composition root once,
 call a handler, print, exit with a code pipelines can gate on.
-Exit codes: 0 clean, 1 findings at or above --fail-on (or an instance not scanned),
-2 usage or configuration error.
+Exit codes: 0 clean, 1 findings at or above --fail-on (or an instance not scanned; with
+--fail-on also a partial result unless --allow-partial), 2 usage or configuration error.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         "--fail-on",
         choices=[s.value for s in Severity],
         help="exit 1 when a finding no exemption covers is at least this severe",
+    )
+    scan_cmd.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="with --fail-on: do not fail because a part of an instance could not be read or a rule failed",
     )
     scan_cmd.add_argument("--quiet", action="store_true", help="no progress on stderr")
     fix = commands.add_parser("remediate", help="plan (default) or apply the fixes for one APIM instance")
@@ -156,7 +161,8 @@ def _print_report(report: ScanReport, args: argparse.Namespace, out: TextIO) -> 
         Path(args.output).write_text(rendered, encoding="utf-8")
     else:
         out.write(rendered)
-    return 1 if report.fails(Severity(args.fail_on) if args.fail_on else None) else 0
+    threshold = Severity(args.fail_on) if args.fail_on else None
+    return 1 if report.fails(threshold, allow_partial=args.allow_partial) else 0
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:

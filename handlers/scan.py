@@ -20,7 +20,7 @@ from datetime import UTC, date, datetime
 from typing import Protocol
 
 from shared.errors import OutOfScopeError, RemediatorError
-from shared.evaluation import evaluate_snapshot
+from shared.evaluation import evaluate
 from shared.inventory import InstanceRef
 from shared.model import Snapshot
 from shared.policy import Policy
@@ -70,7 +70,13 @@ async def scan(
     today: date | None = None,
     progress: Progress | None = None,
 ) -> ScanReport:
-    """Scan every instance in scope; one instance's failure never stops the others."""
+    """Scan every instance in scope; one instance's failure never stops the others.
+
+    An instance that cannot be read (`RemediatorError`) becomes a result with its error;
+    a rule that raises becomes a rule failure in that instance's result. Anything else is a
+    bug: the task group cancels the other instances' reads (none is left running against
+    Azure after the scan has failed) and the error propagates.
+    """
     started = datetime.now(UTC)
     refs = await source.discover()
     known = {ref.id.lower() for ref in refs}
@@ -92,19 +98,28 @@ async def scan(
             except RemediatorError as error:
                 result = InstanceResult(instance_id=ref.id, error=str(error))
             else:
-                findings = evaluate_snapshot(snapshot, policy, today=today or snapshot.read_at.date())
+                evaluation = evaluate(snapshot, policy, today=today or snapshot.read_at.date())
                 result = InstanceResult(
                     instance_id=ref.id,
-                    findings=tuple(findings),
+                    findings=evaluation.findings,
                     unreadable=snapshot.unreadable,
+                    not_configured=snapshot.not_configured,
                     notes=tuple(policy.tag_problems(dict(snapshot.service.tags))),
+                    rule_failures=evaluation.failures,
                 )
         done += 1
         if progress is not None:
             progress(done, len(selected), ref.id)
         return result
 
-    results = await asyncio.gather(*(one(ref) for ref in selected))
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(ref)) for ref in selected]
+    except BaseExceptionGroup as failed:
+        # The first error as itself (not wrapped in a group), with its own cause.
+        error = failed.exceptions[0]
+        raise error from error.__cause__
+    results = [task.result() for task in tasks]
     return ScanReport(
         started=started,
         finished=datetime.now(UTC),

@@ -20,6 +20,7 @@ from azure.mgmt.core import AsyncARMPipelineClient
 from shared.actions.executor import ArmResponse, OperationState
 from shared.azure import ClientFactory
 from shared.errors import PermanentError, TransientError
+from shared.inventory import endpoint_of, why_no_response
 
 # Longest wait for one long-running operation when the caller names no `max_wait`: well
 # inside the Functions host's 10-minute timeout. Operations that can take longer (APIM
@@ -58,8 +59,9 @@ class AzureArm:
             # stream=False (the default): the body is already read when this returns.
             response = await self.client.send_request(HttpRequest(method, url, **kwargs))
         except AzureError as error:
+            # Where it went (host and path, never the query) and why, e.g. connection refused.
             raise TransientError(
-                f"{method} {url.split('?')[0]}: no answer from ARM ({type(error).__name__})"
+                f"{method} {endpoint_of(url)}: no answer from ARM ({type(error).__name__}: {why_no_response(error)})"
             ) from error
         return response
 

@@ -47,6 +47,11 @@ from shared.errors import PermanentError
 from shared.settings import CloudName, Settings
 
 USER_AGENT = f"apim-remediator/{__version__}"
+# Per-request limits for the raw ARM pipeline (azure-core's defaults are 300 s each): ARM
+# answers a read or the start of a write within seconds, and a connection that hangs must
+# end in a retry (or a reported failure) long before the Functions host's 10-minute limit.
+ARM_CONNECTION_TIMEOUT = 15.0
+ARM_READ_TIMEOUT = 60.0
 
 # Diagnostic settings live in the multi-api monitor client; pin the version the product
 # and the twin speak.
@@ -216,10 +221,20 @@ class ClientFactory:
             ),
             AsyncARMChallengeAuthenticationPolicy(self.async_credential(), cloud.arm_scope),
             policies.DistributedTracingPolicy(),
+            # Where the generated SDK clients put it: after authentication (which adds the
+            # bearer token again on every redirect hop), so a redirect to another host never
+            # carries the token there.
+            policies.SensitiveHeaderCleanupPolicy(),
             ARMHttpLoggingPolicy(),
         ]
-        kwargs = {k: v for k, v in transport.items() if k == "connection_verify"}
-        return AsyncARMPipelineClient(base_url=cloud.resource_manager, policies=pipeline, **kwargs)
+        kwargs: dict[str, Any] = {k: v for k, v in transport.items() if k == "connection_verify"}
+        return AsyncARMPipelineClient(
+            base_url=cloud.resource_manager,
+            policies=pipeline,
+            connection_timeout=ARM_CONNECTION_TIMEOUT,
+            read_timeout=ARM_READ_TIMEOUT,
+            **kwargs,
+        )
 
     def _graph_kwargs(self) -> dict[str, Any]:
         return {**self._arm_kwargs(), "base_url": self.settings.cloud.resource_graph}

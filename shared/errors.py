@@ -36,6 +36,11 @@ class PermanentError(RemediatorError):
     """Retrying will not help: becomes an incident or a clear error to the caller."""
 
 
+class RuleError(PermanentError):
+    """A rule raised while evaluating a snapshot (a bug, or a parameter it cannot use): the
+    findings are incomplete, so nothing may be concluded (or remediated) from them."""
+
+
 class OutOfScopeError(PermanentError):
     """The request names a resource outside the configured scope."""
 

@@ -6,6 +6,12 @@ outage) the product lists services per subscription with the APIM client instead
 so in the log. Either way the configured scope (resource groups, tags) is applied here
 again, so both paths return the same instances.
 
+Resource Graph answers only for subscriptions the caller can read and leaves the others
+out without an error, so a missing role would look like a subscription without APIM. A
+`resourcecontainers` query first asks which of the configured subscriptions it can see;
+one it cannot see, or a result it cut off (`resultTruncated` without a `$skipToken`),
+raises `PermanentError` instead of a scan of less than the configured estate.
+
 Azure actions: Microsoft.ResourceGraph/resources/read, or Microsoft.ApiManagement/service/read
 for the fallback.
 """
@@ -14,18 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from azure.core.exceptions import AzureError, HttpResponseError
-from azure.mgmt.resourcegraph.models import QueryRequest, QueryRequestOptions
+from azure.mgmt.resourcegraph.models import QueryRequest, QueryRequestOptions, QueryResponse
 
 from shared.azure import ClientFactory
 from shared.errors import PermanentError
 from shared.model import frozen_map
 from shared.settings import ScopeSettings, Settings
+
+if TYPE_CHECKING:
+    from azure.mgmt.resourcegraph.aio import ResourceGraphClient
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +45,7 @@ APIM_TYPE = "microsoft.apimanagement/service"
 # Resource Graph takes at most 1000 subscriptions a request and returns at most 1000 rows a page.
 GRAPH_MAX_SUBSCRIPTIONS = 1000
 GRAPH_PAGE = 1000
+GRAPH_PAGE_MAX = 1000
 _ID = re.compile(
     r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.ApiManagement/service/(?P<name>[^/]+)$",
     re.IGNORECASE,
@@ -57,6 +70,14 @@ class InstanceRef:
 def _kql_string(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"
+
+
+# Which of the requested subscriptions Resource Graph can see: any container row (the
+# subscription, or one of its resource groups) shows the caller can read there.
+VISIBILITY_QUERY = (
+    "resourcecontainers | where type in~ ('microsoft.resources/subscriptions', "
+    "'microsoft.resources/subscriptions/resourcegroups') | project id, subscriptionId"
+)
 
 
 def graph_query(scope: ScopeSettings) -> str:
@@ -108,15 +129,104 @@ def select(refs: Iterable[InstanceRef], settings: Settings) -> tuple[InstanceRef
     return tuple(sorted(unique.values(), key=lambda r: r.id.lower()))
 
 
-def describe_failure(error: AzureError) -> str:
-    """Status and error code of an SDK failure; never its message (which may echo a request)."""
-    if isinstance(error, HttpResponseError):
+def endpoint_of(url: str) -> str:
+    """Host (and port) and path of a URL: never its user info, query or fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return f"{host}{parts.path}"
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and what caused it: azure-core's inner_exception, then causes and OS errors."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in seen and len(seen) < 10:
+        seen.append(current)
+        current = (
+            getattr(current, "inner_exception", None)
+            or getattr(current, "os_error", None)  # aiohttp's connector errors
+            or current.__cause__
+            or current.__context__
+        )
+    return seen
+
+
+def why_no_response(error: BaseException) -> str:
+    """The root cause of a request that got no HTTP answer, as "<class>: <short reason>".
+
+    Only the class and fixed texts (the OS's wording of an errno, "timed out", a TLS
+    verification reason) are used: the messages of transport errors can carry a URL.
+    """
+    chain = _chain(error)
+    root = chain[-1]
+    for cause in reversed(chain):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"{type(cause).__name__}: {cause.verify_message or 'certificate verification failed'}"
+        if isinstance(cause, TimeoutError | asyncio.TimeoutError):
+            return f"{type(cause).__name__}: timed out"
+        if isinstance(cause, OSError) and cause.errno:
+            return f"{type(cause).__name__}: {os.strerror(cause.errno).lower()}"
+    return type(root).__name__
+
+
+def _host_of(error: BaseException) -> str | None:
+    # aiohttp's connector errors name the host and port they could not reach.
+    for cause in _chain(error):
+        host, port = getattr(cause, "host", None), getattr(cause, "port", None)
+        if isinstance(host, str) and host:
+            return f"{host}:{port}" if isinstance(port, int) else host
+    return None
+
+
+def describe_failure(error: AzureError, url: str | None = None) -> str:
+    """Status and error code of an SDK failure; never its message (which may echo a request).
+
+    Without an HTTP answer: where the request went (`url`'s host and path, else the host
+    the transport names) and why ("no response from 127.0.0.1:8443/subscriptions/...
+    (ConnectionRefusedError: connection refused)").
+    """
+    if isinstance(error, HttpResponseError) and error.status_code is not None:
         code = getattr(error.error, "code", None) or error.reason or type(error).__name__
         return f"{error.status_code} {code}"
-    return f"no response ({type(error).__name__})"
+    where = endpoint_of(url) if url else _host_of(error)
+    return f"no response{f' from {where}' if where else ''} ({type(error).__name__}: {why_no_response(error)})"
 
 
 # -- discovery ----------------------------------------------------------------------------------
+
+
+def graph_page(response: QueryResponse) -> tuple[list[dict[str, Any]], str | None]:
+    """The rows of one Resource Graph page and the token of the next (None: the last page).
+
+    Raises PermanentError when Resource Graph cut the result off without a way to page on:
+    the rows it left out are instances nobody would scan.
+    """
+    rows: Any = response.data or []  # resultFormat objectArray: a list of row objects
+    if not isinstance(rows, list):
+        raise PermanentError("Resource Graph answered in table format; objectArray was asked for")
+    truncated = str(getattr(response.result_truncated, "value", response.result_truncated)).lower() == "true"
+    if truncated and not response.skip_token:
+        raise PermanentError(
+            f"Resource Graph cut the result off after {len(rows)} of {response.total_records} row(s) "
+            "(resultTruncated without a $skipToken); refusing to scan part of the estate as if it were all of it"
+        )
+    return [dict(row) for row in rows], response.skip_token
+
+
+async def _graph_rows(
+    client: ResourceGraphClient, subscriptions: list[str], query: str, top: int
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        options = QueryRequestOptions(top=top, skip_token=token, result_format="objectArray")
+        response = await client.resources(QueryRequest(subscriptions=subscriptions, query=query, options=options))
+        page, token = graph_page(response)
+        rows.extend(page)
+        if not token:
+            return rows
 
 
 async def _from_graph(factory: ClientFactory, settings: Settings) -> list[InstanceRef]:
@@ -126,20 +236,20 @@ async def _from_graph(factory: ClientFactory, settings: Settings) -> list[Instan
     refs: list[InstanceRef] = []
     for start in range(0, len(subscriptions), GRAPH_MAX_SUBSCRIPTIONS):
         batch = subscriptions[start : start + GRAPH_MAX_SUBSCRIPTIONS]
-        token: str | None = None
-        while True:
-            options = QueryRequestOptions(top=GRAPH_PAGE, skip_token=token, result_format="objectArray")
-            response = await client.resources(QueryRequest(subscriptions=batch, query=query, options=options))
-            rows: Any = response.data or []  # resultFormat objectArray: a list of row objects
-            if not isinstance(rows, list):
-                raise PermanentError("Resource Graph answered in table format; objectArray was asked for")
-            for row in rows:
-                ref = instance_ref(str(row.get("id") or ""), row.get("location"), row.get("tags"))
-                if ref is not None:
-                    refs.append(ref)
-            token = response.skip_token
-            if not token:
-                break
+        containers = await _graph_rows(client, batch, VISIBILITY_QUERY, GRAPH_PAGE_MAX)
+        visible = {str(row.get("subscriptionId") or "").lower() for row in containers}
+        unseen = [s for s in batch if s.lower() not in visible]
+        if unseen:
+            raise PermanentError(
+                f"Resource Graph cannot see subscription(s) {', '.join(unseen)} of APIMR_SUBSCRIPTION_IDS: "
+                "the product's identity has no read access there, or they do not exist. Grant the role "
+                "(infra/subscription-role.bicep) or remove them from the setting; scanning the rest would "
+                "report their instances as clean without having seen them"
+            )
+        for row in await _graph_rows(client, batch, query, GRAPH_PAGE):
+            ref = instance_ref(str(row.get("id") or ""), row.get("location"), row.get("tags"))
+            if ref is not None:
+                refs.append(ref)
     return refs
 
 

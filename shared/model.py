@@ -276,8 +276,11 @@ class Snapshot:
     key_ledger: tuple[TrackedKey, ...] = ()
     key_hashes: tuple[KeyHashes, ...] = ()
     # Parts that could not be read (e.g. "diagnostic_settings: 403 AuthorizationFailed"): rules
-    # whose input is missing say nothing rather than guess.
+    # whose input is missing say nothing rather than guess, and the result is partial.
     unreadable: tuple[str, ...] = ()
+    # Parts the deployment does not ask for (e.g. "key_ledger: not configured (APIMR_KEY_VAULT_URL
+    # is not set)"): their rules say nothing too, but nothing failed, so the result is complete.
+    not_configured: tuple[str, ...] = ()
 
     def policy(self, scope: PolicyScope, owner: str = "") -> Policy | None:
         for p in self.policies:
@@ -286,7 +289,8 @@ class Snapshot:
         return None
 
     def readable(self, part: str) -> bool:
-        return not any(u.split(":", 1)[0] == part for u in self.unreadable)
+        """Whether `part` was read: neither failed nor left out by configuration."""
+        return not any(u.split(":", 1)[0] == part for u in (*self.unreadable, *self.not_configured))
 
 
 # -- findings --------------------------------------------------------------------------------
@@ -319,7 +323,23 @@ class Finding:
     evidence: Evidence
     remediable: bool
     exemption: Exemption | None = None
+    # Which entry of a list at `evidence.path` the finding is about, when one resource and path
+    # can carry several findings (LOG-003: a header name, lowercased). Part of the finding's
+    # identity (the SARIF fingerprint); empty when rule, resource and path already identify it.
+    entry: str = ""
 
     @property
     def exempt(self) -> bool:
         return self.exemption is not None
+
+
+@dataclass(frozen=True)
+class RuleFailure:
+    """A rule that raised on one instance: its checks are missing from that instance's result."""
+
+    rule_id: str
+    instance_id: str
+    reason: str  # the exception's class and the first line of its message
+
+    def __str__(self) -> str:
+        return f"rule {self.rule_id} failed on {self.instance_id}: {self.reason}"

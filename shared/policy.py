@@ -508,6 +508,9 @@ class _Reader:
                 elif param.choices and item.value not in param.choices:
                     self.problem(item, f"{key}[{i}]", f"expected one of {', '.join(param.choices)}, got {_raw(item)}")
                     bad = True
+                elif param.format is not None and not param.format.accepts(item.value):
+                    self.problem(item, f"{key}[{i}]", f"expected {param.format.description}, got {_raw(item)}")
+                    bad = True
                 else:
                     items.append(item.value)
             return None if bad else tuple(items)
@@ -531,12 +534,13 @@ class _Reader:
         if isinstance(converted, str) and param.choices and converted not in param.choices:
             self.problem(node, key, f"expected {expected}, got {_raw(node)}")
             return None
-        if (
-            param.minimum is not None
-            and isinstance(converted, int | float)
-            and not isinstance(converted, bool)
-            and converted < param.minimum
-        ):
+        if isinstance(converted, int | float) and not isinstance(converted, bool):
+            too_low = param.minimum is not None and converted < param.minimum
+            too_high = param.maximum is not None and converted > param.maximum
+            if too_low or too_high:
+                self.problem(node, key, f"expected {expected}, got {_raw(node)}")
+                return None
+        if isinstance(converted, str) and param.format is not None and not param.format.accepts(converted):
             self.problem(node, key, f"expected {expected}, got {_raw(node)}")
             return None
         return converted
@@ -672,13 +676,22 @@ def _expected(param: Param) -> str:
     """What a parameter accepts, in words: "an integer >= 1", "one of a, b", ..."""
     default = param.default
     if isinstance(default, tuple):
-        return f"a list of strings from {', '.join(param.choices)}" if param.choices else "a list of strings"
+        if param.choices:
+            return f"a list of strings from {', '.join(param.choices)}"
+        return f"a list of {param.format.description}" if param.format is not None else "a list of strings"
     if isinstance(default, bool):
         return "true or false"
     if isinstance(default, str):
-        return f"one of {', '.join(param.choices)}" if param.choices else "a string"
+        if param.choices:
+            return f"one of {', '.join(param.choices)}"
+        return param.format.description if param.format is not None else "a string"
     what = "an integer" if isinstance(default, int) else "a number"
     if param.minimum is not None:
-        low = int(param.minimum) if float(param.minimum).is_integer() else param.minimum
-        what += f" >= {low}"
+        what += f" >= {_number(param.minimum)}"
+    if param.maximum is not None:
+        what += f"{' and' if param.minimum is not None else ''} <= {_number(param.maximum)}"
     return what
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from shared import __version__
-from shared.model import Finding, Severity
+from shared.model import Finding, RuleFailure, Severity
 from shared.rules import REGISTRY
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -36,9 +36,11 @@ _SECURITY_SEVERITY = {
 class InstanceResult:
     instance_id: str
     findings: tuple[Finding, ...] = ()
-    unreadable: tuple[str, ...] = ()  # parts of the snapshot that could not be read
+    unreadable: tuple[str, ...] = ()  # parts of the snapshot that could not be read: a partial result
+    not_configured: tuple[str, ...] = ()  # parts the settings leave out: not read, but nothing failed
     error: str | None = None  # the instance could not be scanned at all
     notes: tuple[str, ...] = ()  # e.g. problems with the exemption tags
+    rule_failures: tuple[RuleFailure, ...] = ()  # rules that raised: their checks are missing
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,31 @@ class ScanReport:
         active = self.active_findings
         return max((f.severity for f in active), key=lambda s: s.rank) if active else None
 
-    def fails(self, threshold: Severity | None) -> bool:
-        """True when an unexempted finding is at or above `threshold`, or an instance failed."""
+    @property
+    def partial(self) -> bool:
+        """A part could not be read or a rule failed somewhere: some checks did not happen.
+        Parts left out by configuration do not make a result partial."""
+        return any(result.unreadable or result.rule_failures for result in self.instances)
+
+    def fails(self, threshold: Severity | None, *, allow_partial: bool = False) -> bool:
+        """True when an instance failed; with a threshold, also when an unexempted finding is
+        at or above it, or when the result is partial (what was not checked may be above it)
+        unless the operator allows partial results."""
         if any(result.error for result in self.instances):
             return True
         if threshold is None:
             return False
+        if self.partial and not allow_partial:
+            return True
         return any(f.severity.rank >= threshold.rank for f in self.active_findings)
+
+
+def fingerprint(f: Finding) -> str:
+    """A finding's identity across scans: rule, resource and property path, plus the list
+    entry when one path carries several findings (two secret headers of one diagnostic).
+    Never a value that changes while the finding stays the same problem."""
+    base = f"{f.rule_id}:{f.resource_id.lower()}:{f.evidence.path}"
+    return f"{base}:{f.entry}" if f.entry else base
 
 
 def _sorted(findings: list[Finding]) -> list[Finding]:
@@ -92,6 +112,10 @@ def render_table(report: ScanReport) -> str:
             lines.append(f"  {'':<8} {'':<9} {f.evidence.path}: {f.evidence.actual} (expected {f.evidence.expected})")
         for part in result.unreadable:
             lines.append(f"  UNREAD   {part}")
+        for part in result.not_configured:
+            lines.append(f"  NOT SET  {part}")
+        for failure in result.rule_failures:
+            lines.append(f"  FAILED   rule {failure.rule_id} did not run to the end: {failure.reason}")
         for note in result.notes:
             lines.append(f"  NOTE     {note}")
     active = report.active_findings
@@ -126,7 +150,9 @@ def render_json(report: ScanReport) -> str:
                 "id": r.instance_id,
                 "error": r.error,
                 "unreadable": list(r.unreadable),
+                "not_configured": list(r.not_configured),
                 "notes": list(r.notes),
+                "rule_failures": [{"rule": f.rule_id, "reason": f.reason} for f in r.rule_failures],
                 "findings": [_finding_json(f) for f in _sorted(list(r.findings))],
             }
             for r in report.instances
@@ -178,18 +204,33 @@ def render_sarif(report: ScanReport) -> str:
                     "logicalLocations": [{"fullyQualifiedName": f.resource_id, "kind": "resource"}],
                 }
             ],
-            "partialFingerprints": {"apimRemediator/v1": f"{f.rule_id}:{f.resource_id.lower()}:{f.evidence.path}"},
+            "partialFingerprints": {"apimRemediator/v1": fingerprint(f)},
             "properties": {"severity": f.severity.value, "instance": f.instance_id, "remediable": f.remediable},
         }
         if f.exemption is not None:
             result["suppressions"] = [{"kind": "external", "justification": f.exemption.reason}]
         results.append(result)
-    notifications = [
+    notifications: list[dict[str, Any]] = [
         {"level": "error", "message": {"text": f"{r.instance_id}: {r.error}"}} for r in report.instances if r.error
     ] + [
         {"level": "warning", "message": {"text": f"{r.instance_id}: could not read {part}"}}
         for r in report.instances
         for part in r.unreadable
+    ]
+    notifications += [
+        {"level": "note", "message": {"text": f"{r.instance_id}: did not read {part}"}}
+        for r in report.instances
+        for part in r.not_configured
+    ]
+    notifications += [
+        {
+            "level": "error",
+            "message": {"text": f"{failure}; its checks are missing for this instance"},
+            "associatedRule": {"id": failure.rule_id, "index": index[failure.rule_id]},
+            "locations": [{"logicalLocations": [{"fullyQualifiedName": failure.instance_id, "kind": "resource"}]}],
+        }
+        for r in report.instances
+        for failure in r.rule_failures
     ]
     run: dict[str, Any] = {
         "tool": {
@@ -201,7 +242,7 @@ def render_sarif(report: ScanReport) -> str:
         },
         "invocations": [
             {
-                "executionSuccessful": not any(r.error for r in report.instances),
+                "executionSuccessful": not any(r.error or r.rule_failures for r in report.instances),
                 "startTimeUtc": report.started.isoformat().replace("+00:00", "Z"),
                 "endTimeUtc": report.finished.isoformat().replace("+00:00", "Z"),
                 "toolExecutionNotifications": notifications,

@@ -3,7 +3,8 @@
 This is the only module that reads the product's settings. `load_settings()` checks every
 setting and raises one `SettingsError` naming each problem and the setting to fix, so an
 operator fixes a misconfigured deployment in one pass instead of one error per restart.
-Values of secret settings never appear in messages or reprs.
+Values of secret settings never appear in messages or reprs, and no message shows a URL's
+user info, query or fragment (`shown`): they are where SAS tokens and passwords live.
 
 Cloud profiles: the three public sovereign clouds have fixed endpoints; `Custom` takes
 explicit endpoints (Azure Stack, or the local twin the tests use — it is just a custom
@@ -28,6 +29,36 @@ _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
 # Storage account names: 3-24 lowercase letters and digits.
 _ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+# Parameter names whose value is a credential wherever they appear (SAS signatures, keys,
+# passwords, function codes): a value carrying one is never echoed, not even in part.
+_CREDENTIAL_PARAM = re.compile(r"(?i)(?:^|[?&;#\s])(?:sig|signature|key|accountkey|password|pwd|secret|token|code)=")
+
+
+def shown(value: str) -> str:
+    """A setting's value as a problem message may show it (quoted).
+
+    Operators paste SAS URLs, connection strings and URLs with user info into the wrong
+    setting, and the message ends up in logs: a URL loses its user info, query and
+    fragment, and a value that still names a credential parameter is not shown at all.
+    """
+    text = value
+    cut = min((i for i in (text.find("?"), text.find("#")) if i >= 0), default=-1)
+    trimmed = cut >= 0
+    if trimmed:
+        text = text[:cut]
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        netloc, slash, path = rest.partition("/")
+        if "@" in netloc:
+            netloc = "***@" + netloc.rsplit("@", 1)[1]
+        text = f"{scheme}://{netloc}{slash}{path}"
+    elif "@" in text.split("/", 1)[0]:
+        text = "***@" + text.split("@", 1)[1]
+    if _CREDENTIAL_PARAM.search(text):
+        return "(a value that looks like a credential; not shown)"
+    return repr(text + ("?***" if trimmed else ""))
 
 
 class CloudName(StrEnum):
@@ -186,7 +217,7 @@ class Settings:
     log_level: str = "INFO"
 
     def describe(self) -> dict[str, object]:
-        """A secret-free view for health checks and logs."""
+        """A secret-free view for logs."""
         return {
             "cloud": self.cloud.name.value,
             "resource_manager": self.cloud.resource_manager,
@@ -222,10 +253,10 @@ class _Reader:
             return None
         parts = urlsplit(value)
         if parts.scheme != "https" or not parts.netloc:
-            self.problem(key, f"must be an https:// URL, got {value!r}")
+            self.problem(key, f"must be an https:// URL, got {shown(value)}")
             return None
         if parts.query or parts.fragment:
-            self.problem(key, f"must not carry a query or fragment, got {value!r}")
+            self.problem(key, f"must not carry a query or fragment, got {shown(value)}")
             return None
         return value.rstrip("/")
 
@@ -238,7 +269,7 @@ class _Reader:
             return True
         if lowered in ("false", "0", "no"):
             return False
-        self.problem(key, f"must be true or false, got {value!r}")
+        self.problem(key, f"must be true or false, got {shown(value)}")
         return default
 
     def integer(self, key: str, default: int, low: int, high: int) -> int:
@@ -248,7 +279,7 @@ class _Reader:
         try:
             number = int(value)
         except ValueError:
-            self.problem(key, f"must be a whole number from {low} to {high}, got {value!r}")
+            self.problem(key, f"must be a whole number from {low} to {high}, got {shown(value)}")
             return default
         if not low <= number <= high:
             self.problem(key, f"must be from {low} to {high}, got {number}")
@@ -262,7 +293,7 @@ class _Reader:
         try:
             number = float(value)
         except ValueError:
-            self.problem(key, f"must be a number from {low:g} to {high:g}, got {value!r}")
+            self.problem(key, f"must be a number from {low:g} to {high:g}, got {shown(value)}")
             return default
         if not low <= number <= high:
             self.problem(key, f"must be from {low:g} to {high:g}, got {number:g}")
@@ -276,7 +307,7 @@ def _cloud(r: _Reader) -> CloudProfile:
     name = names.get(raw.lower())
     if name is None:
         allowed = ", ".join(c.value for c in CloudName)
-        r.problem("CLOUD", f"unknown cloud {raw!r}; allowed: {allowed}")
+        r.problem("CLOUD", f"unknown cloud {shown(raw)}; allowed: {allowed}")
         name = CloudName.AZURE_CLOUD
     if name is not CloudName.CUSTOM:
         for key in _CUSTOM_ONLY:
@@ -291,7 +322,7 @@ def _cloud(r: _Reader) -> CloudProfile:
     verify = r.boolean("KEYVAULT_VERIFY_CHALLENGE_RESOURCE", True)
     suffix = r.raw("STORAGE_ENDPOINT_SUFFIX") or ""
     if suffix and ("/" in suffix or ":" in suffix or suffix.startswith(".")):
-        r.problem("STORAGE_ENDPOINT_SUFFIX", f"must be a DNS suffix like core.windows.net, got {suffix!r}")
+        r.problem("STORAGE_ENDPOINT_SUFFIX", f"must be a DNS suffix like core.windows.net, got {shown(suffix)}")
     return CloudProfile(
         name=CloudName.CUSTOM,
         resource_manager=arm or "https://invalid",
@@ -312,7 +343,7 @@ def _subscriptions(r: _Reader) -> tuple[str, ...]:
     ids = [part.strip() for part in raw.split(",") if part.strip()]
     bad = [i for i in ids if not _GUID.match(i)]
     if bad:
-        r.problem("SUBSCRIPTION_IDS", f"not subscription ids (GUIDs): {', '.join(repr(b) for b in bad)}")
+        r.problem("SUBSCRIPTION_IDS", f"not subscription ids (GUIDs): {', '.join(shown(b) for b in bad)}")
     if not ids:
         r.problem("SUBSCRIPTION_IDS", "names no subscription")
     seen: dict[str, None] = {}
@@ -343,7 +374,7 @@ def _storage(r: _Reader, cloud: CloudProfile) -> StorageSettings:
         return StorageSettings(connection_string=Secret(conn))
     if account is not None:
         if not _ACCOUNT.match(account):
-            r.problem("STORAGE_ACCOUNT", f"must be 3-24 lowercase letters and digits, got {account!r}")
+            r.problem("STORAGE_ACCOUNT", f"must be 3-24 lowercase letters and digits, got {shown(account)}")
             return StorageSettings()
         if not cloud.storage_suffix:
             r.problem(
@@ -371,14 +402,14 @@ def _scope(r: _Reader) -> ScopeSettings:
     groups = tuple(g.strip().lower() for g in (groups_raw or "").split(",") if g.strip())
     bad_groups = [g for g in groups if not re.fullmatch(r"[-\w._()]{1,90}", g)]
     if bad_groups:
-        r.problem("RESOURCE_GROUPS", f"not resource group names: {', '.join(repr(g) for g in bad_groups)}")
+        r.problem("RESOURCE_GROUPS", f"not resource group names: {', '.join(shown(g) for g in bad_groups)}")
     tags: list[tuple[str, str]] = []
     for pair in (r.raw("TAG_SELECTOR") or "").split(","):
         if not pair.strip():
             continue
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
-            r.problem("TAG_SELECTOR", f"must be name=value pairs separated by commas, got {pair.strip()!r}")
+            r.problem("TAG_SELECTOR", f"must be name=value pairs separated by commas, got {shown(pair.strip())}")
             continue
         tags.append((name.strip(), value.strip()))
     return ScopeSettings(resource_groups=groups, tags=tuple(tags))
@@ -399,17 +430,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     key_vault_url = r.https_url("KEY_VAULT_URL", required=False)
     policy_file = r.raw("POLICY_FILE") or DEFAULT_POLICY_FILE
     if not Path(policy_file).is_file():
-        r.problem("POLICY_FILE", f"no such file: {policy_file!r} (the policy-as-code YAML)")
+        r.problem("POLICY_FILE", f"no such file: {shown(policy_file)} (the policy-as-code YAML)")
     lease_seconds = r.integer("LEASE_SECONDS", 30, 15, 60)
     mi_client = r.raw("MANAGED_IDENTITY_CLIENT_ID")
     if mi_client is not None and not _GUID.match(mi_client):
-        r.problem("MANAGED_IDENTITY_CLIENT_ID", f"must be a client id (GUID), got {mi_client!r}")
+        r.problem("MANAGED_IDENTITY_CLIENT_ID", f"must be a client id (GUID), got {shown(mi_client)}")
     ca_bundle = r.raw("CA_BUNDLE")
     if ca_bundle is not None and not Path(ca_bundle).is_file():
-        r.problem("CA_BUNDLE", f"no such file: {ca_bundle!r} (a PEM file of CA certificates to trust)")
+        r.problem("CA_BUNDLE", f"no such file: {shown(ca_bundle)} (a PEM file of CA certificates to trust)")
     log_level = (r.raw("LOG_LEVEL") or "INFO").upper()
     if log_level not in _LOG_LEVELS:
-        r.problem("LOG_LEVEL", f"must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+        r.problem("LOG_LEVEL", f"must be one of {', '.join(_LOG_LEVELS)}, got {shown(log_level)}")
         log_level = "INFO"
     if r.problems:
         raise SettingsError(r.problems)

@@ -4,7 +4,9 @@ Every part is read concurrently with the async SDK clients, each list page and e
 sub-resource exactly once. A part that cannot be read (403, a 404 of the whole collection,
 a timeout after the client's retries) is named in `Snapshot.unreadable` as
 "<part>: <status> <code>" and left empty, so the rules about it say nothing; only the
-service itself is required (gone -> `PermanentError`).
+service itself is required (gone -> `PermanentError`). A part the settings leave out (the
+key ledger and key hashes without APIMR_KEY_VAULT_URL) is named in
+`Snapshot.not_configured` instead: its rules say nothing, but nothing failed.
 
 Part names are the snapshot's field names: subscriptions, tenant_access, git_access, portal,
 identity_providers, named_values, apis, backends, products, policies, apim_diagnostics,
@@ -73,7 +75,7 @@ POLICY_FORMAT = "xml"
 # Requests one snapshot has in flight at once; a scan runs a few snapshots side by side and
 # ARM's read budget per principal and subscription is shared by all of them.
 MAX_CONCURRENT_READS = 8
-NOT_CONFIGURED = "not configured (no key vault URL)"
+NOT_CONFIGURED = "not configured (APIMR_KEY_VAULT_URL is not set)"
 
 T = TypeVar("T")
 
@@ -382,6 +384,7 @@ class _Reader:
         self.rg = ref.resource_group
         self.name = ref.name
         self.failures: dict[str, str] = {}
+        self.not_configured: dict[str, str] = {}  # parts the settings leave out, not failures
         self.gate = asyncio.Semaphore(MAX_CONCURRENT_READS)
 
     def fail(self, part: str, what: str, reason: str) -> None:
@@ -538,7 +541,7 @@ class _Reader:
 
     async def key_ledger(self, vault_url: str | None) -> tuple[TrackedKey, ...] | None:
         if vault_url is None:
-            self.failures["key_ledger"] = f"key_ledger: {NOT_CONFIGURED}"
+            self.not_configured["key_ledger"] = f"key_ledger: {NOT_CONFIGURED}"
             return None
         client = self.factory.secrets_async(vault_url)
         listed = await self.read("key_ledger", "the key ledger", lambda: _all(client.list_properties_of_secrets()))
@@ -581,6 +584,10 @@ class _Reader:
         ledger: Awaitable[tuple[TrackedKey, ...] | None],
     ) -> tuple[KeyHashes, ...]:
         subs, tracked_keys = await subscriptions, await ledger
+        if tracked_keys is None and "key_ledger" in self.not_configured:
+            # No ledger to compare with: nothing failed, the deployment did not ask for it.
+            self.not_configured["key_hashes"] = f"key_hashes: {NOT_CONFIGURED}"
+            return ()
         if tracked_keys is None or subs is None:
             # Which subscriptions to compare is unknown: say so rather than compare none.
             part = "key_ledger" if tracked_keys is None else "subscriptions"
@@ -673,4 +680,5 @@ async def read_snapshot(
         key_ledger=align_ledger(ledger.result() or (), subscriptions.result() or ()),
         key_hashes=key_hashes.result(),
         unreadable=tuple(sorted(reader.failures.values())),
+        not_configured=tuple(sorted(reader.not_configured.values())),
     )

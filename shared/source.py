@@ -20,16 +20,22 @@ from azure.core.exceptions import (
 
 from shared.azure import ClientFactory
 from shared.errors import PermanentError, TransientError
-from shared.inventory import InstanceRef, discover
+from shared.inventory import InstanceRef, describe_failure, discover
 from shared.model import Snapshot
 from shared.settings import Settings
 from shared.snapshot import read_snapshot
 
 
 def translate(error: AzureError, what: str) -> TransientError | PermanentError:
-    """An SDK error as the product's: 429/5xx/network are transient, the rest permanent."""
+    """An SDK error as the product's: 429/5xx/network are transient, the rest permanent.
+
+    Without an HTTP answer the message names the host the transport could not reach and
+    why (e.g. "ConnectionRefusedError: connection refused"), never the request's query.
+    """
     status = getattr(error, "status_code", None)
     code = getattr(getattr(error, "error", None), "code", None) or type(error).__name__
+    if isinstance(error, ServiceRequestError | ServiceResponseError) and status is None:
+        return TransientError(f"{what}: {describe_failure(error)}")
     if isinstance(error, ServiceRequestError | ServiceResponseError) or status in (408, 429, 500, 502, 503, 504):
         return TransientError(f"{what}: {status or 'no response'} {code}")
     if isinstance(error, ResourceNotFoundError):

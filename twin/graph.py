@@ -5,9 +5,19 @@ providers/{ns}/{type}/{name}`; child and extension resources are not in the `res
 table), restricted to the request's subscriptions (all subscriptions when none are given).
 As in Resource Graph, `type`, `location` and `resourceGroup` come back lowercase.
 
+Table `resourcecontainers` holds the subscriptions (type microsoft.resources/subscriptions,
+id `/subscriptions/{id}`, name the display name) and their resource groups (type
+microsoft.resources/subscriptions/resourcegroups), as Resource Graph's table of the same
+name does (learn.microsoft.com/azure/governance/resource-graph/reference/supported-tables-resources).
+Both tables answer only for the request's subscriptions that exist in the twin: a
+subscription the twin does not have is left out without an error, as Resource Graph leaves
+out subscriptions the caller cannot read ("without at least read permissions to the Azure
+object or object group, results aren't returned",
+learn.microsoft.com/azure/governance/resource-graph/overview#permissions-in-azure-resource-graph).
+
 The query language is the small subset the product sends, parsed here (not full KQL):
 
-    resources
+    resources | resourcecontainers
     | where <cond> [and <cond> ...]        (any number of where clauses)
     | project <column>, <column>, ...      (optional, last)
 
@@ -121,8 +131,12 @@ class Condition:
         return not hit if self.op.startswith("!") else hit
 
 
+TABLES = ("resources", "resourcecontainers")
+
+
 @dataclass
 class Query:
+    table: str = "resources"
     conditions: list[Condition] = field(default_factory=list)
     project: list[str] | None = None
 
@@ -169,9 +183,9 @@ class _Parser:
 
     def parse(self) -> Query:
         kind, text = self.take()
-        if kind != "word" or text.lower() != "resources":
-            raise QueryError(f"the table '{text}' is not supported (only 'resources')")
-        query = Query()
+        if kind != "word" or text.lower() not in TABLES:
+            raise QueryError(f"the table '{text}' is not supported (only {', '.join(repr(t) for t in TABLES)})")
+        query = Query(table=text.lower())
         while self.peek() is not None:
             self.expect("|")
             kind, op = self.take()
@@ -292,15 +306,62 @@ def _row(state: TwinState, resource_id: str, body: dict[str, Any]) -> dict[str, 
     }
 
 
+def _container(state: TwinState, sub_id: str, rtype: str, **values: Any) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(
+        tenantId=state.tenant_id, kind="", location="", resourceGroup="", managedBy="", tags={}, subscriptionId=sub_id
+    )
+    row.update(type=rtype, **values)
+    return row
+
+
+def _containers(state: TwinState) -> list[dict[str, Any]]:
+    """The subscriptions and resource groups, as Resource Graph's resourcecontainers table has them."""
+    rows = []
+    for sub in state.subscriptions.values():
+        sub_id = sub["subscriptionId"]
+        rows.append(
+            _container(
+                state,
+                sub_id,
+                "microsoft.resources/subscriptions",
+                id=f"/subscriptions/{sub_id}",
+                name=sub.get("displayName") or sub_id,
+                properties={"state": "Enabled"},
+            )
+        )
+        for group in sub["resourceGroups"].values():
+            rows.append(
+                _container(
+                    state,
+                    sub_id,
+                    "microsoft.resources/subscriptions/resourcegroups",
+                    id=f"/subscriptions/{sub_id}/resourceGroups/{group['name']}",
+                    name=group["name"],
+                    location=str(group.get("location") or "").lower().replace(" ", ""),
+                    resourceGroup=str(group["name"]).lower(),
+                    tags=dict(group.get("tags") or {}),
+                    properties={"provisioningState": "Succeeded"},
+                )
+            )
+    return rows
+
+
 def rows_for(state: TwinState, subscriptions: list[str] | None, query: Query) -> list[dict[str, Any]]:
     wanted = {s.lower() for s in subscriptions} if subscriptions else set(state.subscriptions)
-    out = []
-    for resource in state.store.resources.values():
-        row = _row(state, resource.id, resource.body)
-        if row is None or row["subscriptionId"].lower() not in wanted:
-            continue
-        if all(c.test(row) for c in query.conditions):
-            out.append(row)
+    if query.table == "resourcecontainers":
+        candidates = _containers(state)
+    else:
+        candidates = [
+            row
+            for resource in state.store.resources.values()
+            if (row := _row(state, resource.id, resource.body)) is not None
+        ]
+    out = [
+        row
+        for row in candidates
+        if row["subscriptionId"].lower() in wanted and all(c.test(row) for c in query.conditions)
+    ]
     out.sort(key=lambda r: str(r["id"]).lower())
     return out
 

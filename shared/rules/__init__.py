@@ -20,6 +20,18 @@ ParamValue = int | float | str | bool | tuple[str, ...]
 
 
 @dataclass(frozen=True)
+class ParamFormat:
+    """The shape a string parameter (or each item of a list) must have beyond its type.
+
+    The policy loader checks it, so a value the rule could not use is refused at load time
+    with the file, line and key, instead of failing the rule during a scan.
+    """
+
+    description: str  # what is accepted, for messages and docs: "an api-version date YYYY-MM-DD"
+    accepts: Callable[[str], bool] = field(compare=False)
+
+
+@dataclass(frozen=True)
 class Param:
     """A rule parameter: its type is the type of its default (tuple = list of strings)."""
 
@@ -27,7 +39,9 @@ class Param:
     default: ParamValue
     description: str
     minimum: float | None = None
+    maximum: float | None = None
     choices: tuple[str, ...] = ()
+    format: ParamFormat | None = None
 
     @property
     def type_name(self) -> str:
@@ -80,10 +94,12 @@ class Rule:
         resource_id: str | None = None,
         severity: Severity | None = None,
         remediable: bool | None = None,
+        entry: str = "",
     ) -> Finding:
         """A finding of this rule about `resource_id` (default: the service). `severity` and
         `remediable` override the rule's for this finding (e.g. a heuristic finding that
-        the rule's remediation does not cover)."""
+        the rule's remediation does not cover); `entry` names the list entry at `path` it is
+        about when one resource and path can carry several findings."""
         return Finding(
             rule_id=self.id,
             resource_id=resource_id or snapshot.service.id,
@@ -93,6 +109,7 @@ class Rule:
             message=message,
             evidence=Evidence(path=path, actual=_text(actual), expected=_text(expected)),
             remediable=self.remediable if remediable is None else remediable,
+            entry=entry,
         )
 
 

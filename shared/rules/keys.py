@@ -220,7 +220,8 @@ def untracked_key(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> 
         owasp_api=("API2:2023",),
         docs=(SUBSCRIPTIONS_DOC, DUAL_ROTATION_DOC),
     ),
-    params=[Param("max_age_days", 90, "Rotate keys at least this often (days).", minimum=1)],
+    # A timedelta holds at most 999,999,999 days; a century is far beyond any rotation period.
+    params=[Param("max_age_days", 90, "Rotate keys at least this often (days).", minimum=1, maximum=36500)],
     remediable=False,  # key rotation through Key Vault (dual-key) arrives with its own issue
 )
 def key_too_old(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> list[Finding]:

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from shared.model import ApimDiagnostic, DiagnosticSetting, Finding, Logger, Severity, Snapshot
-from shared.rules import Param, References, Rule, rule
+from shared.rules import Param, ParamFormat, References, Rule, rule
 
 # Category groups that certainly contain GatewayLogs. `audit` is left out: Azure Monitor's
 # reference for Microsoft.ApiManagement/service does not say which categories the group
 # holds, and a rule that assumes it does would pass an instance whose gateway logs go nowhere.
 _QUALIFYING_GROUPS = ("alllogs",)
 _GATEWAY_CATEGORY = "gatewaylogs"
+_WORKSPACE_ID = re.compile(
+    r"/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.OperationalInsights/workspaces/[^/]+",
+    re.IGNORECASE,
+)
+# Anything else never equals a setting's workspace id, so every instance would be flagged
+# (and the remediation would ask Azure Monitor for a workspace that cannot exist).
+_WORKSPACE = ParamFormat(
+    "empty, or a Log Analytics workspace id /subscriptions/.../providers/Microsoft.OperationalInsights/workspaces/NAME",
+    lambda v: not v.strip() or _WORKSPACE_ID.fullmatch(v.strip()) is not None,
+)
 
 _SECRET_HEADERS = (
     "Ocp-Apim-Subscription-Key",
@@ -59,6 +70,7 @@ _HEADER_LISTS = (
             "workspace_id",
             "",
             "ARM id of the Log Analytics workspace the gateway logs must reach; empty accepts any workspace.",
+            format=_WORKSPACE,
         )
     ],
     remediable=True,
@@ -238,6 +250,7 @@ def _logged_secrets(
                     actual=name,
                     expected="(not logged)",
                     resource_id=diagnostic.id,
+                    entry=key,
                 )
             )
     return findings

@@ -8,7 +8,7 @@ from datetime import date
 from typing import Any
 
 from shared.model import AccessSetting, Finding, Severity, Snapshot
-from shared.rules import Param, References, Rule, rule
+from shared.rules import Param, ParamFormat, References, Rule, rule
 
 _DOCS = "https://learn.microsoft.com/azure/api-management/"
 _API_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -116,7 +116,12 @@ def git_configuration(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any])
         docs=(_DOCS + "breaking-changes/api-version-retirement-sep-2023",),
     ),
     params=[
-        Param("min_api_version", "2019-12-01", "Oldest acceptable minApiVersion (YYYY-MM-DD)."),
+        Param(
+            "min_api_version",
+            "2019-12-01",
+            "Oldest acceptable minApiVersion (YYYY-MM-DD).",
+            format=ParamFormat("an api-version date YYYY-MM-DD", lambda v: api_version_date(v) is not None),
+        ),
         Param("skip_skus", ("Consumption",), "SKUs not evaluated."),
     ],
     remediable=True,

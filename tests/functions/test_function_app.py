@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 from collections import Counter
 from typing import Any
 
@@ -13,6 +14,7 @@ import azure.functions as func
 import pytest
 
 import function_app
+from shared import __version__
 from shared.settings import SETTING_NAMES
 
 TRIGGERS = {"httpTrigger", "timerTrigger", "queueTrigger", "eventGridTrigger", "blobTrigger"}
@@ -69,41 +71,51 @@ def function(name: str) -> Any:
     raise AssertionError(f"no function named {name}")
 
 
-def test_health_reports_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+def health_answer() -> tuple[int, dict[str, Any]]:
+    response = function("health")(func.HttpRequest(method="GET", url="/api/health", body=b""))
+    return response.status_code, json.loads(response.get_body())
+
+
+def test_health_reports_configured_with_status_and_version_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APIMR_SUBSCRIPTION_IDS", SUB)
     monkeypatch.setenv("APIMR_STORAGE_ACCOUNT", "apimrstate")
-    request = func.HttpRequest(method="GET", url="/api/health", body=b"")
-    response = function("health")(request)
-    assert response.status_code == 200
-    body = json.loads(response.get_body())
-    assert body["status"] == "healthy"
-    assert body["settings"]["cloud"] == "AzureCloud"
+    status, body = health_answer()
+    assert status == 200
+    # Anonymous: no settings summary (endpoints, storage URL) for anyone who asks.
+    assert body == {"status": "healthy", "version": __version__}
 
 
-def test_health_reports_a_broken_policy_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+def test_health_logs_a_broken_policy_file_and_answers_status_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nrules:\n  NOPE-001: {mode: detect}\n")
     monkeypatch.setenv("APIMR_SUBSCRIPTION_IDS", SUB)
     monkeypatch.setenv("APIMR_STORAGE_ACCOUNT", "apimrstate")
     monkeypatch.setenv("APIMR_POLICY_FILE", str(policy))
-    response = function("health")(func.HttpRequest(method="GET", url="/api/health", body=b""))
-    assert response.status_code == 503
-    [problem] = json.loads(response.get_body())["problems"]
-    assert problem.startswith(f"{policy}:3: rules.NOPE-001: unknown rule id")
+    caplog.set_level(logging.ERROR, logger="handlers.health")
+    status, body = health_answer()
+    assert status == 503
+    assert body == {"status": "misconfigured", "version": __version__}
+    assert f"{policy}:3: rules.NOPE-001: unknown rule id" in caplog.text
 
 
-def test_health_names_every_problem_without_secret_values(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_health_never_echoes_setting_values_to_anonymous_callers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     canary = "CANARY-5f0c1d2e-key"
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("APIMR_STORAGE_CONNECTION_STRING", f"nonsense;AccountKey={canary}")
     monkeypatch.setenv("APIMR_CLOUD", "Mars")
-    response = function("health")(func.HttpRequest(method="GET", url="/api/health", body=b""))
-    assert response.status_code == 503
-    text = response.get_body().decode()
-    assert canary not in text
-    body = json.loads(text)
-    assert body["status"] == "misconfigured"
-    assert any(p.startswith("APIMR_CLOUD:") for p in body["problems"])
-    assert any(p.startswith("APIMR_SUBSCRIPTION_IDS:") for p in body["problems"])
-    assert any(p.startswith("APIMR_STORAGE_CONNECTION_STRING:") for p in body["problems"])
+    # A SAS URL pasted into a URL setting: the query is the credential.
+    monkeypatch.setenv("APIMR_KEY_VAULT_URL", f"http://admin:{canary}@kv.example.net/?sv=2022-11-02&sig={canary}")
+    caplog.set_level(logging.ERROR, logger="handlers.health")
+    status, body = health_answer()
+    assert status == 503
+    assert body == {"status": "misconfigured", "version": __version__}
+    # The problems go to the log, every one named, no value of a secret in them.
+    assert canary not in caplog.text
+    for name in ("APIMR_CLOUD:", "APIMR_SUBSCRIPTION_IDS:", "APIMR_STORAGE_CONNECTION_STRING:", "APIMR_KEY_VAULT_URL:"):
+        assert name in caplog.text
+    assert "'http://***@kv.example.net/?***'" in caplog.text

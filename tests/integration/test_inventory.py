@@ -13,6 +13,7 @@ from azure.core.exceptions import HttpResponseError
 
 from shared import inventory
 from shared.azure import ClientFactory
+from shared.errors import PermanentError
 from shared.inventory import InstanceRef, discover
 from shared.settings import load_settings
 from tests.conftest import TwinHandle
@@ -126,7 +127,7 @@ async def test_resource_graph_finds_exactly_the_services_in_scope(
     seed(twin)
     refs = await found(twin, **settings)
     assert [r.id for r in refs] == sorted(expected, key=str.lower)
-    assert len(graph_requests(twin)) == 1
+    assert len(graph_requests(twin)) == 2  # which subscriptions Graph sees, then the services
     # The fallback never ran.
     _, body = twin.control("GET", "/_twin/log?service=arm")
     assert not [e for e in body["entries"] if e["path"].endswith("/providers/Microsoft.ApiManagement/service")]
@@ -165,8 +166,9 @@ async def test_resource_graph_pages_with_the_skip_token(twin: TwinHandle, monkey
     monkeypatch.setattr(inventory, "GRAPH_PAGE", 1)
     refs = await found(twin)
     assert [r.id for r in refs] == sorted(ALL, key=str.lower)
-    # One row a page: four pages, then the end (only APIM services match the query).
-    assert len(graph_requests(twin)) == 4
+    # One row a page: four pages, then the end (only APIM services match the query); the
+    # subscriptions check before them is one page of its own.
+    assert len(graph_requests(twin)) == 1 + 4
 
 
 async def test_when_the_fallback_fails_too_the_error_is_raised(twin: TwinHandle) -> None:
@@ -181,3 +183,18 @@ async def test_when_the_fallback_fails_too_the_error_is_raised(twin: TwinHandle)
     with pytest.raises(HttpResponseError) as caught:
         await found(twin, APIMR_RETRY_TOTAL="0")
     assert caught.value.status_code == 403
+
+
+UNSEEN = "3f2a1b0c-0000-4000-8000-0000000009ff"  # not in the twin: Graph leaves it out, like one without a role
+
+
+async def test_a_configured_subscription_resource_graph_cannot_see_is_an_error(twin: TwinHandle) -> None:
+    seed(twin)
+    with pytest.raises(PermanentError) as raised:
+        await found(twin, APIMR_SUBSCRIPTION_IDS=f"{PROD},{UNSEEN},{DEV}")
+    message = str(raised.value)
+    assert f"Resource Graph cannot see subscription(s) {UNSEEN} of APIMR_SUBSCRIPTION_IDS" in message
+    assert PROD not in message
+    assert DEV not in message
+    # Refused before the services were asked for: nothing was scanned as if it were all.
+    assert len(graph_requests(twin)) == 1

@@ -497,3 +497,17 @@ async def test_a_scan_reads_each_page_and_each_sub_resource_once(twin: TwinHandl
         assert paths[part] == 1, part
     assert paths["/subscriptions"] == 2
     assert len(entries) == 1 + 19 + 2
+
+
+async def test_no_key_vault_url_is_not_configured_not_a_failed_read(twin: TwinHandle) -> None:
+    seed_drifted(twin)
+    async with product_factory(twin) as factory:
+        snap = await snapshot_of(factory, None)
+    assert snap.unreadable == ()
+    assert snap.not_configured == (
+        "key_hashes: not configured (APIMR_KEY_VAULT_URL is not set)",
+        "key_ledger: not configured (APIMR_KEY_VAULT_URL is not set)",
+    )
+    # The rules about the ledger stay silent either way.
+    assert not snap.readable("key_ledger")
+    assert not snap.readable("key_hashes")

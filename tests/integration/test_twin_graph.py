@@ -265,3 +265,27 @@ def test_services_seeded_by_the_apim_section_are_found(twin: TwinHandle) -> None
     everything = query(twin, "resources", [DEV])
     assert everything.total_records >= 1
     assert all(str(r["type"]).count("/") == 1 for r in everything.data)
+
+
+def test_resourcecontainers_lists_the_visible_subscriptions_and_groups(seeded: TwinHandle) -> None:
+    unknown = "3f2a1b0c-0000-4000-8000-0000000009ff"  # not in the twin: like a subscription the caller cannot read
+    text = "resourcecontainers | where type =~ 'microsoft.resources/subscriptions' | project id, name, subscriptionId"
+    result = query(seeded, text, [PROD, unknown])
+    assert result.data == [{"id": f"/subscriptions/{PROD}", "name": "platform-prod", "subscriptionId": PROD}]
+    groups = query(
+        seeded,
+        "ResourceContainers | where type =~ 'microsoft.resources/subscriptions/resourcegroups' "
+        "| project id, resourceGroup, location, subscriptionId",
+        [DEV],
+    )
+    assert groups.data == [
+        {
+            "id": f"/subscriptions/{DEV}/resourceGroups/rg-apim-dev",
+            "resourceGroup": "rg-apim-dev",
+            "location": "northeurope",
+            "subscriptionId": DEV,
+        }
+    ]
+    # The resources table does not hold containers, and containers hold no resources.
+    assert query(seeded, "resources | where type =~ 'microsoft.resources/subscriptions'", [PROD]).data == []
+    assert query(seeded, "resourcecontainers | where type =~ 'microsoft.apimanagement/service'", [PROD]).data == []

@@ -603,3 +603,69 @@ def test_the_docs_example_loads() -> None:
     assert [e.rule for e in policy.exemptions] == ["NET-001", "*"]
     assert policy.max_writes_per_run == 20
     assert policy.tag_exemptions is True
+
+
+# -- parameter formats: a value the rule could not use is refused at load time ---------------
+
+
+WORKSPACE = (
+    "/subscriptions/11111111-2222-3333-4444-555555555555/resourceGroups/rg-logs"
+    "/providers/Microsoft.OperationalInsights/workspaces/law-apim"
+)
+
+
+@pytest.mark.parametrize(
+    ("rule_id", "value", "message"),
+    [
+        # The reproduction from issue 8: a string the loader took and MGMT-003 raised on.
+        (
+            "MGMT-003",
+            "min_api_version: '2021-13-45'",
+            "rules.MGMT-003.params.min_api_version: expected an api-version date YYYY-MM-DD, got '2021-13-45'",
+        ),
+        (
+            "MGMT-003",
+            "min_api_version: latest",
+            "rules.MGMT-003.params.min_api_version: expected an api-version date YYYY-MM-DD, got 'latest'",
+        ),
+        (
+            "LOG-001",
+            "workspace_id: law-apim",
+            "rules.LOG-001.params.workspace_id: expected empty, or a Log Analytics workspace id "
+            "/subscriptions/.../providers/Microsoft.OperationalInsights/workspaces/NAME, got 'law-apim'",
+        ),
+        (
+            "KEY-003",
+            "max_age_days: 1000000000",
+            "rules.KEY-003.params.max_age_days: expected an integer >= 1 and <= 36500, got 1000000000",
+        ),
+    ],
+)
+def test_parameter_formats_are_checked_at_load_time(rule_id: str, value: str, message: str) -> None:
+    text = f"version: 1\nrules:\n  {rule_id}:\n    params:\n      {value}\n"
+    assert problems(text) == [f"policy.yaml:5: {message}"]
+
+
+def test_values_in_the_parameter_formats_load() -> None:
+    text = (
+        "version: 1\nrules:\n"
+        "  MGMT-003: {params: {min_api_version: '2022-08-01'}}\n"
+        f"  LOG-001: {{params: {{workspace_id: '{WORKSPACE}'}}}}\n"
+        "  KEY-003: {params: {max_age_days: 36500}}\n"
+    )
+    loaded = load(text)
+    assert loaded.params_of("MGMT-003")["min_api_version"] == "2022-08-01"
+    assert loaded.params_of("LOG-001")["workspace_id"] == WORKSPACE
+    assert loaded.params_of("KEY-003")["max_age_days"] == 36500
+
+
+def test_every_default_fits_its_own_parameter_schema() -> None:
+    for rule_id, registered in REGISTRY.items():
+        for param in registered.params:
+            values = param.default if isinstance(param.default, tuple) else (param.default,)
+            for value in values:
+                if param.format is not None and isinstance(value, str):
+                    assert param.format.accepts(value), (rule_id, param.name, value)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    assert param.minimum is None or value >= param.minimum, (rule_id, param.name)
+                    assert param.maximum is None or value <= param.maximum, (rule_id, param.name)

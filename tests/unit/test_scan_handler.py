@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from datetime import date
+from types import MappingProxyType
 
 import pytest
 
 from handlers.scan import ScanRequest, scan
-from shared.errors import OutOfScopeError, PermanentError
+from shared.errors import OutOfScopeError, PermanentError, RuleError
+from shared.evaluation import evaluate_snapshot
 from shared.inventory import InstanceRef
 from shared.model import Severity, Snapshot, frozen_map
 from shared.policy import Policy, parse_policy
@@ -136,3 +138,60 @@ def test_fail_on_threshold() -> None:
     assert report.fails(severity)
     assert not report.fails(Severity.CRITICAL)
     assert not report.fails(None)
+
+
+def test_a_rule_that_raises_is_reported_and_the_other_rules_still_run() -> None:
+    # A value the rule cannot use, past the loader (issue 8's reproduction: MGMT-003 raised
+    # ValueError and the scan died with a traceback).
+    broken = Policy(overrides=MappingProxyType({"MGMT-003": MappingProxyType({"min_api_version": "2021-13-45"})}))
+    source = RecordingSource({SERVICE_ID: compliant(), OTHER_ID: open_instance()}, [ref(SERVICE_ID), ref(OTHER_ID)])
+    report = run(ScanRequest(), source, broken)
+    results = {r.instance_id: r for r in report.instances}
+    assert set(results) == {SERVICE_ID, OTHER_ID}
+    for instance_id, result in results.items():
+        assert result.error is None
+        [failure] = result.rule_failures
+        assert (failure.rule_id, failure.instance_id) == ("MGMT-003", instance_id)
+        assert failure.reason.startswith("ValueError: MGMT-003: min_api_version must be YYYY-MM-DD")
+    # NET-001 (public access) still ran on the open instance.
+    assert [f.rule_id for f in results[OTHER_ID].findings] == ["NET-001"]
+    # A check is missing, so "nothing at or above the threshold" is not known.
+    assert report.fails(Severity.CRITICAL)
+    assert not report.fails(None)
+
+
+def test_evaluate_snapshot_refuses_an_incomplete_evaluation_with_a_rule_error() -> None:
+    broken = Policy(overrides=MappingProxyType({"MGMT-003": MappingProxyType({"min_api_version": "nope"})}))
+    with pytest.raises(RuleError, match=f"rule MGMT-003 failed on {SERVICE_ID}: ValueError"):
+        evaluate_snapshot(compliant(), broken, today=date(2026, 11, 23))
+
+
+class StuckSource(RecordingSource):
+    """One instance's read fails with a bug; the other's never finishes on its own."""
+
+    def __init__(self) -> None:
+        super().__init__({}, [ref(SERVICE_ID), ref(OTHER_ID)])
+        self.cancelled: list[str] = []
+
+    async def read(self, ref: InstanceRef) -> Snapshot:
+        if ref.id == SERVICE_ID:
+            await asyncio.sleep(0)
+            raise RuntimeError("bug while mapping apim-good")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(ref.id)
+            raise
+        raise AssertionError("unreachable")
+
+
+def test_a_bug_in_one_instance_leaves_no_other_instance_running() -> None:
+    source = StuckSource()
+
+    async def scan_then_look() -> None:
+        with pytest.raises(RuntimeError, match="bug while mapping apim-good"):
+            await scan(ScanRequest(), source, policy(), policy_file="policy.yaml", today=date(2026, 11, 23))
+        # Checked before asyncio.run's own clean-up could cancel a leftover task.
+        assert source.cancelled == [OTHER_ID]
+
+    asyncio.run(scan_then_look())

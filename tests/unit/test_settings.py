@@ -244,3 +244,39 @@ def test_scope_key_vault_and_policy_file(tmp_path: Path) -> None:
 )
 def test_scope_settings_problems(env: dict[str, str], expected: str) -> None:
     assert any(expected in p for p in problems(env))
+
+
+CANARY = "CANARY-0d6e"
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        # A SAS URL where a plain endpoint belongs: the query carries the signature.
+        (base(APIMR_KEY_VAULT_URL=f"https://kv.vault.azure.net/?sv=2022-11-02&sig={CANARY}"), "APIMR_KEY_VAULT_URL"),
+        (base(APIMR_KEY_VAULT_URL=f"http://admin:{CANARY}@kv.vault.azure.net/"), "APIMR_KEY_VAULT_URL"),
+        (custom(APIMR_ARM_ENDPOINT=f"https://127.0.0.1:8443/#access_token={CANARY}"), "APIMR_ARM_ENDPOINT"),
+        (
+            {
+                "APIMR_SUBSCRIPTION_IDS": SUB,
+                "APIMR_STORAGE_BLOB_ENDPOINT": f"https://acct.blob.core.windows.net/?sp=r&sig={CANARY}",
+                "APIMR_STORAGE_QUEUE_ENDPOINT": "https://acct.queue.core.windows.net",
+                "APIMR_STORAGE_TABLE_ENDPOINT": "https://acct.table.core.windows.net",
+            },
+            "APIMR_STORAGE_BLOB_ENDPOINT",
+        ),
+        # Pasted into a setting that is not a URL at all.
+        (base(APIMR_SUBSCRIPTION_IDS=f"https://x.example/?code={CANARY}"), "APIMR_SUBSCRIPTION_IDS"),
+        (base(APIMR_SUBSCRIPTION_IDS=f"sv=2022-11-02&sig={CANARY}"), "APIMR_SUBSCRIPTION_IDS"),
+        (base(APIMR_CA_BUNDLE=f"https://user:{CANARY}@ca.example/bundle.pem"), "APIMR_CA_BUNDLE"),
+    ],
+)
+def test_no_problem_echoes_a_urls_user_info_or_query(env: dict[str, str], setting: str) -> None:
+    found = problems(env)
+    assert any(p.startswith(f"{setting}:") for p in found), found
+    assert all(CANARY not in p for p in found), found
+
+
+def test_a_redacted_url_still_shows_where_it_points() -> None:
+    [problem] = problems(base(APIMR_KEY_VAULT_URL=f"http://admin:{CANARY}@kv.example.net/x?sig={CANARY}"))
+    assert problem == "APIMR_KEY_VAULT_URL: must be an https:// URL, got 'http://***@kv.example.net/x?***'"
