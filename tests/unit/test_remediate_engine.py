@@ -291,3 +291,33 @@ async def test_tls_verification_reads_keys_and_values_case_insensitively() -> No
     [problem] = await unmet(plan.expectations, arm)
     assert "customProperties" in problem
     assert all(e.api_version == APIM_API_VERSION for e in plan.expectations)
+
+
+# -- concurrent changes seen after a service update ---------------------------------------------------
+
+
+def test_concurrent_changes_are_paths_beyond_our_patch() -> None:
+    from handlers.remediate import concurrent_changes
+
+    before = {
+        "properties": {"publicNetworkAccess": "Enabled", "customProperties": {"A": "True", "B": "True"}},
+        "tags": {"owner": "x"},
+    }
+    patch = {"properties": {"customProperties": {"A": "False", "B": "True"}}, "identity": {"type": "SystemAssigned"}}
+    after = {
+        "properties": {
+            "publicNetworkAccess": "Enabled",
+            "customProperties": {"a": "false", "B": "True"},
+            "provisioningState": "Succeeded",
+        },
+        "identity": {"type": "SystemAssigned", "principalId": "p", "tenantId": "t"},
+        "tags": {"owner": "x"},
+    }
+    assert concurrent_changes(before, patch, after) == []  # Azure's own fields and casing are not changes
+    after["tags"] = {"owner": "y", "change": "CHG-1"}
+    after["properties"]["customProperties"]["B"] = "False"  # type: ignore[index]
+    assert concurrent_changes(before, patch, after) == [
+        "properties.customProperties.B",
+        "tags.change",
+        "tags.owner",
+    ]
