@@ -821,10 +821,9 @@ def concurrent_changes(before: Mapping[str, Any], patch: Mapping[str, Any], afte
     if "identity" in patch:
         # Azure fills these in when our PATCH gives the service an identity: our change, not another's.
         for side in (expected, actual):
-            if isinstance(side.get("identity"), dict):
-                side["identity"] = {
-                    k: v for k, v in side["identity"].items() if k.lower() not in ("principalid", "tenantid")
-                }
+            identity = side.get("identity")
+            if isinstance(identity, dict):
+                side["identity"] = {k: v for k, v in identity.items() if k.lower() not in ("principalid", "tenantid")}
     return _differences(expected, actual, "")
 
 
