@@ -17,16 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from handlers.remediate import RemediateRequest, RemediationDeps, remediate
+from handlers.context import AppContext
+from handlers.remediate import RemediateRequest, remediate
 from handlers.remediation_report import render_remediation_json, render_remediation_table
 from handlers.scan import Progress, ScanRequest, scan
 from shared import __version__
-from shared.armapi import AzureArm, AzureSecrets
 from shared.azure import ClientFactory
 from shared.errors import RemediatorError
-from shared.evidence_source import AzureEvidenceSource
-from shared.journal import Journal, Trigger, TriggerKind
-from shared.locks import InstanceLocks
+from shared.journal import Trigger, TriggerKind
 from shared.model import Severity
 from shared.policy import load_policy
 from shared.report import RENDERERS, ScanReport, render_rules_markdown
@@ -122,9 +120,7 @@ async def _scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 async def _remediate(args: argparse.Namespace, out: TextIO) -> int:
-    settings = load_settings()
-    policy = load_policy(settings.policy_file, today=datetime.now(UTC).date())
-    factory = ClientFactory(settings)
+    context = AppContext.load()
     user = getpass.getuser()
     try:
         report = await remediate(
@@ -135,20 +131,10 @@ async def _remediate(args: argparse.Namespace, out: TextIO) -> int:
                 apply=args.apply,
                 lease_wait=args.lease_wait,
             ),
-            RemediationDeps(
-                source=AzureInstanceSource(factory, settings),
-                arm=AzureArm(factory),
-                secrets=AzureSecrets(factory),
-                journal=Journal(factory.table_service_async()),
-                locks=InstanceLocks(factory.blob_service_async(), duration=settings.lease_seconds),
-                policy=policy,
-                key_vault_url=settings.key_vault_url,
-                evidence=AzureEvidenceSource(factory),
-            ),
+            context.remediation_deps(),
         )
     finally:
-        await factory.aclose()
-        factory.close()
+        await context.aclose()
     out.write(render_remediation_json(report) if args.format == "json" else render_remediation_table(report))
     if report.stopped:
         return 1

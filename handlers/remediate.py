@@ -618,7 +618,8 @@ async def _apply(
             results.append(result)
         if attempted:
             snapshot = await deps.source.read(ref)
-    after = await deps.source.read(ref)
+    # A run that sent nothing and settled nothing leaves the instance as it read it: no rescan.
+    after = snapshot if budget.spent == 0 and not settled.notes else await deps.source.read(ref)
     remaining = tuple(f for f in evaluate_snapshot(after, deps.policy, today=today) if not f.exempt)
     return RemediationReport(
         instance_id=ref.id,
