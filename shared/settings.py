@@ -29,6 +29,18 @@ _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
 # Storage account names: 3-24 lowercase letters and digits.
 _ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Azure Storage queue names: 3-63 lowercase letters, digits and single hyphens, starting and
+# ending with a letter or digit. The host names the poison queue `<name>-poison`, so the work
+# queue may have at most 56 characters.
+_QUEUE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
+POISON_SUFFIX = "-poison"
+_QUEUE_MAX = 63 - len(POISON_SUFFIX)
+# One NCRONTAB field of the Functions timer: *, a number, a range, a list, each with an
+# optional /step. Month and weekday names (Jan, Mon) are allowed too.
+_CRON_ITEM = r"(?:\*|[0-9A-Za-z]+(?:-[0-9A-Za-z]+)?)(?:/[0-9]+)?"
+_CRON_FIELD = re.compile(rf"^{_CRON_ITEM}(?:,{_CRON_ITEM})*$")
+DEFAULT_SWEEP_SCHEDULE = "0 0 */6 * * *"
+DEFAULT_WORK_QUEUE = "apimr-work"
 
 
 # Parameter names whose value is a credential wherever they appear (SAS signatures, keys,
@@ -215,6 +227,12 @@ class Settings:
     managed_identity_client_id: str | None = None
     ca_bundle: str | None = None
     log_level: str = "INFO"
+    sweep_schedule: str = DEFAULT_SWEEP_SCHEDULE  # six-field NCRONTAB (seconds first), read by the host
+    work_queue: str = DEFAULT_WORK_QUEUE  # one message per instance to reconcile; `<name>-poison` after it
+
+    @property
+    def poison_queue(self) -> str:
+        return self.work_queue + POISON_SUFFIX
 
     def describe(self) -> dict[str, object]:
         """A secret-free view for logs."""
@@ -415,6 +433,39 @@ def _scope(r: _Reader) -> ScopeSettings:
     return ScopeSettings(resource_groups=groups, tags=tuple(tags))
 
 
+def _sweep_schedule(r: _Reader) -> str:
+    """The timer's schedule: the Functions host reads it itself (`%APIMR_SWEEP_SCHEDULE%`),
+    so a bad value would only show as a timer that never fires; check its shape here."""
+    value = r.raw("SWEEP_SCHEDULE")
+    if value is None:
+        return DEFAULT_SWEEP_SCHEDULE
+    fields = value.split()
+    if len(fields) != 6 or not all(_CRON_FIELD.match(f) for f in fields):
+        r.problem(
+            "SWEEP_SCHEDULE",
+            "must be a six-field NCRONTAB expression, seconds first "
+            f"(e.g. {DEFAULT_SWEEP_SCHEDULE!r}: every six hours), got {shown(value)}",
+        )
+        return DEFAULT_SWEEP_SCHEDULE
+    if fields[0] in ("*", "*/1"):
+        r.problem("SWEEP_SCHEDULE", f"fires every second (seconds field {fields[0]!r}); got {shown(value)}")
+    return " ".join(fields)
+
+
+def _work_queue(r: _Reader) -> str:
+    value = r.raw("WORK_QUEUE")
+    if value is None:
+        return DEFAULT_WORK_QUEUE
+    if not (3 <= len(value) <= _QUEUE_MAX and _QUEUE.match(value)):
+        r.problem(
+            "WORK_QUEUE",
+            f"must be a storage queue name of 3-{_QUEUE_MAX} lowercase letters, digits and single hyphens, "
+            f"starting and ending with a letter or digit (the host adds {POISON_SUFFIX!r}), got {shown(value)}",
+        )
+        return DEFAULT_WORK_QUEUE
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting; raise one SettingsError listing all problems."""
     r = _Reader(os.environ if env is None else env)
@@ -442,6 +493,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if log_level not in _LOG_LEVELS:
         r.problem("LOG_LEVEL", f"must be one of {', '.join(_LOG_LEVELS)}, got {shown(log_level)}")
         log_level = "INFO"
+    sweep_schedule = _sweep_schedule(r)
+    work_queue = _work_queue(r)
     if r.problems:
         raise SettingsError(r.problems)
     return Settings(
@@ -456,6 +509,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         managed_identity_client_id=mi_client,
         ca_bundle=ca_bundle,
         log_level=log_level,
+        sweep_schedule=sweep_schedule,
+        work_queue=work_queue,
     )
 
 
@@ -483,5 +538,7 @@ SETTING_NAMES: tuple[str, ...] = tuple(
         "MANAGED_IDENTITY_CLIENT_ID",
         "CA_BUNDLE",
         "LOG_LEVEL",
+        "SWEEP_SCHEDULE",
+        "WORK_QUEUE",
     )
 )

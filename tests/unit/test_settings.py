@@ -280,3 +280,43 @@ def test_no_problem_echoes_a_urls_user_info_or_query(env: dict[str, str], settin
 def test_a_redacted_url_still_shows_where_it_points() -> None:
     [problem] = problems(base(APIMR_KEY_VAULT_URL=f"http://admin:{CANARY}@kv.example.net/x?sig={CANARY}"))
     assert problem == "APIMR_KEY_VAULT_URL: must be an https:// URL, got 'http://***@kv.example.net/x?***'"
+
+
+def test_sweep_schedule_and_work_queue_defaults() -> None:
+    s = load_settings(base())
+    assert (s.sweep_schedule, s.work_queue, s.poison_queue) == ("0 0 */6 * * *", "apimr-work", "apimr-work-poison")
+
+
+@pytest.mark.parametrize("schedule", ["0 */5 * * * *", "0 30 9 * * Mon-Fri", "0 0 0,12 1-15/2 * *", " 0  0 */6 * * * "])
+def test_sweep_schedule_accepts_six_field_ncrontab(schedule: str) -> None:
+    assert load_settings(base(APIMR_SWEEP_SCHEDULE=schedule)).sweep_schedule == " ".join(schedule.split())
+
+
+@pytest.mark.parametrize(
+    ("schedule", "why"),
+    [
+        ("0 */6 * * *", "six-field NCRONTAB"),  # five-field cron: the host would read minutes as seconds
+        ("0 0 */6 * * * *", "six-field NCRONTAB"),
+        ("0 0 */6 * * ?", "six-field NCRONTAB"),
+        ("00:05:00", "six-field NCRONTAB"),  # a TimeSpan schedule: not allowed on Consumption
+        ("* 0 */6 * * *", "fires every second"),
+    ],
+)
+def test_sweep_schedule_refuses_other_shapes(schedule: str, why: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(base(APIMR_SWEEP_SCHEDULE=schedule))
+    assert f"APIMR_SWEEP_SCHEDULE: {'must be a' if why.startswith('six') else ''}" in str(info.value)
+    assert why in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["Work", "ab", "a--b", "-work", "work-", "work_q", "w" * 57])
+def test_work_queue_must_be_a_queue_name_with_room_for_poison(name: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(base(APIMR_WORK_QUEUE=name))
+    assert "APIMR_WORK_QUEUE: must be a storage queue name of 3-56" in str(info.value)
+
+
+def test_work_queue_of_56_characters_is_accepted() -> None:
+    name = "w" * 56
+    s = load_settings(base(APIMR_WORK_QUEUE=name))
+    assert len(s.poison_queue) == 63
