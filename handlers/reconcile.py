@@ -101,6 +101,10 @@ class ReconcileDeps:
 
 async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> ReconcileResult:
     """Scan, remediate what the policy allows, store the findings, report the changes."""
+    # The run is stamped with the moment it started, before anything is read: a change
+    # made while it runs (an operator's write whose event arrives meanwhile) is newer than
+    # this stamp, so that event's reconcile is not coalesced away by this run.
+    started = deps.clock()
     if request.not_before is not None:
         last = await deps.findings.last_reconciled(request.instance_id)
         if last is not None and last >= request.not_before:
@@ -119,7 +123,7 @@ async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> Reconcile
         deps.remediation,
     )
     changes = await deps.findings.sync(
-        report.instance_id, report.remaining, seen_at=deps.clock(), correlation_id=request.correlation_id
+        report.instance_id, report.remaining, seen_at=started, correlation_id=request.correlation_id
     )
     await deps.sink.report(changes, correlation_id=request.correlation_id)
     LOG.info(
