@@ -6,11 +6,17 @@ trigger's output. Logic lives in handlers/ and shared/.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import azure.functions as func
 
+from handlers.context import AppContext
+from handlers.events import GridEvent, handle_event, parse_data
 from handlers.health import check_health
+from handlers.sweep import SweepRequest
+from handlers.sweep import sweep as run_sweep
+from handlers.work import QueueDelivery, handle_poison, handle_work
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
@@ -21,3 +27,61 @@ def health(req: func.HttpRequest) -> func.HttpResponse:
     report = check_health()
     body = json.dumps(report.public_body())
     return func.HttpResponse(body, status_code=report.status_code, mimetype="application/json")
+
+
+@functools.cache
+def app_context() -> AppContext:
+    """The composition root, built once per process (cold start); a settings error is not
+    cached, so the next invocation tries again."""
+    return AppContext.load()
+
+
+# The work queue lives in the product's storage account (APIMR_STORAGE_*), which is the
+# account AzureWebJobsStorage names (identity-based: AzureWebJobsStorage__accountName).
+STORAGE_CONNECTION = "AzureWebJobsStorage"
+
+
+def _delivery(msg: func.QueueMessage, queue: str) -> QueueDelivery:
+    return QueueDelivery(body=msg.get_body(), message_id=msg.id or "", dequeue_count=msg.dequeue_count, queue=queue)
+
+
+def _grid_event(event: func.EventGridEvent | func.CloudEvent) -> GridEvent:
+    if isinstance(event, func.CloudEvent):  # CloudEvents 1.0 schema: same type, source and data
+        return GridEvent(
+            event.id or "", event.type or "", event.subject or "", event.source or "", event.time, event.data
+        )
+    return GridEvent(
+        event.id or "",
+        event.event_type or "",
+        event.subject or "",
+        event.topic or "",
+        event.event_time,
+        parse_data(event.get_json()),
+        event.data_version or "",
+    )
+
+
+@app.function_name("sweep")
+@app.timer_trigger(schedule="%APIMR_SWEEP_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=True)
+async def sweep(timer: func.TimerRequest) -> None:
+    await run_sweep(SweepRequest(past_due=timer.past_due), app_context().sweep_deps())
+
+
+@app.function_name("work")
+@app.queue_trigger(arg_name="msg", queue_name="%APIMR_WORK_QUEUE%", connection=STORAGE_CONNECTION)
+async def work(msg: func.QueueMessage) -> None:
+    context = app_context()
+    await handle_work(_delivery(msg, context.settings.work_queue), context.work_deps())
+
+
+@app.function_name("poison")
+@app.queue_trigger(arg_name="msg", queue_name="%APIMR_WORK_QUEUE%-poison", connection=STORAGE_CONNECTION)
+async def poison(msg: func.QueueMessage) -> None:
+    context = app_context()
+    await handle_poison(_delivery(msg, context.settings.poison_queue), context.work_deps())
+
+
+@app.function_name("events")
+@app.event_grid_trigger(arg_name="event")
+async def events(event: func.EventGridEvent) -> None:
+    await handle_event(_grid_event(event), app_context().events_deps())

@@ -9,20 +9,26 @@ loop), so building the dependency objects per invocation costs nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from handlers.reconcile import LogSink, ReconcileDeps
+from handlers.events import EventScope, EventsDeps
+from handlers.reconcile import LogSink, ReconcileDeps, ReconcileRequest, ReconcileResult, reconcile
 from handlers.remediate import RemediationDeps
+from handlers.sweep import SweepDeps
+from handlers.work import WorkDeps
 from shared.armapi import AzureArm, AzureSecrets
 from shared.azure import ClientFactory
 from shared.evidence_source import AzureEvidenceSource
 from shared.findings_store import FindingsStore
+from shared.identity import own_object_id
 from shared.journal import Journal
 from shared.locks import InstanceLocks
+from shared.message_ledger import MessageLedger
 from shared.policy import Policy, load_policy
 from shared.settings import Settings, load_settings
 from shared.source import AzureInstanceSource
+from shared.work_queue import AzureWorkQueue
 
 
 @dataclass
@@ -30,6 +36,8 @@ class AppContext:
     settings: Settings
     policy: Policy
     factory: ClientFactory
+    # The product identity's object id, read once from its own token (own_object_id).
+    _object_id: str | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None) -> AppContext:
@@ -58,6 +66,40 @@ class AppContext:
 
     def reconcile_deps(self) -> ReconcileDeps:
         return ReconcileDeps(remediation=self.remediation_deps(), findings=self.findings(), sink=LogSink())
+
+    def messages(self) -> MessageLedger:
+        return MessageLedger(self.factory.table_service_async())
+
+    def work_queue(self) -> AzureWorkQueue:
+        return AzureWorkQueue(self.factory.queue_async(self.settings.work_queue))
+
+    async def run_reconcile(self, request: ReconcileRequest) -> ReconcileResult:
+        """Reconcile with fresh dependency objects (the clients under them are memoised)."""
+        return await reconcile(request, self.reconcile_deps())
+
+    async def own_object_id(self) -> str:
+        if self._object_id is None:
+            self._object_id = await own_object_id(self.factory.async_credential(), self.settings.cloud.arm_scope)
+        return self._object_id
+
+    def sweep_deps(self) -> SweepDeps:
+        return SweepDeps(inventory=self.source(), policy=self.policy, queue=self.work_queue(), ledger=self.messages())
+
+    def work_deps(self) -> WorkDeps:
+        return WorkDeps(reconcile=self.run_reconcile, failures=self.findings(), dead_letters=self.messages())
+
+    def events_deps(self) -> EventsDeps:
+        scope = EventScope(
+            subscription_ids=frozenset(s.lower() for s in self.settings.subscription_ids),
+            resource_groups=frozenset(self.settings.scope.resource_groups),
+        )
+        return EventsDeps(
+            reconcile=self.run_reconcile,
+            claims=self.messages(),
+            failures=self.findings(),
+            own_object_id=self.own_object_id,
+            scope=scope,
+        )
 
     async def aclose(self) -> None:
         await self.factory.aclose()
