@@ -48,7 +48,7 @@ def _delivery(msg: func.QueueMessage, queue: str) -> QueueDelivery:
 def _grid_event(event: func.EventGridEvent | func.CloudEvent) -> GridEvent:
     if isinstance(event, func.CloudEvent):  # CloudEvents 1.0 schema: same type, source and data
         return GridEvent(
-            event.id or "", event.type or "", event.subject or "", event.source or "", event.time, event.data
+            event.id or "", event.type or "", event.subject or "", event.source or "", event.time, event.get_json()
         )
     return GridEvent(
         event.id or "",

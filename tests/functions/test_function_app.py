@@ -7,11 +7,15 @@ import functools
 import inspect
 import json
 import logging
+import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import azure.functions as func
 import pytest
+from azure.functions.queue import QueueMessage
+from azure.functions.timer import TimerRequest
 
 import function_app
 from shared import __version__
@@ -119,3 +123,166 @@ def test_health_never_echoes_setting_values_to_anonymous_callers(
     for name in ("APIMR_CLOUD:", "APIMR_SUBSCRIPTION_IDS:", "APIMR_STORAGE_CONNECTION_STRING:", "APIMR_KEY_VAULT_URL:"):
         assert name in caplog.text
     assert "'http://***@kv.example.net/?***'" in caplog.text
+
+
+# -- the triggers: bindings name settings that exist, and each reaches its handler ------------
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTING_REF = re.compile(r"%([A-Za-z0-9_]+)%")
+QUEUE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
+
+
+def sample_values() -> dict[str, str]:
+    values: dict[str, str] = json.loads((ROOT / "local.settings.sample.json").read_text())["Values"]
+    return values
+
+
+def resolve(text: str) -> str:
+    values = sample_values()
+    return SETTING_REF.sub(lambda m: values[m.group(1)], text)
+
+
+def test_every_setting_a_binding_names_is_in_the_sample_and_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    named = {name for fn in indexed() for raw in fn.get_raw_bindings() for name in SETTING_REF.findall(raw)}
+    assert {"APIMR_SWEEP_SCHEDULE", "APIMR_WORK_QUEUE"} <= named
+    assert sorted(n for n in named if n not in sample_values()) == []
+    assert sorted(n for n in named if f"`{n}`" not in readme) == []
+    assert named <= set(SETTING_NAMES)  # validated at start-up like every other setting
+
+
+def test_queue_triggers_read_valid_queues_of_the_products_storage_by_identity() -> None:
+    values = sample_values()
+    queues = {fn.get_function_name(): b for fn in indexed() for b in bindings(fn) if b["type"] == "queueTrigger"}
+    assert set(queues) == {"work", "poison"}
+    work, poison = resolve(queues["work"]["queueName"]), resolve(queues["poison"]["queueName"])
+    assert poison == work + "-poison"  # the host's poison queue for the work queue
+    for name in (work, poison):
+        assert 3 <= len(name) <= 63
+        assert QUEUE_NAME.match(name), name
+    for b in queues.values():
+        connection = b["connection"]
+        # Identity-based: an account name, no connection string (a secret) in the settings.
+        assert f"{connection}__accountName" in values
+        assert connection not in values
+        # The sweep sends to the product's storage account; the trigger must read that one.
+        assert values[f"{connection}__accountName"] == values["APIMR_STORAGE_ACCOUNT"]
+
+
+def test_the_sweep_schedule_in_the_sample_loads() -> None:
+    from shared.settings import load_settings
+
+    settings = load_settings(sample_values())
+    [timer] = [b for fn in indexed() for b in bindings(fn) if b["type"] == "timerTrigger"]
+    assert resolve(timer["schedule"]) == settings.sweep_schedule
+    assert len(settings.sweep_schedule.split()) == 6
+
+
+class FakeContext:
+    """What function_app asks of AppContext, over the recording fakes of the handlers' tests."""
+
+    def __init__(self) -> None:
+        from shared.settings import load_settings
+        from tests.unit.test_event_routing import Fakes
+        from tests.unit.test_work_and_sweep import Recorder, ref
+
+        self.settings = load_settings(sample_values())
+        self.sweep_fakes = Recorder(refs=(ref("a"), ref("b")))
+        self.work_fakes = Recorder()
+        self.event_fakes = Fakes()
+
+    def sweep_deps(self) -> Any:
+        from handlers.sweep import SweepDeps
+
+        f = self.sweep_fakes
+        return SweepDeps(inventory=f, policy=f, queue=f, ledger=f)
+
+    def work_deps(self) -> Any:
+        return self.work_fakes.work_deps()
+
+    def events_deps(self) -> Any:
+        return self.event_fakes.deps()
+
+
+@pytest.fixture
+def fake_context(monkeypatch: pytest.MonkeyPatch) -> FakeContext:
+    context = FakeContext()
+    monkeypatch.setattr(function_app, "app_context", lambda: context)
+    return context
+
+
+async def test_the_timer_reaches_the_sweep(fake_context: FakeContext) -> None:
+    await function("sweep")(TimerRequest(past_due=True))
+    from tests.unit.test_work_and_sweep import service
+
+    assert [m.instance_id for m in fake_context.sweep_fakes.sent] == [service("a"), service("b")]
+
+
+async def test_a_queue_message_reaches_work(fake_context: FakeContext) -> None:
+    from tests.unit.test_work_and_sweep import message, service
+
+    await function("work")(QueueMessage(id="m1", body=message(), dequeue_count=1))
+    [request] = fake_context.work_fakes.reconciles
+    assert request.instance_id == service("a")
+    await function("work")(QueueMessage(id="m2", body=b"garbage", dequeue_count=1))
+    [letter] = fake_context.work_fakes.letters
+    assert (letter.message_id, letter.source) == ("m2", "work")
+
+
+async def test_a_poison_message_reaches_poison(fake_context: FakeContext) -> None:
+    from tests.unit.test_work_and_sweep import message, service
+
+    await function("poison")(QueueMessage(id="m9", body=message(), dequeue_count=5))
+    [(instance, reason, _)] = fake_context.work_fakes.failures
+    assert instance == service("a")
+    assert "after 5 attempt(s) and was moved to apimr-work-poison" in reason
+    assert fake_context.work_fakes.reconciles == []
+
+
+async def test_an_event_grid_event_reaches_events(fake_context: FakeContext) -> None:
+    from tests.unit.test_event_routing import AT, SERVICE, arm_event
+
+    source = arm_event(SERVICE + "/apis/echo")
+    await function("events")(
+        func.EventGridEvent(
+            id=source.id,
+            data=source.data,
+            topic=source.topic,
+            subject=source.subject,
+            event_type=source.event_type,
+            event_time=AT,
+            data_version="2",
+        )
+    )
+    [request] = fake_context.event_fakes.reconciles
+    assert (request.instance_id, request.not_before) == (SERVICE, AT)
+
+
+async def test_a_cloud_event_reaches_events_too(fake_context: FakeContext) -> None:
+    from tests.unit.test_event_routing import AT, SERVICE, arm_event
+
+    source = arm_event(SERVICE, event_id="ce-1")
+    await function("events")(
+        func.CloudEvent(
+            id=source.id,
+            source=source.topic,
+            type=source.event_type,
+            specversion="1.0",
+            data=source.data,
+            time=AT,
+            subject=source.subject,
+        )
+    )
+    [request] = fake_context.event_fakes.reconciles
+    assert request.instance_id == SERVICE
+
+
+def test_the_app_context_is_built_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in sample_values().items():
+        if name.startswith("APIMR_"):
+            monkeypatch.setenv(name, value)
+    function_app.app_context.cache_clear()
+    try:
+        assert function_app.app_context() is function_app.app_context()
+    finally:
+        function_app.app_context.cache_clear()
