@@ -5,7 +5,7 @@ schema; CloudEvents carrying the same type, source and data are mapped onto it b
 function). Routing is a table keyed by event type:
 
 - `Microsoft.Resources.ResourceWriteSuccess` / `ResourceActionSuccess` /
-  `ResourceDeleteSuccess` for a resource at or under a `Microsoft.ApiManagement/service`
+  `ResourceDeleteSuccess` for a resource at or under an API Management service
   -> reconcile that service (its id is cut from the resource id), directly in this
   function: the event path must fix drift in seconds, and a queue hop would add up to the
   queue's polling interval (host.json `maxPollingInterval`). Event Grid retries a failed

@@ -27,3 +27,25 @@ def test_scan_docstring_matches_the_read_role() -> None:
 def test_remediate_docstring_matches_the_write_role() -> None:
     named = set(ACTION.findall(handlers.remediate.__doc__ or ""))
     assert named == bicep_list("writeActions")
+
+
+def test_the_sweep_needs_only_reads_the_read_role_grants() -> None:
+    import handlers.sweep
+
+    named = set(ACTION.findall(handlers.sweep.__doc__ or ""))
+    assert named, "the sweep's docstring names no Azure action"
+    assert named <= bicep_list("readActions")
+
+
+def test_every_trigger_handler_names_its_azure_actions_within_the_roles() -> None:
+    import handlers.events
+    import handlers.reconcile
+    import handlers.rotate_keys
+    import handlers.sweep
+    import handlers.work
+
+    granted = bicep_list("readActions") | bicep_list("writeActions")
+    for module in (handlers.sweep, handlers.work, handlers.events, handlers.reconcile, handlers.rotate_keys):
+        doc = module.__doc__ or ""
+        assert "Azure actions" in doc, module.__name__
+        assert set(ACTION.findall(doc)) <= granted, module.__name__
