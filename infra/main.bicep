@@ -16,6 +16,9 @@ param prefix string = 'apimrem'
 @description('Comma-separated subscription ids the remediator may act on (APIMR_SUBSCRIPTION_IDS).')
 param subscriptionIds string
 
+@description('When the sweep fans out: six-field NCRONTAB, seconds first (APIMR_SWEEP_SCHEDULE).')
+param sweepSchedule string = '0 0 */6 * * *'
+
 var suffix = uniqueString(resourceGroup().id)
 var storageName = take('${prefix}${suffix}', 24)
 
@@ -101,6 +104,10 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         { name: 'APIMR_CLOUD', value: 'AzureCloud' }
         { name: 'APIMR_SUBSCRIPTION_IDS', value: subscriptionIds }
         { name: 'APIMR_STORAGE_ACCOUNT', value: storage.name }
+        // The host resolves %APIMR_SWEEP_SCHEDULE% and %APIMR_WORK_QUEUE% in the bindings itself
+        // and will not start those functions without them.
+        { name: 'APIMR_SWEEP_SCHEDULE', value: sweepSchedule }
+        { name: 'APIMR_WORK_QUEUE', value: 'apimr-work' }
       ]
     }
   }

@@ -286,3 +286,10 @@ def test_the_app_context_is_built_once_per_process(monkeypatch: pytest.MonkeyPat
         assert function_app.app_context() is function_app.app_context()
     finally:
         function_app.app_context.cache_clear()
+
+
+def test_the_deployment_sets_every_setting_a_binding_names() -> None:
+    # The host resolves %SETTING% in a binding itself: a missing app setting stops the function.
+    bicep = (ROOT / "infra" / "main.bicep").read_text()
+    named = {name for fn in indexed() for raw in fn.get_raw_bindings() for name in SETTING_REF.findall(raw)}
+    assert sorted(n for n in named if f"name: '{n}'" not in bicep) == []
