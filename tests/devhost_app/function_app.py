@@ -114,9 +114,7 @@ async def echo(req: func.HttpRequest, context: func.Context) -> func.HttpRespons
         "invocation_id": context.invocation_id,
         "function_name": context.function_name,
     }
-    return func.HttpResponse(
-        json.dumps(body), status_code=201, mimetype="application/json", headers={"X-Echo": "yes"}
-    )
+    return func.HttpResponse(json.dumps(body), status_code=201, mimetype="application/json", headers={"X-Echo": "yes"})
 
 
 @app.function_name("slow")

@@ -104,7 +104,8 @@ def test_queue_connection_forms() -> None:
     where = "function 'work'"
     conn = resolve_connection("Store", {"Store": "UseDevelopmentStorage=true"}, where)
     assert conn.connection_string == "UseDevelopmentStorage=true"
-    assert "connection string" in conn.describe() and "UseDevelopment" not in conn.describe()
+    assert "connection string" in conn.describe()
+    assert "UseDevelopment" not in conn.describe()
     conn = resolve_connection("Store", {"Store__queueServiceUri": "https://127.0.0.1:1/acct/"}, where)
     assert conn.service_url == "https://127.0.0.1:1/acct"
     conn = resolve_connection("AzureWebJobsStorage", {"AzureWebJobsStorage__accountName": "st1"}, where)
@@ -165,7 +166,8 @@ def test_test_app_metadata_is_read_from_the_app() -> None:
     assert [o["queueName"] for o in work.outputs] == ["devhost-out"]
     assert app.functions["tick"].schedule.expression == "*/2 * * * * *"
     assert (app.functions["hello"].auth_level, app.functions["items_new"].auth_level) == ("ANONYMOUS", "FUNCTION")
-    assert app.functions["echo"].is_async and not app.functions["hello"].is_async
+    assert app.functions["echo"].is_async
+    assert not app.functions["hello"].is_async
 
 
 def test_a_missing_binding_setting_stops_the_load_and_names_it() -> None:
