@@ -34,7 +34,7 @@ from azure.functions.timer import TimerRequest
 
 from devhost.config import ConfigError, HostConfig, merge_settings, read_local_settings
 from devhost.functions import FunctionSpec, InvocationResult, LoadedApp, invoke, load_app, queue_message
-from devhost.queues import QueuePoller, QueueService, output_messages, resolve_connection
+from devhost.queues import QueuePoller, QueueService, output_messages, resolve_connection, storage_settings_for
 from devhost.routing import RouteTemplate, ordered, split_path
 
 log = logging.getLogger("devhost")
@@ -567,16 +567,16 @@ class DevHost:
                     log.info("Event Grid subscription validation for '%s'", spec.name)
                     return web.json_response({"validationResponse": event["data"].get("validationCode")})
             return web.json_response({"error": "no SubscriptionValidationEvent in the body"}, status=400)
-        if kind == "SubscriptionDeletion":
+        if kind in ("Unsubscribe", "SubscriptionDeletion"):
             return web.Response(status=202)
-        failed = False
-        for event in events:
-            result = await self._invoke(
-                spec, eventgrid_event(event), f"EventGrid trigger fired at {datetime.now(UTC).isoformat()}"
-            )
-            failed = failed or not result.succeeded
-        # A failure makes Event Grid retry the delivery (at-least-once).
-        return web.Response(status=500 if failed else 202)
+        cloud_events = request.content_type.startswith("application/cloudevents")
+        if kind.lower() != "notification" and not (cloud_events and not kind):
+            return web.json_response({"error": f"unexpected aeg-event-type {kind!r}"}, status=400)
+        # Like the extension: every event of the delivery runs at once; one failure answers
+        # 500 and Event Grid redelivers the whole batch (at-least-once).
+        reason = f"EventGrid trigger fired at {datetime.now(UTC).isoformat()}"
+        results = await asyncio.gather(*(self._invoke(spec, eventgrid_event(e), reason) for e in events))
+        return web.Response(status=202 if all(r.succeeded for r in results) else 500)
 
     async def _http(self, request: web.Request, segments: list[str]) -> web.StreamResponse:
         method = request.method.upper()
@@ -664,4 +664,12 @@ class BackgroundHost:
         self.stop()
 
 
-__all__ = ["BackgroundHost", "ConfigError", "DevHost", "HostKeys", "eventgrid_event", "http_response"]
+__all__ = [
+    "BackgroundHost",
+    "ConfigError",
+    "DevHost",
+    "HostKeys",
+    "eventgrid_event",
+    "http_response",
+    "storage_settings_for",
+]

@@ -80,6 +80,22 @@ def resolve_connection(prefix: str, settings: Mapping[str, str], where: str) -> 
     )
 
 
+def storage_settings_for(product_settings: Mapping[str, str], prefix: str = "AzureWebJobsStorage") -> dict[str, str]:
+    """Settings that point a connection prefix at the storage the product's own settings
+    name (APIMR_STORAGE_*): in tests and the demo, the twin's Azurite with Entra ID tokens."""
+    connection_string = product_settings.get("APIMR_STORAGE_CONNECTION_STRING")
+    if connection_string:
+        return {prefix: connection_string}
+    found = {
+        f"{prefix}__{service}ServiceUri": product_settings[f"APIMR_STORAGE_{service.upper()}_ENDPOINT"]
+        for service in ("blob", "queue", "table")
+        if product_settings.get(f"APIMR_STORAGE_{service.upper()}_ENDPOINT")
+    }
+    if not found and product_settings.get("APIMR_STORAGE_ACCOUNT"):
+        found[f"{prefix}__accountName"] = product_settings["APIMR_STORAGE_ACCOUNT"]
+    return found
+
+
 def _ca_bundle(settings: Mapping[str, str]) -> str | None:
     for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
         value = settings.get(name) or os.environ.get(name)

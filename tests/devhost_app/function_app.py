@@ -62,6 +62,8 @@ def events(event: func.EventGridEvent) -> None:
         event_time=event.event_time,
         data_version=event.data_version,
     )
+    if event.subject == "fail":
+        raise RuntimeError("asked to fail")
 
 
 @app.function_name("hello")

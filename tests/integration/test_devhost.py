@@ -26,7 +26,7 @@ from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient
 
 from devhost.config import MissingSettingError
-from devhost.host import DevHost, HostKeys
+from devhost.host import BackgroundHost, DevHost, HostKeys, storage_settings_for
 from tests.conftest import ROOT, TwinHandle
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ def host_values(twin: TwinHandle, records: Path, **extra: str) -> dict[str, str]
     suffix = uuid.uuid4().hex[:10]
     values = {
         **twin.env,
-        "DevhostStorage__queueServiceUri": twin.env["APIMR_STORAGE_QUEUE_ENDPOINT"],
+        **storage_settings_for(twin.env, "DevhostStorage"),
         "DEVHOST_RECORDS": str(records),
         "TICK_SCHEDULE": NEVER,
         "WORK_QUEUE": f"work-{suffix}",
@@ -119,6 +119,25 @@ async def test_admin_endpoint_fires_a_timer_now_with_the_master_key(
         async with http.post(host.admin_url("nope"), json={}, headers={"x-functions-key": host.keys.master}) as r:
             assert r.status == 404
     assert [r["past_due"] for r in read_records(records, "tick")] == [False]
+
+
+async def test_admin_endpoint_passes_its_input_to_queue_and_eventgrid_functions(
+    twin: TwinHandle, records: Path, http: aiohttp.ClientSession
+) -> None:
+    async with DevHost(TEST_APP, values=host_values(twin, records), run_timers=False) as host:
+        headers = {"x-functions-key": host.keys.master}
+        async with http.post(host.admin_url("work"), json={"input": "from admin"}, headers=headers) as r:
+            assert r.status == 202
+        event = {"id": "e-1", "eventType": "T", "subject": "s", "topic": "t", "data": {}, "dataVersion": "1"}
+        async with http.post(host.admin_url("events"), json={"input": json.dumps(event)}, headers=headers) as r:
+            assert r.status == 202
+        async with http.post(host.admin_url("hello"), json={}, headers=headers) as r:
+            assert r.status == 400  # HTTP functions are called at their URL
+        await host.wait_for_invocations("work", 1, within=10)
+        await host.wait_for_invocations("events", 1, within=10)
+    (work,) = read_records(records, "work")
+    assert (work["body"], work["dequeue_count"]) == ("from admin", 1)
+    assert [e["id"] for e in read_records(records, "events")] == ["e-1"]
 
 
 # -- queues ------------------------------------------------------------------------------
@@ -286,6 +305,26 @@ async def test_cloudevents_are_delivered_as_eventgrid_events(
     assert (seen["id"], seen["event_type"], seen["topic"]) == ("ce-1", cloud_event["type"], cloud_event["source"])
 
 
+async def test_eventgrid_failure_answers_500_so_event_grid_redelivers(
+    twin: TwinHandle, records: Path, http: aiohttp.ClientSession
+) -> None:
+    event = {"id": "f-1", "eventType": "T", "subject": "fail", "topic": "t", "data": {}, "dataVersion": "1"}
+    ok = {**event, "id": "ok-1", "subject": "fine"}
+    async with DevHost(TEST_APP, values=host_values(twin, records)) as host:
+        url = host.eventgrid_url("events")
+        async with http.post(url, json=[event, ok], headers={"aeg-event-type": "Notification"}) as r:
+            assert r.status == 500
+        async with http.post(url, json=[ok], headers={"aeg-event-type": "Notification"}) as r:
+            assert r.status == 202
+        async with http.post(url, json=[ok], headers={"aeg-event-type": "Unsubscribe"}) as r:
+            assert r.status == 202
+        async with http.post(url, json=[ok], headers={"aeg-event-type": "Surprise"}) as r:
+            assert r.status == 400
+        async with http.post(url, data=b"not json", headers={"aeg-event-type": "Notification"}) as r:
+            assert r.status == 400
+    assert sorted(r["id"] for r in read_records(records, "events")) == ["f-1", "ok-1", "ok-1"]
+
+
 # -- HTTP --------------------------------------------------------------------------------
 
 
@@ -382,6 +421,18 @@ async def test_a_missing_setting_stops_the_start_and_restores_the_environment(tw
     with pytest.raises(MissingSettingError, match="WORK_QUEUE"):
         await DevHost(TEST_APP, values=values).start()
     assert dict(os.environ) == before
+
+
+def test_background_host_serves_synchronous_callers(twin: TwinHandle, records: Path) -> None:
+    import requests
+
+    values = host_values(twin, records)
+    send(twin, values["WORK_QUEUE"], "from a sync caller")
+    background = BackgroundHost(DevHost(TEST_APP, values=values, run_timers=False))
+    with background as host:
+        assert requests.get(f"{host.api_url}/hello/sync", timeout=10).text == "hello sync"
+        background.drain(timeout=20)
+        assert [r["body"] for r in read_records(records, "work")] == ["from a sync caller"]
 
 
 # -- the command -------------------------------------------------------------------------

@@ -194,3 +194,12 @@ def test_the_asgi_app_registers_a_catch_all_async_function() -> None:
     assert spec.route.template == "/{*route}"
     assert spec.is_async
     assert spec.parameters == ("req", "context")
+
+
+def test_storage_settings_follow_the_products_own() -> None:
+    from devhost.queues import storage_settings_for
+
+    endpoints = {f"APIMR_STORAGE_{s}_ENDPOINT": f"https://127.0.0.1:1/{s.lower()}" for s in ("BLOB", "QUEUE", "TABLE")}
+    assert storage_settings_for(endpoints)["AzureWebJobsStorage__queueServiceUri"] == "https://127.0.0.1:1/queue"
+    assert storage_settings_for({"APIMR_STORAGE_CONNECTION_STRING": "cs"}, "X") == {"X": "cs"}
+    assert storage_settings_for({"APIMR_STORAGE_ACCOUNT": "st"}) == {"AzureWebJobsStorage__accountName": "st"}
