@@ -466,13 +466,14 @@ class DevHost:
         due = schedule.next_after(datetime.now(UTC))
         while True:
             await asyncio.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()))
-            late = (datetime.now(UTC) - due).total_seconds()
+            past_due = (datetime.now(UTC) - due).total_seconds() > PAST_DUE_GRACE
             following = schedule.next_after(due)
-            # Invocations never overlap (the host runs a timer as a singleton): occurrences
-            # missed while one ran collapse into one past-due invocation.
-            await self._fire_timer(spec, past_due=late > PAST_DUE_GRACE, last=last, nxt=following)
+            await self._fire_timer(spec, past_due=past_due, last=last, nxt=following)
             last = due
-            due = schedule.next_after(max(due, datetime.now(UTC)))
+            now = datetime.now(UTC)
+            # Invocations never overlap (a timer runs as a singleton). Occurrences missed
+            # while one ran become one immediate past-due invocation, not a burst.
+            due = following if following < now and not past_due else schedule.next_after(now)
 
     def _admin_input(self, spec: FunctionSpec, input: str | None) -> Any:
         kind = spec.trigger_type

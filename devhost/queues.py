@@ -253,6 +253,11 @@ class QueuePoller:
     async def _process(self, client: QueueClient, message: Any) -> None:
         try:
             await self._handle(client, message)
+        except asyncio.CancelledError:
+            # The host is stopping: give the message back now rather than after the lease.
+            with contextlib.suppress(AzureError):
+                await client.update_message(message.id, message.pop_receipt, visibility_timeout=0)
+            raise
         except AzureError as error:
             log.error("Queue '%s': message %s: storage call failed: %s", self.queue_name, message.id, error)
 

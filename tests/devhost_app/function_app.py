@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 
 import azure.functions as func
 
@@ -26,6 +27,7 @@ def record(function: str, **fields: object) -> None:
 @app.function_name("tick")
 @app.schedule(schedule="%TICK_SCHEDULE%", arg_name="timer", run_on_startup=False)
 def tick(timer: func.TimerRequest) -> None:
+    time.sleep(float(os.environ.get("TICK_SLEEP") or 0))
     record("tick", past_due=timer.past_due, status=timer.schedule_status, type=type(timer).__module__)
 
 
@@ -45,6 +47,8 @@ def work(msg: func.QueueMessage, out: func.Out[str]) -> None:
     )
     if body.startswith("fail"):
         raise RuntimeError(f"asked to fail: {body}")
+    if body.startswith("sleep:"):
+        time.sleep(float(body.removeprefix("sleep:")))
     if body.startswith("forward:"):
         out.set(body.removeprefix("forward:"))
 

@@ -104,6 +104,15 @@ async def test_timer_fires_on_its_seconds_schedule(twin: TwinHandle, records: Pa
     assert int(ticks[1]["status"]["Last"][17:19]) % 2 == 0
 
 
+async def test_timer_overrunning_its_schedule_gets_one_past_due_catch_up(twin: TwinHandle, records: Path) -> None:
+    values = host_values(twin, records, TICK_SCHEDULE="* * * * * *", TICK_SLEEP="2.5")
+    async with DevHost(TEST_APP, values=values, function_timeout=None) as host:
+        await host.wait_for_invocations("tick", 2, within=15)
+    first, second = read_records(records, "tick")[:2]
+    # The first run overran two occurrences: they become one invocation marked past due.
+    assert (first["past_due"], second["past_due"]) == (False, True)
+
+
 async def test_admin_endpoint_fires_a_timer_now_with_the_master_key(
     twin: TwinHandle, records: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -182,6 +191,17 @@ async def test_failing_message_is_retried_to_max_dequeue_count_then_poisoned(twi
     assert peek_all(twin, values["WORK_QUEUE"]) == []
     poisoned = peek_all(twin, values["WORK_QUEUE"] + "-poison")
     assert [base64.b64decode(c).decode() for c in poisoned] == ["fail please"]
+
+
+async def test_stopping_gives_a_running_message_back_at_once(twin: TwinHandle, records: Path) -> None:
+    values = host_values(twin, records)
+    send(twin, values["WORK_QUEUE"], "sleep:3")
+    async with DevHost(TEST_APP, values=values, function_timeout=None):
+        async with asyncio.timeout(15):
+            while not read_records(records, "work"):  # noqa: ASYNC110 - another thread writes the file
+                await asyncio.sleep(0.05)
+    # Visible again now, not after the 10-minute lease.
+    assert [base64.b64decode(c).decode() for c in peek_all(twin, values["WORK_QUEUE"])] == ["sleep:3"]
 
 
 async def test_invalid_base64_is_never_delivered_and_ends_in_poison(twin: TwinHandle, records: Path) -> None:
