@@ -1,1 +1,3 @@
-"""Local development host: runs the product against the embedded twin (tests and demo only)."""
+"""Local development host: a stand-in for the Azure Functions host (`python -m devhost start`,
+`devhost.host.DevHost`) and the demo against the twin (`python -m devhost.demo`). Tests,
+demo and benchmarks only: production runs on the Functions host (`func start` or Azure)."""
