@@ -126,7 +126,7 @@ class TokenIssuer:
         # A claim overridden with None is left out (a token without `roles`, `oid`, ...).
         claims = {name: value for name, value in claims.items() if value is not None}
         if unsigned:
-            return jwt.encode(claims, None, algorithm="none")
+            return jwt.encode(claims, "", algorithm="none")
         key = _new_key() if foreign_key else self._key
         return jwt.encode(claims, key, algorithm="RS256", headers={"kid": self.kid})
 
