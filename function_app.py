@@ -2,6 +2,12 @@
 
 Each function parses its trigger input, calls one handler and turns the result into the
 trigger's output. Logic lives in handlers/ and shared/.
+
+The app is an AsgiFunctionApp: the HTTP API (handlers/api.py, FastAPI) is its catch-all
+function `http_app_func` on `api/{*route}` (function key: the host checks it; the app
+checks an Entra ID bearer token on every route). The other triggers register beside it as
+on a FunctionApp. Literal routes such as `health` win over the catch-all (ASP.NET Core
+route precedence), so the anonymous health check stays outside the API.
 """
 
 from __future__ import annotations
@@ -10,9 +16,14 @@ import json
 
 import azure.functions as func
 
+from handlers.api import create_api
+from handlers.context import ContextProvider
 from handlers.health import check_health
 
-app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+# The composition root: one AppContext per process (cold start), shared by every function.
+context = ContextProvider()
+api = create_api(context)
+app = func.AsgiFunctionApp(app=api, http_auth_level=func.AuthLevel.FUNCTION)
 
 
 @app.function_name("health")

@@ -9,17 +9,22 @@ loop), so building the dependency objects per invocation costs nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from handlers.manual import ManualDeps
 from handlers.reconcile import LogSink, ReconcileDeps
 from handlers.remediate import RemediationDeps
 from shared.armapi import AzureArm, AzureSecrets
 from shared.azure import ClientFactory
+from shared.entra import SigningKeys, TokenValidator, https_fetcher
+from shared.errors import SettingsError
 from shared.evidence_source import AzureEvidenceSource
 from shared.findings_store import FindingsStore
 from shared.journal import Journal
 from shared.locks import InstanceLocks
+from shared.operations import OperationsStore
 from shared.policy import Policy, load_policy
 from shared.settings import Settings, load_settings
 from shared.source import AzureInstanceSource
@@ -30,6 +35,8 @@ class AppContext:
     settings: Settings
     policy: Policy
     factory: ClientFactory
+    # The API's token validator holds the authority's signing keys (cached): one per process.
+    _validator: TokenValidator | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None) -> AppContext:
@@ -56,9 +63,53 @@ class AppContext:
             evidence=AzureEvidenceSource(self.factory),
         )
 
+    def manual_deps(self) -> ManualDeps:
+        return ManualDeps(
+            settings=self.settings,
+            policy=self.policy,
+            source=self.source(),
+            arm=AzureArm(self.factory),
+            findings=self.findings(),
+            operations=self.operations(),
+            remediation=self.remediation_deps(),
+            reconcile=self.reconcile_deps(),
+        )
+
+    def operations(self) -> OperationsStore:
+        return OperationsStore(self.factory.table_service_async())
+
+    def token_validator(self) -> TokenValidator:
+        """The HTTP API's bearer-token check (raises SettingsError when the API is not configured)."""
+        if self._validator is None:
+            api = self.settings.api
+            if api is None:
+                raise SettingsError(["APIMR_API_AUDIENCE and APIMR_API_TENANT_ID are required for the HTTP API"])
+            keys = SigningKeys(
+                self.settings.cloud.authority_host, api.tenant_id, https_fetcher(self.factory.https_context())
+            )
+            self._validator = TokenValidator(api, keys)
+        return self._validator
+
     def reconcile_deps(self) -> ReconcileDeps:
         return ReconcileDeps(remediation=self.remediation_deps(), findings=self.findings(), sink=LogSink())
 
     async def aclose(self) -> None:
         await self.factory.aclose()
         self.factory.close()
+
+
+class ContextProvider:
+    """The process's one AppContext, built on first use (the cold start) and kept.
+
+    A deployment whose settings or policy are broken raises on every use until fixed (the
+    health function and the API answer 503; the problem list goes to the log), instead of
+    failing the whole worker at import."""
+
+    def __init__(self, load: Callable[[], AppContext] = AppContext.load) -> None:
+        self._load = load
+        self._context: AppContext | None = None
+
+    def get(self) -> AppContext:
+        if self._context is None:
+            self._context = self._load()
+        return self._context

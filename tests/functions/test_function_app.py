@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import azure.functions as func
@@ -17,6 +18,7 @@ import function_app
 from shared import __version__
 from shared.settings import SETTING_NAMES
 
+ROOT = Path(__file__).resolve().parents[2]
 TRIGGERS = {"httpTrigger", "timerTrigger", "queueTrigger", "eventGridTrigger", "blobTrigger"}
 OUTPUTS = {"http", "queue", "blob", "table", "eventGrid"}
 SUB = "11111111-2222-3333-4444-555555555555"
@@ -45,7 +47,9 @@ def test_every_function_has_one_trigger_and_valid_bindings() -> None:
         json.loads(fn.get_function_json())  # serialises
         triggers = [b for b in found if b["type"] in TRIGGERS]
         assert len(triggers) == 1, (fn.get_function_name(), found)
-        params = set(inspect.signature(fn.get_user_function()).parameters)
+        signature = inspect.signature(fn.get_user_function()).parameters
+        # The invocation context is passed by the worker, not bound (the ASGI function takes one).
+        params = {name for name, p in signature.items() if p.annotation not in (func.Context, "func.Context")}
         for b in found:
             assert b["direction"] in {"IN", "OUT", "INOUT"}, b
             assert b["type"] in TRIGGERS | OUTPUTS, b
@@ -55,13 +59,38 @@ def test_every_function_has_one_trigger_and_valid_bindings() -> None:
             assert any(b["name"] == p for b in found), f"{fn.get_function_name()}: parameter {p} has no binding"
 
 
+def http_triggers() -> dict[str, dict[str, Any]]:
+    return {fn.get_function_name(): b for fn in indexed() for b in bindings(fn) if b["type"] == "httpTrigger"}
+
+
 def test_http_routes_do_not_collide() -> None:
+    """Two functions on one (method, route) collide. The API is the ASGI catch-all
+    `{*route}`; the host strips the leading slash and puts it under the routePrefix, and
+    ASP.NET Core routing prefers literal segments to a catch-all, so a literal route (health)
+    wins for its methods. The API must then never define a route a literal one would shadow
+    (it would be unreachable)."""
     routes = []
-    for fn in indexed():
-        for b in bindings(fn):
-            if b["type"] == "httpTrigger":
-                routes.extend((method, b["route"]) for method in b.get("methods", ["*"]))
+    for b in http_triggers().values():
+        routes.extend((method, b["route"].strip("/").lower()) for method in b.get("methods", ["*"]))
     assert len(routes) == len(set(routes)), routes
+
+    triggers = http_triggers()
+    asgi = triggers.pop("http_app_func")
+    assert (asgi["route"], asgi["authLevel"]) == ("/{*route}", "FUNCTION")  # the host checks the function key
+    prefix = json.loads((ROOT / "host.json").read_text())["extensions"]["http"]["routePrefix"]
+    api_paths = {r.path for r in api_routes()}
+    assert api_paths
+    assert all(p.startswith(f"/{prefix}/") for p in api_paths), api_paths
+    for name, b in triggers.items():
+        assert "{*" not in b["route"], f"{name}: a second catch-all"
+        shadowed = f"/{prefix}/{b['route'].strip('/')}"
+        assert shadowed not in api_paths, f"{name} ({b['route']}) shadows the API's {shadowed}"
+
+
+def api_routes() -> list[Any]:
+    from starlette.routing import Route
+
+    return [r for r in function_app.api.routes if isinstance(r, Route)]
 
 
 def function(name: str) -> Any:
