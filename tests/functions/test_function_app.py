@@ -148,3 +148,60 @@ def test_health_never_echoes_setting_values_to_anonymous_callers(
     for name in ("APIMR_CLOUD:", "APIMR_SUBSCRIPTION_IDS:", "APIMR_STORAGE_CONNECTION_STRING:", "APIMR_KEY_VAULT_URL:"):
         assert name in caplog.text
     assert "'http://***@kv.example.net/?***'" in caplog.text
+
+
+class InvocationContext(func.Context):
+    """What the worker passes as `context` (the ASGI bridge reads these into the scope)."""
+
+    invocation_id = "00000000-0000-4000-8000-000000000001"
+    function_name = "http_app_func"
+    function_directory = str(ROOT)
+    trace_context = None  # type: ignore[assignment]
+    retry_context = None  # type: ignore[assignment]
+    thread_local_storage = None  # type: ignore[assignment]
+
+
+@pytest.fixture
+def fresh_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The composition root caches its AppContext per process: start each test without one."""
+    monkeypatch.setattr(function_app.context, "_context", None)
+
+
+async def invoke_api(method: str, url: str, headers: dict[str, str], body: bytes = b"") -> func.HttpResponse:
+    request = func.HttpRequest(method=method, url=url, headers=headers, body=body)
+    response: func.HttpResponse = await function("http_app_func")(request, InvocationContext())
+    return response
+
+
+async def test_the_asgi_function_hands_requests_to_the_api(
+    monkeypatch: pytest.MonkeyPatch, fresh_context: None
+) -> None:
+    """A real func.HttpRequest through the function reaches the FastAPI app: without a token
+    it answers 401 with the challenge (the function key is the host's check, before the
+    function runs; it is not part of the request the function sees)."""
+    monkeypatch.setenv("APIMR_SUBSCRIPTION_IDS", SUB)
+    monkeypatch.setenv("APIMR_STORAGE_ACCOUNT", "apimrstate")
+    monkeypatch.setenv("APIMR_API_AUDIENCE", "api://apim-remediator")
+    monkeypatch.setenv("APIMR_API_TENANT_ID", SUB)
+    response = await invoke_api("GET", "http://localhost:7071/api/instances", {})
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="apim-remediator"'
+    assert json.loads(response.get_body())["error"]["code"] == "Unauthenticated"
+
+    oversized = await invoke_api(
+        "POST",
+        f"http://localhost:7071/api/instances/{SUB}/rg/apim/remediations",
+        {"Content-Type": "application/json", "Content-Length": str(64 * 1024)},
+        b"{" + b" " * (64 * 1024 - 2) + b"}",
+    )
+    assert oversized.status_code == 413
+
+
+async def test_the_api_answers_503_while_not_configured(monkeypatch: pytest.MonkeyPatch, fresh_context: None) -> None:
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("APIMR_SUBSCRIPTION_IDS", SUB)
+    monkeypatch.setenv("APIMR_STORAGE_ACCOUNT", "apimrstate")  # the product is configured, its API is not
+    response = await invoke_api("GET", "http://localhost:7071/api/instances", {"Authorization": "Bearer x.y.z"})
+    assert response.status_code == 503
+    assert json.loads(response.get_body())["error"]["code"] == "NotConfigured"
