@@ -430,3 +430,21 @@ def test_admin_applies_a_detect_mode_rule_by_naming_it_operate_cannot(twin: Twin
     access = twin.arm("GET", f"{service_id}/tenant/access?api-version=2024-05-01").json()
     assert access["properties"]["enabled"] is False
     assert [w for w in apim_writes(twin) if w.lower().startswith("patch")] == [f"PATCH {service_id}/tenant/access"]
+
+
+def test_forcing_never_applies_an_exempt_finding(twin: TwinHandle, api: ApiServer) -> None:
+    spec = compliant("api-exempt", twin.subscription_id)
+    drift("MGMT-001", spec)
+    spec["tags"] = {"apim-remediator-exempt": "MGMT-001", "apim-remediator-exempt-reason": "migration"}
+    fragment, ids = fragment_for({"api-exempt": spec}, twin.subscription_id)
+    twin.seed(fragment)
+    twin.control("DELETE", "/_twin/log")
+    admin = token(twin, ADMIN)
+    body = {"dry_run": False, "force_rule_ids": ["MGMT-001"]}
+    started = call(api, "POST", path_of(ids["api-exempt"]) + "/remediations", admin, json=body)
+    assert started.status_code == 202, started.text
+    done = poll(api, started.headers["Location"], admin)
+    assert [(r["rule"], r["status"], r["detail"]) for r in done["result"]["results"]] == [
+        ("MGMT-001", "skipped", "exempt: migration")
+    ]
+    assert apim_writes(twin) == []
