@@ -205,3 +205,24 @@ async def test_the_api_answers_503_while_not_configured(monkeypatch: pytest.Monk
     response = await invoke_api("GET", "http://localhost:7071/api/instances", {"Authorization": "Bearer x.y.z"})
     assert response.status_code == 503
     assert json.loads(response.get_body())["error"]["code"] == "NotConfigured"
+
+
+async def test_a_bug_answers_500_json_without_a_stack_trace(caplog: pytest.LogCaptureFixture) -> None:
+    """Through the real ASGI bridge: an unexpected exception becomes a JSON 500 with a
+    reference to the log line, and does not fail the invocation."""
+    from handlers.api import create_api
+
+    def broken() -> Any:
+        raise RuntimeError("secret-looking internals /home/site/wwwroot")
+
+    bridge = func.AsgiMiddleware(create_api(broken))
+    request = func.HttpRequest(method="GET", url="http://localhost:7071/api/instances", headers={}, body=b"")
+    caplog.set_level(logging.ERROR, logger="apim_remediator.api")
+    response = await bridge.handle_async(request, InvocationContext())
+    assert response.status_code == 500
+    body = json.loads(response.get_body())
+    assert body["error"]["code"] == "InternalError"
+    reference = body["error"]["message"].split("reference ")[1].split(" ")[0]
+    assert "internals" not in response.get_body().decode()
+    assert "Traceback" not in response.get_body().decode()
+    assert reference in caplog.text  # the log has it, with the traceback
