@@ -12,17 +12,24 @@ route precedence), so the anonymous health check stays outside the API.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import azure.functions as func
 
 from handlers.api import create_api
-from handlers.context import ContextProvider
+from handlers.context import AppContext
 from handlers.health import check_health
 
-# The composition root: one AppContext per process (cold start), shared by every function.
-context = ContextProvider()
-api = create_api(context)
+
+@functools.cache
+def app_context() -> AppContext:
+    """The composition root, built once per process (cold start); a settings error is not
+    cached, so the next invocation tries again."""
+    return AppContext.load()
+
+
+api = create_api(app_context)
 app = func.AsgiFunctionApp(app=api, http_auth_level=func.AuthLevel.FUNCTION)
 
 

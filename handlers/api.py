@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from handlers.context import AppContext, ContextProvider
+from handlers.context import AppContext
 from handlers.manual import (
     BackgroundWork,
     ForbiddenError,
@@ -206,9 +206,9 @@ class ContainErrors:
                 await _error(500, "InternalError", message)(scope, receive, send)
 
 
-def create_api(context: ContextProvider | Callable[[], AppContext]) -> FastAPI:
-    """The API app over one process's AppContext (built on first use)."""
-    get_context = context.get if isinstance(context, ContextProvider) else context
+def create_api(get_context: Callable[[], AppContext]) -> FastAPI:
+    """The API app over one process's AppContext (`get_context`: the composition root's,
+    built on first use; a SettingsError or PolicyError from it answers 503)."""
     background = BackgroundWork()
     api = FastAPI(
         title="apim-remediator",

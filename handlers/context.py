@@ -9,7 +9,6 @@ loop), so building the dependency objects per invocation costs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -96,20 +95,3 @@ class AppContext:
     async def aclose(self) -> None:
         await self.factory.aclose()
         self.factory.close()
-
-
-class ContextProvider:
-    """The process's one AppContext, built on first use (the cold start) and kept.
-
-    A deployment whose settings or policy are broken raises on every use until fixed (the
-    health function and the API answer 503; the problem list goes to the log), instead of
-    failing the whole worker at import."""
-
-    def __init__(self, load: Callable[[], AppContext] = AppContext.load) -> None:
-        self._load = load
-        self._context: AppContext | None = None
-
-    def get(self) -> AppContext:
-        if self._context is None:
-            self._context = self._load()
-        return self._context

@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,9 +163,11 @@ class InvocationContext(func.Context):
 
 
 @pytest.fixture
-def fresh_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The composition root caches its AppContext per process: start each test without one."""
-    monkeypatch.setattr(function_app.context, "_context", None)
+def fresh_context() -> Iterator[None]:
+    """The composition root caches its AppContext per process: each test starts without one."""
+    function_app.app_context.cache_clear()
+    yield
+    function_app.app_context.cache_clear()
 
 
 async def invoke_api(method: str, url: str, headers: dict[str, str], body: bytes = b"") -> func.HttpResponse:
