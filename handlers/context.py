@@ -13,18 +13,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from handlers.events import EventScope, EventsDeps
+from handlers.manual import ManualDeps
 from handlers.reconcile import LogSink, ReconcileDeps, ReconcileRequest, ReconcileResult, reconcile
 from handlers.remediate import RemediationDeps
 from handlers.sweep import SweepDeps
 from handlers.work import WorkDeps
 from shared.armapi import AzureArm, AzureSecrets
 from shared.azure import ClientFactory
+from shared.entra import SigningKeys, TokenValidator, https_fetcher
+from shared.errors import SettingsError
 from shared.evidence_source import AzureEvidenceSource
 from shared.findings_store import FindingsStore
 from shared.identity import own_object_id
 from shared.journal import Journal
 from shared.locks import InstanceLocks
 from shared.message_ledger import MessageLedger
+from shared.operations import OperationsStore
 from shared.policy import Policy, load_policy
 from shared.settings import Settings, load_settings
 from shared.source import AzureInstanceSource
@@ -38,6 +42,8 @@ class AppContext:
     factory: ClientFactory
     # The product identity's object id, read once from its own token (own_object_id).
     _object_id: str | None = field(default=None, init=False, repr=False)
+    # The API's token validator holds the authority's signing keys (cached): one per process.
+    _validator: TokenValidator | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None) -> AppContext:
@@ -63,6 +69,33 @@ class AppContext:
             key_vault_url=self.settings.key_vault_url,
             evidence=AzureEvidenceSource(self.factory),
         )
+
+    def manual_deps(self) -> ManualDeps:
+        return ManualDeps(
+            settings=self.settings,
+            policy=self.policy,
+            source=self.source(),
+            arm=AzureArm(self.factory),
+            findings=self.findings(),
+            operations=self.operations(),
+            remediation=self.remediation_deps(),
+            reconcile=self.reconcile_deps(),
+        )
+
+    def operations(self) -> OperationsStore:
+        return OperationsStore(self.factory.table_service_async())
+
+    def token_validator(self) -> TokenValidator:
+        """The HTTP API's bearer-token check (raises SettingsError when the API is not configured)."""
+        if self._validator is None:
+            api = self.settings.api
+            if api is None:
+                raise SettingsError(["APIMR_API_AUDIENCE and APIMR_API_TENANT_ID are required for the HTTP API"])
+            keys = SigningKeys(
+                self.settings.cloud.authority_host, api.tenant_id, https_fetcher(self.factory.https_context())
+            )
+            self._validator = TokenValidator(api, keys)
+        return self._validator
 
     def reconcile_deps(self) -> ReconcileDeps:
         return ReconcileDeps(remediation=self.remediation_deps(), findings=self.findings(), sink=LogSink())

@@ -130,6 +130,11 @@ class RemediateRequest:
     trigger: Trigger
     rule_ids: tuple[str, ...] = ()  # empty: every rule with a remediation
     apply: bool = False
+    # Manual remediation: rules the policy keeps in `detect` mode that this run may apply
+    # anyway, because a person named them (the HTTP API allows it to Remediator.Admin only).
+    # Honoured only for the rules named, never for an exempt finding or a rule switched off;
+    # a named rule is selected even when `rule_ids` narrows the run to others.
+    force_rule_ids: tuple[str, ...] = ()
     correlation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     lease_wait: float = 10.0
 
@@ -376,7 +381,7 @@ async def _resolve(request: RemediateRequest, deps: RemediationDeps) -> Instance
             f"not an APIM instance in the configured scope: {request.instance_id} "
             "(check APIMR_SUBSCRIPTION_IDS, APIMR_RESOURCE_GROUPS, APIMR_TAG_SELECTOR and the policy's scope)"
         )
-    unknown = [r for r in request.rule_ids if r not in REGISTRY]
+    unknown = [r for r in (*request.rule_ids, *request.force_rule_ids) if r not in REGISTRY]
     if unknown:
         raise PermanentError(f"unknown rule id(s): {', '.join(unknown)}; known: {', '.join(sorted(REGISTRY))}")
     return ref
@@ -389,7 +394,7 @@ def _select(
     chosen: list[Finding] = []
     left: list[ActionResult] = []
     for f in findings:
-        if request.rule_ids and f.rule_id not in request.rule_ids:
+        if request.rule_ids and f.rule_id not in request.rule_ids and f.rule_id not in request.force_rule_ids:
             continue
         reason = _skip_reason(f, request, policy)
         if reason is None:
@@ -406,7 +411,8 @@ def _skip_reason(finding: Finding, request: RemediateRequest, policy: Policy) ->
     if finding.rule_id not in REMEDIATIONS or not finding.remediable:
         return "no automatic remediation for this finding"
     mode = policy.mode_of(finding.rule_id)
-    if request.apply and mode is not Mode.REMEDIATE:
+    forced = mode is Mode.DETECT and finding.rule_id in request.force_rule_ids
+    if request.apply and mode is not Mode.REMEDIATE and not forced:
         return (
             f"{finding.rule_id} is in {mode.value} mode; set rules.{finding.rule_id}.mode: remediate "
             "in the policy to let the product fix it"
@@ -414,11 +420,22 @@ def _skip_reason(finding: Finding, request: RemediateRequest, policy: Policy) ->
     return None
 
 
-def _would(item: RemediationPlan | Refusal, policy: Policy, *, requests: tuple[str, ...] | None = None) -> ActionResult:
+def _would(
+    item: RemediationPlan | Refusal,
+    policy: Policy,
+    *,
+    requests: tuple[str, ...] | None = None,
+    forced: Sequence[str] = (),
+) -> ActionResult:
     if isinstance(item, Refusal):
         return ActionResult(item.rule_id, item.resource_id, Status.REFUSED, "refused", detail=item.reason)
     mode = policy.mode_of(item.rule_id)
-    note = "" if mode is Mode.REMEDIATE else f"{item.rule_id} is in {mode.value} mode: --apply would skip it"
+    if mode is Mode.REMEDIATE:
+        note = ""
+    elif item.rule_id in forced:
+        note = f"{item.rule_id} is in {mode.value} mode; named for manual remediation, so an apply acts on it"
+    else:
+        note = f"{item.rule_id} is in {mode.value} mode: --apply would skip it"
     return ActionResult(
         item.rule_id,
         item.resource_id,
@@ -430,19 +447,19 @@ def _would(item: RemediationPlan | Refusal, policy: Policy, *, requests: tuple[s
     )
 
 
-def _would_all(items: Sequence[PlannedItem], policy: Policy) -> list[ActionResult]:
+def _would_all(items: Sequence[PlannedItem], policy: Policy, forced: Sequence[str] = ()) -> list[ActionResult]:
     results: list[ActionResult] = []
     for item in items:
         if isinstance(item, ServiceUpdate):
             requests = tuple(_describe(s) for s in item.combined.steps)
             for plan in item.plans:
-                result = _would(plan, policy, requests=requests)
+                result = _would(plan, policy, requests=requests, forced=forced)
                 if len(item.plans) > 1:
                     joined = f"one service update with {item.combined.rule_id}"
                     result = replace(result, detail=f"{result.detail}; {joined}" if result.detail else joined)
                 results.append(result)
         else:
-            results.append(_would(item, policy))
+            results.append(_would(item, policy, forced=forced))
     return results
 
 
@@ -458,7 +475,7 @@ async def remediate(request: RemediateRequest, deps: RemediationDeps) -> Remedia
             instance_id=ref.id,
             dry_run=True,
             correlation_id=request.correlation_id,
-            results=tuple(_would_all(items, deps.policy) + left),
+            results=tuple(_would_all(items, deps.policy, request.force_rule_ids) + left),
         )
     async with deps.locks.hold(ref.id, wait=request.lease_wait) as lease:
         settled = await _settle_earlier_runs(ref, deps, lease)
@@ -544,7 +561,7 @@ async def _apply(
             instance_id=ref.id,
             dry_run=False,
             correlation_id=request.correlation_id,
-            results=tuple(_would_all(items, deps.policy) + left),
+            results=tuple(_would_all(items, deps.policy, request.force_rule_ids) + left),
             recovered=settled.notes,
             stopped=(
                 f"{projected} writes planned (fixes that earlier ones unlock included), more than the policy "

@@ -335,6 +335,19 @@ class ClientFactory:
         built: ssl.SSLContext = self._memo("tls_probe", "", build)
         return built
 
+    def https_context(self) -> ssl.SSLContext:
+        """One client SSL context for plain HTTPS outside the SDKs (the authority's OpenID
+        documents and signing keys): the system store plus APIMR_CA_BUNDLE."""
+
+        def build() -> ssl.SSLContext:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+            if self.settings.ca_bundle:
+                context.load_verify_locations(cafile=self.settings.ca_bundle)
+            return context
+
+        built: ssl.SSLContext = self._memo("https", "", build)
+        return built
+
     # -- Storage (the product's own queue, journal, leases) ------------------------------
 
     def _storage_kwargs(self, service: str, *, is_async: bool) -> dict[str, Any]:

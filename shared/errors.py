@@ -48,3 +48,7 @@ class OutOfScopeError(PermanentError):
 class LeaseLost(PermanentError):
     """The lease on an instance was lost: whoever held it must stop at once (no further
     write and no further journal row), since another worker may now hold it."""
+
+
+class NotFoundError(PermanentError):
+    """The request names something that does not exist (HTTP 404 for the API)."""

@@ -211,6 +211,14 @@ class ScopeSettings:
     tags: tuple[tuple[str, str], ...] = ()  # every (name, value) must match; empty = no tag filter
 
 
+@dataclass(frozen=True)
+class ApiSettings:
+    """Who may call the HTTP API: Entra ID access tokens for this audience from this tenant."""
+
+    audience: str  # the API app registration's App ID URI (v1 tokens) or client id (v2 tokens)
+    tenant_id: str  # the tenant whose tokens are accepted (issuer and JWKS)
+
+
 DEFAULT_POLICY_FILE = str(Path(__file__).resolve().parent / "baseline.yaml")
 
 
@@ -233,6 +241,8 @@ class Settings:
     @property
     def poison_queue(self) -> str:
         return self.work_queue + POISON_SUFFIX
+
+    api: ApiSettings | None = None  # None: the HTTP API refuses every request (not configured)
 
     def describe(self) -> dict[str, object]:
         """A secret-free view for logs."""
@@ -466,6 +476,24 @@ def _work_queue(r: _Reader) -> str:
     return value
 
 
+def _api(r: _Reader) -> ApiSettings | None:
+    audience = r.raw("API_AUDIENCE")
+    tenant = r.raw("API_TENANT_ID")
+    if audience is None and tenant is None:
+        return None
+    if audience is None or tenant is None:
+        missing = "API_AUDIENCE" if audience is None else "API_TENANT_ID"
+        r.problem(missing, f"is required when {PREFIX}API_AUDIENCE or {PREFIX}API_TENANT_ID is set (the HTTP API)")
+        return None
+    if not _GUID.match(tenant):
+        r.problem("API_TENANT_ID", f"must be a tenant id (GUID), got {shown(tenant)}")
+        return None
+    if any(c.isspace() or c == "," for c in audience):
+        r.problem("API_AUDIENCE", f"must be one audience (App ID URI or client id), got {shown(audience)}")
+        return None
+    return ApiSettings(audience=audience, tenant_id=tenant.lower())
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting; raise one SettingsError listing all problems."""
     r = _Reader(os.environ if env is None else env)
@@ -489,6 +517,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     ca_bundle = r.raw("CA_BUNDLE")
     if ca_bundle is not None and not Path(ca_bundle).is_file():
         r.problem("CA_BUNDLE", f"no such file: {shown(ca_bundle)} (a PEM file of CA certificates to trust)")
+    api = _api(r)
     log_level = (r.raw("LOG_LEVEL") or "INFO").upper()
     if log_level not in _LOG_LEVELS:
         r.problem("LOG_LEVEL", f"must be one of {', '.join(_LOG_LEVELS)}, got {shown(log_level)}")
@@ -511,6 +540,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         sweep_schedule=sweep_schedule,
         work_queue=work_queue,
+        api=api,
     )
 
 
@@ -540,5 +570,7 @@ SETTING_NAMES: tuple[str, ...] = tuple(
         "LOG_LEVEL",
         "SWEEP_SCHEDULE",
         "WORK_QUEUE",
+        "API_AUDIENCE",
+        "API_TENANT_ID",
     )
 )

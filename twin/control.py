@@ -164,11 +164,23 @@ async def set_latency(request: web.Request) -> web.StreamResponse:
 
 
 async def mint_token(request: web.Request) -> web.StreamResponse:
-    """A token with chosen audience, lifetime (may be negative: expired) and extra claims."""
+    """A token with chosen audience, lifetime (may be negative: expired) and extra claims.
+
+    Options: `client_id` (a principal of the estate; default the product's), `roles` (app
+    roles, as Entra puts the roles granted to the calling app), `version` ("1.0" default or
+    "2.0": the v2 issuer and `azp` instead of `appid`), `unsigned` (`alg: none`),
+    `foreign_key` (signed by a key the JWKS does not list), `claims` (override any claim:
+    a wrong `iss` or `tid`, a missing one with null)."""
     body = await read_json(request)
     state = state_of(request)
     client_id = body.get("client_id") or next(iter(state.principals))
     principal = state.principal(client_id) or Principal(client_id, str(uuid.uuid4()), "unknown")
+    if "roles" in body:
+        principal = dataclasses.replace(principal, roles=tuple(str(r) for r in body["roles"]))
+    version = str(body.get("version", "1.0"))
+    if version not in ("1.0", "2.0"):
+        raise ServiceError(400, "InvalidRequest", f"version must be '1.0' or '2.0', got {version!r}")
+    issuer = request.app[ISSUER_KEY]
     claims: dict[str, Any] = dict(body.get("claims", {}))
     lifetime = int(body.get("lifetime", 3600))
     if lifetime <= 0:
@@ -177,8 +189,21 @@ async def mint_token(request: web.Request) -> web.StreamResponse:
         claims.setdefault("iat", now - 7200)
         claims.setdefault("nbf", now - 7200)
         claims["exp"] = now + lifetime
-    token = request.app[ISSUER_KEY].mint(principal, str(body["audience"]), lifetime=lifetime, **claims)
+    token = issuer.mint(
+        principal,
+        str(body["audience"]),
+        lifetime=lifetime,
+        v2_issuer=issuer.v2_issuer(state.urls["login"]) if version == "2.0" else None,
+        unsigned=bool(body.get("unsigned", False)),
+        foreign_key=bool(body.get("foreign_key", False)),
+        **claims,
+    )
     return json_response({"access_token": token})
+
+
+async def rotate_signing_key(request: web.Request) -> web.StreamResponse:
+    """Sign new tokens with a new key (Entra rolls its keys); the JWKS keeps the old ones."""
+    return json_response({"kid": request.app[ISSUER_KEY].rotate()})
 
 
 def setup(app: web.Application) -> None:
@@ -196,4 +221,5 @@ def setup(app: web.Application) -> None:
     add_route(app, "POST", "/_twin/clock/advance", advance_clock, versions=None)
     add_route(app, "PUT", "/_twin/lro", set_lro, versions=None)
     add_route(app, "POST", "/_twin/token", mint_token, versions=None)
+    add_route(app, "POST", "/_twin/signing-key/rotate", rotate_signing_key, versions=None)
     add_route(app, "PUT", "/_twin/latency", set_latency, versions=None)

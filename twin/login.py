@@ -1,6 +1,10 @@
-"""An Entra-like token service: OpenID configuration, JWKS, and the v2 token endpoint
-for the client-credentials grant, so azure-identity's real credentials work against
-`AZURE_AUTHORITY_HOST` with instance discovery disabled."""
+"""An Entra-like token service: OpenID configuration (v2 and v1), JWKS, and the v2 token
+endpoint for the client-credentials grant, so azure-identity's real credentials work
+against `AZURE_AUTHORITY_HOST` with instance discovery disabled.
+
+As in Entra ID, the v2 document's issuer is `{authority}/{tenant}/v2.0` and the v1
+document's is `https://sts.windows.net/{tenant}/` (the issuer of v1 access tokens, which
+the twin mints by default); both point at the same signing keys."""
 
 from __future__ import annotations
 
@@ -36,6 +40,23 @@ async def openid_configuration(request: web.Request) -> web.StreamResponse:
             "subject_types_supported": ["pairwise"],
             "id_token_signing_alg_values_supported": ["RS256"],
             "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "tenant_region_scope": "EU",
+        }
+    )
+
+
+async def openid_configuration_v1(request: web.Request) -> web.StreamResponse:
+    state = _tenant(request)
+    base = f"{state.urls['login']}/{state.tenant_id}"
+    return json_response(
+        {
+            "issuer": request.app[ISSUER_KEY].issuer,
+            "authorization_endpoint": f"{base}/oauth2/authorize",
+            "token_endpoint": f"{base}/oauth2/token",
+            "jwks_uri": f"{base}/discovery/keys",
+            "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
             "tenant_region_scope": "EU",
         }
     )
@@ -82,5 +103,7 @@ async def token(request: web.Request) -> web.StreamResponse:
 
 def setup(app: web.Application) -> None:
     add_route(app, "GET", "/{tenant}/v2.0/.well-known/openid-configuration", openid_configuration, versions=None)
+    add_route(app, "GET", "/{tenant}/.well-known/openid-configuration", openid_configuration_v1, versions=None)
     add_route(app, "GET", "/{tenant}/discovery/v2.0/keys", jwks, versions=None)
+    add_route(app, "GET", "/{tenant}/discovery/keys", jwks, versions=None)
     add_route(app, "POST", "/{tenant}/oauth2/v2.0/token", token, versions=None)

@@ -1,10 +1,16 @@
-"""Signing and checking the twin's access tokens (RS256 JWTs, like Entra ID v1 app tokens).
+"""Signing and checking the twin's access tokens (RS256 JWTs, like Entra ID app tokens).
 
-Tokens carry iss/aud/exp/nbf/iat/oid/appid/tid/roles. The issuer is the v1 form
+Tokens carry iss/aud/exp/nbf/iat/oid/tid/roles and, as Entra issues them, `appid` (v1
+tokens) or `azp` (v2 tokens). The default issuer is the v1 form
 `https://sts.windows.net/{tenant}/`, which is what ARM tokens carry and what Azurite's
-`--oauth basic` check requires. Expiry is checked against real time, not the twin's
-movable clock: clients cache tokens by real time, and moving the estate's clock (key
-ages, secret expiry) must not log everybody out.
+`--oauth basic` check requires; a v2 token (`version="2.0"`: what Entra issues for an API
+whose app registration sets `accessTokenAcceptedVersion: 2`) carries
+`{authority}/{tenant}/v2.0`. The signing key can be rotated: the JWKS then lists the new
+key and the old ones (as Entra publishes several), and tokens name theirs by `kid`.
+
+Expiry is checked against real time, not the twin's movable clock: clients cache tokens
+by real time, and moving the estate's clock (key ages, secret expiry) must not log
+everybody out.
 """
 
 from __future__ import annotations
@@ -44,29 +50,57 @@ class Principal:
     roles: tuple[str, ...] = ()
 
 
+def _new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 class TokenIssuer:
     def __init__(self, tenant_id: str) -> None:
         self.tenant_id = tenant_id
         self.issuer = f"https://sts.windows.net/{tenant_id}/"
-        self.kid = uuid.uuid4().hex
-        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        # kid -> key; the last one signs. Rotation keeps the old ones in the JWKS.
+        self._keys: dict[str, rsa.RSAPrivateKey] = {uuid.uuid4().hex: _new_key()}
+
+    @property
+    def kid(self) -> str:
+        return next(reversed(self._keys))
+
+    @property
+    def _key(self) -> rsa.RSAPrivateKey:
+        return self._keys[self.kid]
+
+    def rotate(self) -> str:
+        """Sign with a new key from now on (the JWKS keeps the old ones); returns its kid."""
+        kid = uuid.uuid4().hex
+        self._keys[kid] = _new_key()
+        return kid
 
     def jwks(self) -> dict[str, Any]:
-        numbers = self._key.public_key().public_numbers()
-        return {
-            "keys": [
-                {
-                    "kty": "RSA",
-                    "use": "sig",
-                    "alg": "RS256",
-                    "kid": self.kid,
-                    "n": _b64(numbers.n),
-                    "e": _b64(numbers.e),
-                }
-            ]
-        }
+        keys = []
+        for kid, key in self._keys.items():
+            numbers = key.public_key().public_numbers()
+            keys.append(
+                {"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid, "n": _b64(numbers.n), "e": _b64(numbers.e)}
+            )
+        return {"keys": keys}
 
-    def mint(self, principal: Principal, audience: str, *, lifetime: int = TOKEN_LIFETIME, **overrides: Any) -> str:
+    def v2_issuer(self, login_url: str) -> str:
+        return f"{login_url.rstrip('/')}/{self.tenant_id}/v2.0"
+
+    def mint(
+        self,
+        principal: Principal,
+        audience: str,
+        *,
+        lifetime: int = TOKEN_LIFETIME,
+        v2_issuer: str | None = None,
+        unsigned: bool = False,
+        foreign_key: bool = False,
+        **overrides: Any,
+    ) -> str:
+        """A token for `audience`. `v2_issuer`: a v2 token (that issuer, `azp`, no `appid`).
+        `unsigned`: `alg: none` and no signature; `foreign_key`: signed by a key the JWKS
+        does not list, under this issuer's current kid (a forgery). `overrides` win."""
         now = int(time.time())
         claims: dict[str, Any] = {
             "aud": audience,
@@ -77,15 +111,24 @@ class TokenIssuer:
             "oid": principal.object_id,
             "sub": principal.object_id,
             "appid": principal.client_id,
-            "azp": principal.client_id,
+            "appidacr": "1",
             "tid": self.tenant_id,
             "idtyp": "app",
             "ver": "1.0",
             "roles": list(principal.roles),
             "uti": uuid.uuid4().hex,
         }
+        if v2_issuer is not None:
+            for v1_only in ("appid", "appidacr"):
+                del claims[v1_only]
+            claims.update(iss=v2_issuer, ver="2.0", azp=principal.client_id, azpacr="1")
         claims.update(overrides)
-        return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid})
+        # A claim overridden with None is left out (a token without `roles`, `oid`, ...).
+        claims = {name: value for name, value in claims.items() if value is not None}
+        if unsigned:
+            return jwt.encode(claims, "", algorithm="none")
+        key = _new_key() if foreign_key else self._key
+        return jwt.encode(claims, key, algorithm="RS256", headers={"kid": self.kid})
 
     def verify(self, authorization: str | None, audiences: Iterable[str]) -> Mapping[str, Any]:
         """Check an Authorization header; return the claims or raise TokenError."""
@@ -98,9 +141,14 @@ class TokenIssuer:
             )
         allowed = [a.rstrip("/") for a in audiences]
         try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError as error:
+            raise TokenError("InvalidAuthenticationToken", f"The access token is invalid: {error}.") from error
+        key = self._keys.get(str(kid), self._key)
+        try:
             claims: Mapping[str, Any] = jwt.decode(
                 token,
-                self._key.public_key(),
+                key.public_key(),
                 algorithms=["RS256"],
                 issuer=self.issuer,
                 options={"require": ["exp", "nbf", "iat", "aud", "iss"], "verify_aud": False},

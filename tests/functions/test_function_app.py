@@ -9,6 +9,7 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import function_app
 from shared import __version__
 from shared.settings import SETTING_NAMES
 
+ROOT = Path(__file__).resolve().parents[2]
 TRIGGERS = {"httpTrigger", "timerTrigger", "queueTrigger", "eventGridTrigger", "blobTrigger"}
 OUTPUTS = {"http", "queue", "blob", "table", "eventGrid"}
 SUB = "11111111-2222-3333-4444-555555555555"
@@ -49,7 +51,9 @@ def test_every_function_has_one_trigger_and_valid_bindings() -> None:
         json.loads(fn.get_function_json())  # serialises
         triggers = [b for b in found if b["type"] in TRIGGERS]
         assert len(triggers) == 1, (fn.get_function_name(), found)
-        params = set(inspect.signature(fn.get_user_function()).parameters)
+        signature = inspect.signature(fn.get_user_function()).parameters
+        # The invocation context is passed by the worker, not bound (the ASGI function takes one).
+        params = {name for name, p in signature.items() if p.annotation not in (func.Context, "func.Context")}
         for b in found:
             assert b["direction"] in {"IN", "OUT", "INOUT"}, b
             assert b["type"] in TRIGGERS | OUTPUTS, b
@@ -59,13 +63,38 @@ def test_every_function_has_one_trigger_and_valid_bindings() -> None:
             assert any(b["name"] == p for b in found), f"{fn.get_function_name()}: parameter {p} has no binding"
 
 
+def http_triggers() -> dict[str, dict[str, Any]]:
+    return {fn.get_function_name(): b for fn in indexed() for b in bindings(fn) if b["type"] == "httpTrigger"}
+
+
 def test_http_routes_do_not_collide() -> None:
+    """Two functions on one (method, route) collide. The API is the ASGI catch-all
+    `{*route}`; the host strips the leading slash and puts it under the routePrefix, and
+    ASP.NET Core routing prefers literal segments to a catch-all, so a literal route (health)
+    wins for its methods. The API must then never define a route a literal one would shadow
+    (it would be unreachable)."""
     routes = []
-    for fn in indexed():
-        for b in bindings(fn):
-            if b["type"] == "httpTrigger":
-                routes.extend((method, b["route"]) for method in b.get("methods", ["*"]))
+    for b in http_triggers().values():
+        routes.extend((method, b["route"].strip("/").lower()) for method in b.get("methods", ["*"]))
     assert len(routes) == len(set(routes)), routes
+
+    triggers = http_triggers()
+    asgi = triggers.pop("http_app_func")
+    assert (asgi["route"], asgi["authLevel"]) == ("/{*route}", "FUNCTION")  # the host checks the function key
+    prefix = json.loads((ROOT / "host.json").read_text())["extensions"]["http"]["routePrefix"]
+    api_paths = {r.path for r in api_routes()}
+    assert api_paths
+    assert all(p.startswith(f"/{prefix}/") for p in api_paths), api_paths
+    for name, b in triggers.items():
+        assert "{*" not in b["route"], f"{name}: a second catch-all"
+        shadowed = f"/{prefix}/{b['route'].strip('/')}"
+        assert shadowed not in api_paths, f"{name} ({b['route']}) shadows the API's {shadowed}"
+
+
+def api_routes() -> list[Any]:
+    from starlette.routing import Route
+
+    return [r for r in function_app.api.routes if isinstance(r, Route)]
 
 
 def function(name: str) -> Any:
@@ -293,3 +322,83 @@ def test_the_deployment_sets_every_setting_a_binding_names() -> None:
     bicep = (ROOT / "infra" / "main.bicep").read_text()
     named = {name for fn in indexed() for raw in fn.get_raw_bindings() for name in SETTING_REF.findall(raw)}
     assert sorted(n for n in named if f"name: '{n}'" not in bicep) == []
+
+
+class InvocationContext(func.Context):
+    """What the worker passes as `context` (the ASGI bridge reads these into the scope)."""
+
+    invocation_id = "00000000-0000-4000-8000-000000000001"
+    function_name = "http_app_func"
+    function_directory = str(ROOT)
+    trace_context = None  # type: ignore[assignment]
+    retry_context = None  # type: ignore[assignment]
+    thread_local_storage = None  # type: ignore[assignment]
+
+
+@pytest.fixture
+def fresh_context() -> Iterator[None]:
+    """The composition root caches its AppContext per process: each test starts without one."""
+    function_app.app_context.cache_clear()
+    yield
+    function_app.app_context.cache_clear()
+
+
+async def invoke_api(method: str, url: str, headers: dict[str, str], body: bytes = b"") -> func.HttpResponse:
+    request = func.HttpRequest(method=method, url=url, headers=headers, body=body)
+    response: func.HttpResponse = await function("http_app_func")(request, InvocationContext())
+    return response
+
+
+async def test_the_asgi_function_hands_requests_to_the_api(
+    monkeypatch: pytest.MonkeyPatch, fresh_context: None
+) -> None:
+    """A real func.HttpRequest through the function reaches the FastAPI app: without a token
+    it answers 401 with the challenge (the function key is the host's check, before the
+    function runs; it is not part of the request the function sees)."""
+    monkeypatch.setenv("APIMR_SUBSCRIPTION_IDS", SUB)
+    monkeypatch.setenv("APIMR_STORAGE_ACCOUNT", "apimrstate")
+    monkeypatch.setenv("APIMR_API_AUDIENCE", "api://apim-remediator")
+    monkeypatch.setenv("APIMR_API_TENANT_ID", SUB)
+    response = await invoke_api("GET", "http://localhost:7071/api/instances", {})
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="apim-remediator"'
+    assert json.loads(response.get_body())["error"]["code"] == "Unauthenticated"
+
+    oversized = await invoke_api(
+        "POST",
+        f"http://localhost:7071/api/instances/{SUB}/rg/apim/remediations",
+        {"Content-Type": "application/json", "Content-Length": str(64 * 1024)},
+        b"{" + b" " * (64 * 1024 - 2) + b"}",
+    )
+    assert oversized.status_code == 413
+
+
+async def test_the_api_answers_503_while_not_configured(monkeypatch: pytest.MonkeyPatch, fresh_context: None) -> None:
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("APIMR_SUBSCRIPTION_IDS", SUB)
+    monkeypatch.setenv("APIMR_STORAGE_ACCOUNT", "apimrstate")  # the product is configured, its API is not
+    response = await invoke_api("GET", "http://localhost:7071/api/instances", {"Authorization": "Bearer x.y.z"})
+    assert response.status_code == 503
+    assert json.loads(response.get_body())["error"]["code"] == "NotConfigured"
+
+
+async def test_a_bug_answers_500_json_without_a_stack_trace(caplog: pytest.LogCaptureFixture) -> None:
+    """Through the real ASGI bridge: an unexpected exception becomes a JSON 500 with a
+    reference to the log line, and does not fail the invocation."""
+    from handlers.api import create_api
+
+    def broken() -> Any:
+        raise RuntimeError("secret-looking internals /home/site/wwwroot")
+
+    bridge = func.AsgiMiddleware(create_api(broken))
+    request = func.HttpRequest(method="GET", url="http://localhost:7071/api/instances", headers={}, body=b"")
+    caplog.set_level(logging.ERROR, logger="apim_remediator.api")
+    response = await bridge.handle_async(request, InvocationContext())
+    assert response.status_code == 500
+    body = json.loads(response.get_body())
+    assert body["error"]["code"] == "InternalError"
+    reference = body["error"]["message"].split("reference ")[1].split(" ")[0]
+    assert "internals" not in response.get_body().decode()
+    assert "Traceback" not in response.get_body().decode()
+    assert reference in caplog.text  # the log has it, with the traceback

@@ -43,12 +43,47 @@ def test_client_secret_credential_gets_a_signed_token_for_the_scope(twin: TwinHa
         f"{twin.urls['login']}/{twin.tenant_id}/v2.0/.well-known/openid-configuration", verify=twin.ca_file, timeout=10
     ).json()
     keys = requests.get(discovery["jwks_uri"], verify=twin.ca_file, timeout=10).json()["keys"]
-    signing_key = jwt.PyJWK(keys[0]).key
+    [signing] = [k for k in keys if k["kid"] == jwt.get_unverified_header(token.token)["kid"]]
+    signing_key = jwt.PyJWK(signing).key
     claims = jwt.decode(token.token, signing_key, algorithms=["RS256"], audience=twin.urls["arm"])
     assert claims["iss"] == f"https://sts.windows.net/{twin.tenant_id}/"
     assert claims["appid"] == twin.client_id
     assert claims["tid"] == twin.tenant_id
     assert {"oid", "iat", "nbf", "exp", "roles"} <= set(claims)
+
+
+def test_test_tokens_as_entra_issues_them_v1_and_v2_with_roles(twin: TwinHandle) -> None:
+    """The control route mints what an API's tests need: app roles, a chosen audience, v1 and
+    v2 forms (each issuer as its OpenID document names it), unsigned tokens, and key rollover."""
+
+    def document(path: str) -> dict[str, object]:
+        url = f"{twin.urls['login']}/{twin.tenant_id}/{path}"
+        return dict(requests.get(url, verify=twin.ca_file, timeout=10).json())
+
+    v1, v2 = document(".well-known/openid-configuration"), document("v2.0/.well-known/openid-configuration")
+
+    def verified(token: str, meta: dict[str, object]) -> dict[str, object]:
+        keys = jwt.PyJWKSet.from_dict(requests.get(str(meta["jwks_uri"]), verify=twin.ca_file, timeout=10).json())
+        key = keys[jwt.get_unverified_header(token)["kid"]].key
+        return dict(jwt.decode(token, key, algorithms=["RS256"], audience="api://x", issuer=str(meta["issuer"])))
+
+    claims = verified(twin.token("api://x", roles=["Remediator.Read"]), v1)
+    assert (claims["ver"], claims["roles"], claims["appid"]) == ("1.0", ["Remediator.Read"], twin.client_id)
+    claims = verified(twin.token("api://x", version="2.0"), v2)
+    assert claims["iss"] == f"{twin.urls['login']}/{twin.tenant_id}/v2.0"
+    assert (claims["ver"], claims["azp"], "appid" in claims) == ("2.0", twin.client_id, False)
+
+    unsigned = twin.token("api://x", unsigned=True)
+    assert jwt.get_unverified_header(unsigned)["alg"] == "none"
+    assert unsigned.endswith(".")  # no signature
+    assert "roles" not in jwt.decode(twin.token("api://x", claims={"roles": None}), options={"verify_signature": False})
+
+    status, rotated = twin.control("POST", "/_twin/signing-key/rotate")
+    assert status == 200
+    after = twin.token("api://x")
+    assert jwt.get_unverified_header(after)["kid"] == rotated["kid"]
+    verified(after, v1)  # the JWKS lists the new key (and still the old ones)
+    assert twin.arm("GET", f"/subscriptions?api-version={SUBS_VERSION}").status_code == 200
 
 
 def test_default_credential_from_the_env_file_works_sync_and_async(

@@ -321,3 +321,50 @@ def test_concurrent_changes_are_paths_beyond_our_patch() -> None:
         "tags.change",
         "tags.owner",
     ]
+
+
+# -- manual remediation: force_rule_ids ---------------------------------------------------------
+
+DETECT_ONE = "version: 1\nrules:\n  MGMT-001: {mode: detect}\n  MGMT-002: {mode: remediate}\n"
+
+
+def detect_engine(policy: str = DETECT_ONE) -> tuple[RemediationDeps, list[str]]:
+    deps, events, _, _, _ = engine()
+    return replace(deps, policy=parse_policy(policy, source="policy.yaml")), events
+
+
+async def test_a_detect_mode_rule_is_applied_only_when_named_for_manual_remediation() -> None:
+    deps, events = detect_engine()
+    report = await remediate(apply(), deps)
+    assert [(r.rule_id, r.status) for r in report.results] == [("MGMT-002", Status.FIXED), ("MGMT-001", Status.SKIPPED)]
+    assert f"PATCH {ACCESS}" not in events
+
+    deps, events = detect_engine()
+    forced = replace(apply(), rule_ids=("MGMT-002",), force_rule_ids=("MGMT-001",))
+    report = await remediate(forced, deps)
+    # Named in force_rule_ids: selected although rule_ids names only MGMT-002, and applied.
+    assert [(r.rule_id, r.status) for r in report.results] == [("MGMT-001", Status.FIXED), ("MGMT-002", Status.FIXED)]
+    assert f"PATCH {ACCESS}" in events
+
+
+async def test_forcing_never_applies_an_exempt_finding_or_a_rule_not_named() -> None:
+    exempt = DETECT_ONE + (
+        "exemptions:\n  - rule: MGMT-001\n    resource: '*'\n    reason: change freeze\n    expires: 2099-01-01\n"
+    )
+    deps, events = detect_engine(exempt.replace("MGMT-002: {mode: remediate}", "MGMT-002: {mode: detect}"))
+    report = await remediate(replace(apply(), force_rule_ids=("MGMT-001",)), deps)
+    by_rule = {r.rule_id: (r.status, r.detail) for r in report.results}
+    assert by_rule["MGMT-001"] == (Status.SKIPPED, "exempt: change freeze")
+    assert by_rule["MGMT-002"][0] is Status.SKIPPED  # detect mode and not named
+    assert not [e for e in events if e.startswith("PATCH")]
+
+
+async def test_the_dry_run_says_a_forced_rule_would_be_applied() -> None:
+    deps, _ = detect_engine()
+    plan = await remediate(
+        RemediateRequest(instance_id=SERVICE_ID, trigger=Trigger(TriggerKind.CLI, "t"), force_rule_ids=("MGMT-001",)),
+        deps,
+    )
+    [mgmt1] = [r for r in plan.results if r.rule_id == "MGMT-001"]
+    assert mgmt1.status is Status.WOULD
+    assert "named for manual remediation" in mgmt1.detail

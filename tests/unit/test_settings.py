@@ -320,3 +320,19 @@ def test_work_queue_of_56_characters_is_accepted() -> None:
     name = "w" * 56
     s = load_settings(base(APIMR_WORK_QUEUE=name))
     assert len(s.poison_queue) == 63
+
+
+def test_api_settings_come_together_or_not_at_all() -> None:
+    assert load_settings(base()).api is None  # no API configured: it refuses every request
+    tenant = "7A1B2C3D-0000-4000-8000-00000000A001"
+    api = load_settings(base(APIMR_API_AUDIENCE="api://apim-remediator", APIMR_API_TENANT_ID=tenant)).api
+    assert api is not None
+    assert (api.audience, api.tenant_id) == ("api://apim-remediator", tenant.lower())
+    assert problems(base(APIMR_API_AUDIENCE="api://x")) == [
+        "APIMR_API_TENANT_ID: is required when APIMR_API_AUDIENCE or APIMR_API_TENANT_ID is set (the HTTP API)"
+    ]
+    assert problems(base(APIMR_API_AUDIENCE="api://x", APIMR_API_TENANT_ID="contoso")) == [
+        "APIMR_API_TENANT_ID: must be a tenant id (GUID), got 'contoso'"
+    ]
+    [problem] = problems(base(APIMR_API_AUDIENCE="api://a,api://b", APIMR_API_TENANT_ID=tenant))
+    assert problem.startswith("APIMR_API_AUDIENCE: must be one audience")
