@@ -1,68 +1,262 @@
-"""`make demo`: the product's CLI, end to end, against the twin seeded from estates/demo.yaml.
+"""`make demo`: the product as a Functions app, end to end, on the local Functions host
+(devhost) against the twin seeded from estates/demo.yaml.
 
-Starts the twin (and Azurite), then runs, as an operator would: a scan, a dry run of the
-fixes for the drifted production instance, the fixes themselves, and a rescan. Each step
-is the installed `apim-remediator` command in a fresh process configured only through
-the environment, exactly like a deployment.
+1. A sweep tick: the timer lists the instances in scope and puts one message each on the
+   work queue; the queue-triggered `work` function reconciles each instance and fixes
+   what devhost/demo-policy.yaml puts in `remediate` mode.
+2. An operator (the estate's second principal) turns TLS 1.0 back on with a plain ARM
+   PATCH; the twin's Event Grid delivers the write event to the `events` function, which
+   fixes it while you watch (the seconds it took are printed).
+3. The HTTP API with bearer tokens from the twin's Entra: a plan, an apply (a manual
+   remediation of a rule the policy keeps in detect mode, which needs Remediator.Admin),
+   and a read-only caller refused.
+
+Exits non-zero if any step does not do what it says.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
-import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+from azure.identity import ClientSecretCredential
+
+from devhost.host import DevHost, storage_settings_for
+from handlers.context import AppContext
+from shared.journal import Journal, Phase
 from twin.server import TwinServer
 
 ROOT = Path(__file__).resolve().parents[1]
 ESTATE = ROOT / "estates" / "demo.yaml"
 POLICY = Path(__file__).resolve().parent / "demo-policy.yaml"
-PROD = (
-    "/subscriptions/6a0e2f31-0000-4000-8000-0000000de001/resourceGroups/rg-apim-prod"
-    "/providers/Microsoft.ApiManagement/service/apim-contoso-prod"
-)
-COMMAND = str(Path(sys.executable).with_name("apim-remediator"))
+SUB = "6a0e2f31-0000-4000-8000-0000000de001"
+PROD = f"/subscriptions/{SUB}/resourceGroups/rg-apim-prod/providers/Microsoft.ApiManagement/service/apim-contoso-prod"
+API_AUDIENCE = "api://apim-remediator"
+OPERATOR = ("0b5e0c1a-0000-4000-8000-00000000d3e2", "twin-demo-secret-operator")  # Remediator.Admin
+READER = ("0b5e0c1a-0000-4000-8000-00000000d3e3", "twin-demo-secret-reader")  # Remediator.Read
+TLS10 = "Microsoft.WindowsAzure.ApiManagement.Gateway.Security.Protocols.Tls10"
+ARM_EVENTS = [
+    "Microsoft.Resources.ResourceWriteSuccess",
+    "Microsoft.Resources.ResourceActionSuccess",
+    "Microsoft.Resources.ResourceDeleteSuccess",
+]
+API = "api-version=2024-05-01"
 
 
 def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def run(env: dict[str, str], *args: str) -> int:
-    print(f"$ apim-remediator {' '.join(args)}", flush=True)
-    return subprocess.run([COMMAND, *args], env=env, check=False).returncode
+def say(text: str) -> None:
+    print(f"  {text}", flush=True)
+
+
+class Arm:
+    """Plain ARM requests as a person's tool makes them (blocking: run in a thread)."""
+
+    def __init__(self, base: str, ca_file: str) -> None:
+        self.base = base
+        self.ca_file = ca_file
+
+    def token(self, client: tuple[str, str], tenant: str, authority: str, scope: str) -> str:
+        credential = ClientSecretCredential(
+            tenant, client[0], client[1], authority=authority, disable_instance_discovery=True
+        )
+        return str(credential.get_token(scope).token)
+
+    def request(self, method: str, path: str, token: str, body: Any = None) -> tuple[int, Any, dict[str, str]]:
+        import requests
+
+        response = requests.request(
+            method,
+            f"{self.base}{path}",
+            headers={"Authorization": f"Bearer {token}"},
+            json=body,
+            verify=self.ca_file,
+            timeout=30,
+        )
+        data = response.json() if response.content else None
+        return response.status_code, data, dict(response.headers)
+
+
+async def until(check: Callable[[], bool], within: float) -> float | None:
+    began = time.monotonic()
+    while time.monotonic() - began < within:
+        if await asyncio.to_thread(check):
+            return time.monotonic() - began
+        await asyncio.sleep(0.1)
+    return None
+
+
+async def demo(twin: TwinServer) -> list[str]:
+    failures: list[str] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APIMR_", "AZURE_"))}
+    env.update(twin.env())
+    env.update(
+        APIMR_KEY_VAULT_URL=twin.state.urls["vault:kv-apim-keys-prod"],
+        APIMR_POLICY_FILE=str(POLICY),
+        APIMR_WORK_QUEUE="apimr-work",
+        APIMR_SWEEP_SCHEDULE="0 0 */6 * * *",
+        APIMR_API_AUDIENCE=API_AUDIENCE,
+        APIMR_API_TENANT_ID=twin.state.tenant_id,
+        FUNCTIONS_WORKER_RUNTIME="python",
+    )
+    env.update(storage_settings_for(env))
+    arm = Arm(env["APIMR_ARM_ENDPOINT"], env["REQUESTS_CA_BUNDLE"])
+    authority = env["AZURE_AUTHORITY_HOST"]
+    tenant = twin.state.tenant_id
+
+    async with DevHost(ROOT, values=env, max_polling_interval=0.2, run_timers=False) as host:
+        banner("the Functions app on the local Functions host (devhost; in Azure: the Functions runtime)")
+        for name in sorted(host.functions):
+            say(f"function {name}")
+        context = AppContext.load(env)
+        try:
+            failures += await sweep_tick(host, context)
+            failures += await event_fix(host, arm, authority, tenant)
+            failures += await http_api(host, arm, authority, tenant)
+        finally:
+            await context.aclose()
+    return failures
+
+
+async def sweep_tick(host: DevHost, context: AppContext) -> list[str]:
+    banner("1. a sweep tick: one queue message per instance, each reconciled by the `work` function")
+    began = time.monotonic()
+    await host.invoke("sweep")
+    await host.drain(within=180)
+    work = [i for i in host.invocations if i.function == "work"]
+    say(f"sweep -> {len(work)} work message(s), all handled in {time.monotonic() - began:.1f} s")
+    journal = Journal(context.factory.table_service_async())
+    for ref in await context.source().discover():
+        entries = await journal.history(ref.id)
+        fixed = sorted({rule for e in entries if e.phase is Phase.VERIFIED for rule in e.rule_id.split("+")})
+        summary = await context.findings().summary(ref.id)
+        left = summary.open_total if summary is not None else "?"
+        say(f"{ref.name}: fixed and verified {', '.join(fixed) or 'nothing (compliant)'}; {left} finding(s) left")
+    failed = [i for i in work if i.outcome != "Succeeded"]
+    return [f"a work message failed: {failed[0].error}"] if failed or not work else []
+
+
+async def event_fix(host: DevHost, arm: Arm, authority: str, tenant: str) -> list[str]:
+    banner("2. an operator turns TLS 1.0 back on; Event Grid -> `events` -> fixed")
+    token = await asyncio.to_thread(arm.token, OPERATOR, tenant, authority, f"{arm.base}/.default")
+    subscribe = {"endpoint": host.eventgrid_url("events"), "name": "apim-remediator", "event_types": ARM_EVENTS}
+    async with aiohttp.ClientSession() as session:
+        control = f"{arm.base}/_twin/events/subscriptions"
+        async with session.post(control, json=subscribe, ssl=_ssl(arm.ca_file)) as answer:
+            if answer.status != 201:
+                return [f"the Event Grid subscription was refused: {answer.status} {await answer.text()}"]
+    say("Event Grid subscription to the app's webhook validated (handshake answered by `events`)")
+
+    def tls10() -> str:
+        _, body, _ = arm.request("GET", f"{PROD}?{API}", token)
+        return str(body["properties"]["customProperties"].get(TLS10, "")).lower()
+
+    status, body, _ = await asyncio.to_thread(arm.request, "GET", f"{PROD}?{API}", token)
+    custom = {**body["properties"]["customProperties"], TLS10: "True"}
+    status, _, headers = await asyncio.to_thread(
+        arm.request, "PATCH", f"{PROD}?{API}", token, {"properties": {"customProperties": custom}}
+    )
+    if status not in (200, 202):
+        return [f"the operator's PATCH was refused: {status}"]
+    operation = headers.get("Azure-AsyncOperation", "")
+
+    def finished() -> bool:  # the operator's tool waits for the operation, as `az` does
+        _, answer, _ = arm.request("GET", operation[len(arm.base) :], token)
+        return bool(answer and answer.get("status") != "InProgress")
+
+    if operation and await until(finished, 30) is None:
+        return ["the operator's change never finished"]
+    said = time.monotonic()
+    say("operator: PATCH customProperties ...Protocols.Tls10 = True -> Succeeded")
+    fixed = await until(lambda: tls10() == "false", 30)
+    if fixed is None:
+        return ["TLS 1.0 was not switched off again within 30 s of the operator's change"]
+    say(f"apim-remediator: TLS 1.0 off again, verified, {time.monotonic() - said:.1f} s after the change landed")
+    return []
+
+
+async def http_api(host: DevHost, arm: Arm, authority: str, tenant: str) -> list[str]:
+    banner("3. the HTTP API (function key + Entra ID bearer token with app roles)")
+    failures: list[str] = []
+    admin = await asyncio.to_thread(arm.token, OPERATOR, tenant, authority, f"{API_AUDIENCE}/.default")
+    reader = await asyncio.to_thread(arm.token, READER, tenant, authority, f"{API_AUDIENCE}/.default")
+    url = f"{host.api_url}/instances/{SUB}/rg-apim-prod/apim-contoso-prod/remediations"
+    manual = {"force_rule_ids": ["MGMT-003"]}  # kept in detect mode by the policy: a person decides
+    async with aiohttp.ClientSession(headers={"x-functions-key": host.keys.function}) as http:
+
+        async def post(token: str, body: dict[str, Any]) -> tuple[int, Any, str]:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.post(url, json=body, headers=headers) as answer:
+                return answer.status, await answer.json(), answer.headers.get("Location", "")
+
+        status, plan, _ = await post(admin, {"dry_run": True, **manual})
+        say(f"POST .../remediations (dry run, Remediator.Admin) -> {status}")
+        for result in plan.get("results", []) if isinstance(plan, dict) else []:
+            if result["rule"] == "MGMT-003":
+                say(f"  {result['status'].upper()} {result['rule']}: {result['summary']}")
+        if status != 200:
+            failures.append(f"the plan answered {status}: {json.dumps(plan)[:300]}")
+
+        status, _, location = await post(admin, {"dry_run": False, **manual})
+        say(f"POST .../remediations (apply MGMT-003, Remediator.Admin) -> {status}, operation {location}")
+        if status != 202:
+            failures.append(f"the apply answered {status}")
+        else:
+            outcome = await poll(http, location, admin)
+            results = [r for r in (outcome.get("result") or {}).get("results", []) if r["rule"] == "MGMT-003"]
+            say(f"  operation {outcome.get('status')}: " + ", ".join(f"{r['rule']} {r['status']}" for r in results))
+            if outcome.get("status") != "succeeded" or not any(r["status"] == "fixed" for r in results):
+                failures.append(f"the apply did not fix MGMT-003: {json.dumps(outcome)[:400]}")
+
+        status, denied, _ = await post(reader, {"dry_run": True, **manual})
+        say(f"POST .../remediations (Remediator.Read only) -> {status} {denied.get('error', {}).get('message', '')}")
+        if status != 403:
+            failures.append(f"a read-only caller got {status}, not 403")
+    return failures
+
+
+async def poll(http: aiohttp.ClientSession, location: str, token: str) -> dict[str, Any]:
+    for _ in range(600):
+        async with http.get(location, headers={"Authorization": f"Bearer {token}"}) as answer:
+            body: dict[str, Any] = await answer.json()
+        if body.get("status") != "running":
+            return body
+        await asyncio.sleep(0.1)
+    return {"status": "still running after 60 s"}
+
+
+def _ssl(ca_file: str) -> Any:
+    import ssl
+
+    return ssl.create_default_context(cafile=ca_file)
 
 
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="apim-remediator-demo-"))
-    banner("starting the twin (a local Azure) from estates/demo.yaml")
+    banner("starting the twin (a local Azure: ARM, Entra, Key Vault, Log Analytics, Event Grid, Azurite)")
     twin = TwinServer(ESTATE, workdir)
     twin.start()
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("APIMR_", "AZURE_"))}
-        env.update(twin.env())
-        env["APIMR_KEY_VAULT_URL"] = twin.state.urls["vault:kv-apim-keys-prod"]
-        env["APIMR_POLICY_FILE"] = str(POLICY)
-        for name, url in sorted(twin.state.urls.items()):
-            print(f"  {name:<26} {url}")
-        banner("1. scan every APIM instance in scope")
-        run(env, "scan", "--quiet")
-        banner("2. dry run: what the product would change on apim-contoso-prod")
-        run(env, "remediate", "--instance", PROD)
-        banner("3. apply: the rules the policy puts in remediate mode")
-        applied = run(env, "remediate", "--instance", PROD, "--apply")
-        banner("4. rescan: what is left for people (detect-only rules, refused fixes)")
-        run(env, "scan", "--quiet", "--instance", PROD)
-        banner("done")
-        print("The apply step exits 1 because NET-001 and SEC-001 were refused: public access stays until a")
-        print("private endpoint exists, and the secret named value moves into Key Vault on a later run, once")
-        print("the system-assigned identity the apply just turned on holds 'Key Vault Secrets User' on the vault.")
-        print("Everything else the policy allows was fixed, verified and journaled.")
-        return 0 if applied in (0, 1) else applied
+        failures = asyncio.run(demo(twin))
     finally:
         twin.stop()
+    banner("done" if not failures else "FAILED")
+    for failure in failures:
+        print(f"  {failure}")
+    if not failures:
+        print("  Everything the policy allows was fixed through the queue, an operator's change was undone")
+        print("  through Event Grid, and the HTTP API planned, applied and refused as its roles say.")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -92,6 +92,12 @@ class GridEvent:
     data: Any  # the parsed JSON `data` (for CloudEvents: `data`)
     data_version: str = ""
 
+    def __post_init__(self) -> None:
+        # Event Grid times are UTC; a binding may hand them over without a zone (the
+        # azure-functions EventGridEvent does), which must still compare with stored times.
+        if self.event_time is not None and self.event_time.tzinfo is None:
+            object.__setattr__(self, "event_time", self.event_time.replace(tzinfo=UTC))
+
 
 class EventStatus(StrEnum):
     RECONCILED = "reconciled"

@@ -106,8 +106,9 @@ async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> Reconcile
     # this stamp, so that event's reconcile is not coalesced away by this run.
     started = deps.clock()
     if request.not_before is not None:
+        asked = request.not_before if request.not_before.tzinfo else request.not_before.replace(tzinfo=UTC)
         last = await deps.findings.last_reconciled(request.instance_id)
-        if last is not None and last >= request.not_before:
+        if last is not None and last >= asked:
             return ReconcileResult(
                 request.instance_id,
                 request.correlation_id,

@@ -1,7 +1,10 @@
-"""`make demo`'s program runs end to end: scan, dry run, apply, rescan on the twin."""
+"""`make demo`'s program runs end to end through the Functions app on devhost: a sweep tick
+fixes through the queue, an operator's change is undone through Event Grid, and the HTTP
+API plans, applies and refuses by role."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,24 +16,22 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_scans_fixes_and_rescans() -> None:
+def test_demo_runs_the_app_end_to_end() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "devhost.demo"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    for step in ("1. scan", "2. dry run", "3. apply", "4. rescan", "=== done ==="):
+    for step in ("1. a sweep tick", "2. an operator turns TLS 1.0 back on", "3. the HTTP API", "=== done ==="):
         assert step in out
-    assert "dry run (nothing changed; --apply to act)" in out
-    assert "REFUSED   NET-001" in out
-    # The identity ID-001 adds in this run cannot read the vault yet: SEC-001 names the role.
-    assert "REFUSED   SEC-001" in out
-    assert "grant 'Key Vault Secrets User' on the vault to principal" in out
-    assert "7 fixed, 0 failed" in out
-    # The fixed findings are gone from the rescan; the refused and detect-only ones remain.
-    rescan = out.split("4. rescan")[1]
+    assert re.search(r"sweep -> 2 work message\(s\)", out)
+    prod = next(line for line in out.splitlines() if "apim-contoso-prod: fixed and verified" in line)
     for fixed in ("TLS-001", "MGMT-001", "ID-001", "ID-002", "ID-003", "API-001"):
-        assert f" {fixed} " not in rescan, fixed
-    assert " NET-001 " in rescan
-    assert " SEC-001 " in rescan
-    assert "twin-demo-secret-product" not in out + result.stderr
+        assert fixed in prod, fixed
+    assert "NET-001" not in prod  # refused: no private path
+    assert re.search(r"TLS 1\.0 off again, verified, \d+\.\d s after the change landed", out)
+    assert "WOULD MGMT-003" in out
+    assert "operation succeeded: MGMT-003 fixed" in out
+    assert "(Remediator.Read only) -> 403" in out
+    for secret in ("twin-demo-secret-product", "twin-demo-secret-operator", "twin-demo-secret-reader"):
+        assert secret not in out + result.stderr
