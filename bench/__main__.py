@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import sys
 
-from bench import cold_start, scan_fanout
+from bench import cold_start, event_to_fix, scan_fanout
 
 
 def main() -> int:
-    results = [cold_start.run(), scan_fanout.run()]
+    results = [cold_start.run(), scan_fanout.run(), event_to_fix.run()]
     return 0 if all(results) else 1
 
 

@@ -68,7 +68,12 @@ class Arm:
 
     def token(self, client: tuple[str, str], tenant: str, authority: str, scope: str) -> str:
         credential = ClientSecretCredential(
-            tenant, client[0], client[1], authority=authority, disable_instance_discovery=True
+            tenant,
+            client[0],
+            client[1],
+            authority=authority,
+            disable_instance_discovery=True,
+            connection_verify=self.ca_file,
         )
         return str(credential.get_token(scope).token)
 
@@ -96,13 +101,13 @@ async def until(check: Callable[[], bool], within: float) -> float | None:
     return None
 
 
-async def demo(twin: TwinServer) -> list[str]:
-    failures: list[str] = []
+def app_settings(twin: TwinServer, policy: Path = POLICY) -> dict[str, str]:
+    """The app settings a deployment against the twin has (the storage is Azurite)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APIMR_", "AZURE_"))}
     env.update(twin.env())
     env.update(
         APIMR_KEY_VAULT_URL=twin.state.urls["vault:kv-apim-keys-prod"],
-        APIMR_POLICY_FILE=str(POLICY),
+        APIMR_POLICY_FILE=str(policy),
         APIMR_WORK_QUEUE="apimr-work",
         APIMR_SWEEP_SCHEDULE="0 0 */6 * * *",
         APIMR_API_AUDIENCE=API_AUDIENCE,
@@ -110,6 +115,23 @@ async def demo(twin: TwinServer) -> list[str]:
         FUNCTIONS_WORKER_RUNTIME="python",
     )
     env.update(storage_settings_for(env))
+    return env
+
+
+async def subscribe_events(host: DevHost, arm: Arm) -> str | None:
+    """Point the twin's Event Grid at the app's `events` webhook; the reason if refused."""
+    subscribe = {"endpoint": host.eventgrid_url("events"), "name": "apim-remediator", "event_types": ARM_EVENTS}
+    async with aiohttp.ClientSession() as session:
+        control = f"{arm.base}/_twin/events/subscriptions"
+        async with session.post(control, json=subscribe, ssl=_ssl(arm.ca_file)) as answer:
+            if answer.status != 201:
+                return f"the Event Grid subscription was refused: {answer.status} {await answer.text()}"
+    return None
+
+
+async def demo(twin: TwinServer) -> list[str]:
+    failures: list[str] = []
+    env = app_settings(twin)
     arm = Arm(env["APIMR_ARM_ENDPOINT"], env["REQUESTS_CA_BUNDLE"])
     authority = env["AZURE_AUTHORITY_HOST"]
     tenant = twin.state.tenant_id
@@ -149,40 +171,46 @@ async def sweep_tick(host: DevHost, context: AppContext) -> list[str]:
 async def event_fix(host: DevHost, arm: Arm, authority: str, tenant: str) -> list[str]:
     banner("2. an operator turns TLS 1.0 back on; Event Grid -> `events` -> fixed")
     token = await asyncio.to_thread(arm.token, OPERATOR, tenant, authority, f"{arm.base}/.default")
-    subscribe = {"endpoint": host.eventgrid_url("events"), "name": "apim-remediator", "event_types": ARM_EVENTS}
-    async with aiohttp.ClientSession() as session:
-        control = f"{arm.base}/_twin/events/subscriptions"
-        async with session.post(control, json=subscribe, ssl=_ssl(arm.ca_file)) as answer:
-            if answer.status != 201:
-                return [f"the Event Grid subscription was refused: {answer.status} {await answer.text()}"]
+    refused = await subscribe_events(host, arm)
+    if refused:
+        return [refused]
     say("Event Grid subscription to the app's webhook validated (handshake answered by `events`)")
 
-    def tls10() -> str:
-        _, body, _ = arm.request("GET", f"{PROD}?{API}", token)
-        return str(body["properties"]["customProperties"].get(TLS10, "")).lower()
+    said = await operator_turns_tls10_on(arm, token)
+    if isinstance(said, str):
+        return [said]
+    say("operator: PATCH customProperties ...Protocols.Tls10 = True -> Succeeded")
+    fixed = await until(lambda: tls10(arm, token) == "false", 30)
+    if fixed is None:
+        return ["TLS 1.0 was not switched off again within 30 s of the operator's change"]
+    say(f"apim-remediator: TLS 1.0 off again, verified, {time.monotonic() - said:.1f} s after the change landed")
+    return []
 
-    status, body, _ = await asyncio.to_thread(arm.request, "GET", f"{PROD}?{API}", token)
+
+def tls10(arm: Arm, token: str) -> str:
+    _, body, _ = arm.request("GET", f"{PROD}?{API}", token)
+    return str(body["properties"]["customProperties"].get(TLS10, "")).lower()
+
+
+async def operator_turns_tls10_on(arm: Arm, token: str) -> float | str:
+    """The operator's plain ARM PATCH, waited for as `az` waits; the moment it landed
+    (time.monotonic), or why it did not."""
+    _, body, _ = await asyncio.to_thread(arm.request, "GET", f"{PROD}?{API}", token)
     custom = {**body["properties"]["customProperties"], TLS10: "True"}
     status, _, headers = await asyncio.to_thread(
         arm.request, "PATCH", f"{PROD}?{API}", token, {"properties": {"customProperties": custom}}
     )
     if status not in (200, 202):
-        return [f"the operator's PATCH was refused: {status}"]
+        return f"the operator's PATCH was refused: {status}"
     operation = headers.get("Azure-AsyncOperation", "")
 
-    def finished() -> bool:  # the operator's tool waits for the operation, as `az` does
+    def finished() -> bool:
         _, answer, _ = arm.request("GET", operation[len(arm.base) :], token)
         return bool(answer and answer.get("status") != "InProgress")
 
     if operation and await until(finished, 30) is None:
-        return ["the operator's change never finished"]
-    said = time.monotonic()
-    say("operator: PATCH customProperties ...Protocols.Tls10 = True -> Succeeded")
-    fixed = await until(lambda: tls10() == "false", 30)
-    if fixed is None:
-        return ["TLS 1.0 was not switched off again within 30 s of the operator's change"]
-    say(f"apim-remediator: TLS 1.0 off again, verified, {time.monotonic() - said:.1f} s after the change landed")
-    return []
+        return "the operator's change never finished"
+    return time.monotonic()
 
 
 async def http_api(host: DevHost, arm: Arm, authority: str, tenant: str) -> list[str]:
