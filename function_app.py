@@ -17,7 +17,7 @@ import json
 
 import azure.functions as func
 
-from handlers.api import create_api
+from handlers.asgi import AsgiApp, LazyAsgiApp
 from handlers.context import AppContext
 from handlers.events import GridEvent, handle_event, parse_data
 from handlers.health import check_health
@@ -33,7 +33,15 @@ def app_context() -> AppContext:
     return AppContext.load()
 
 
-api = create_api(app_context)
+def _build_api() -> AsgiApp:
+    # Imported here, on the first HTTP API request: a timer's or a queue's cold start does
+    # not pay for FastAPI (handlers/asgi.py).
+    from handlers.api import create_api
+
+    return create_api(app_context)
+
+
+api = LazyAsgiApp(_build_api)
 app = func.AsgiFunctionApp(app=api, http_auth_level=func.AuthLevel.FUNCTION)
 
 

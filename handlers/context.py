@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from handlers.events import EventScope, EventsDeps
-from handlers.manual import ManualDeps
 from handlers.reconcile import LogSink, ReconcileDeps, ReconcileRequest, ReconcileResult, reconcile
 from handlers.remediate import RemediationDeps
 from handlers.sweep import SweepDeps
 from handlers.work import WorkDeps
 from shared.armapi import AzureArm, AzureSecrets
 from shared.azure import ClientFactory
-from shared.entra import SigningKeys, TokenValidator, https_fetcher
 from shared.errors import SettingsError
 from shared.evidence_source import AzureEvidenceSource
 from shared.findings_store import FindingsStore
@@ -28,11 +27,15 @@ from shared.identity import own_object_id
 from shared.journal import Journal
 from shared.locks import InstanceLocks
 from shared.message_ledger import MessageLedger
-from shared.operations import OperationsStore
 from shared.policy import Policy, load_policy
 from shared.settings import Settings, load_settings
 from shared.source import AzureInstanceSource
 from shared.work_queue import AzureWorkQueue
+
+if TYPE_CHECKING:
+    from handlers.manual import ManualDeps
+    from shared.entra import TokenValidator
+    from shared.operations import OperationsStore
 
 
 @dataclass
@@ -70,7 +73,11 @@ class AppContext:
             evidence=AzureEvidenceSource(self.factory),
         )
 
+    # The HTTP API's dependencies import JWT, cryptography and the operations table only
+    # when the API asks for them: the other triggers' cold start does not pay for them.
     def manual_deps(self) -> ManualDeps:
+        from handlers.manual import ManualDeps
+
         return ManualDeps(
             settings=self.settings,
             policy=self.policy,
@@ -83,9 +90,13 @@ class AppContext:
         )
 
     def operations(self) -> OperationsStore:
+        from shared.operations import OperationsStore
+
         return OperationsStore(self.factory.table_service_async())
 
     def token_validator(self) -> TokenValidator:
+        from shared.entra import SigningKeys, TokenValidator, https_fetcher
+
         """The HTTP API's bearer-token check (raises SettingsError when the API is not configured)."""
         if self._validator is None:
             api = self.settings.api

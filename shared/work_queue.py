@@ -13,13 +13,15 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from azure.core.exceptions import AzureError, ResourceExistsError
-from azure.storage.queue.aio import QueueClient
 
 from shared.errors import PermanentError
 from shared.journal import TriggerKind, storage_error
+
+if TYPE_CHECKING:  # the queue SDK is imported by the factory when a queue client is built
+    from azure.storage.queue.aio import QueueClient
 
 MAX_MESSAGE_BYTES = 48 * 1024  # 64 KiB per message once base64-encoded
 _SERVICE_ID = re.compile(

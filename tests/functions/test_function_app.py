@@ -94,7 +94,7 @@ def test_http_routes_do_not_collide() -> None:
 def api_routes() -> list[Any]:
     from starlette.routing import Route
 
-    return [r for r in function_app.api.routes if isinstance(r, Route)]
+    return [r for r in function_app.api.app.routes if isinstance(r, Route)]
 
 
 def function(name: str) -> Any:
