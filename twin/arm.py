@@ -180,11 +180,22 @@ def resource_group_or_404(state: TwinState, subscription_id: str, name: str) -> 
 
 
 async def list_subscriptions(request: web.Request) -> web.StreamResponse:
+    """Subscriptions - List: those where the caller holds a role at, above or below the
+    subscription (learn.microsoft.com/rest/api/resources/subscriptions/list: "Gets all
+    subscriptions for a tenant" the caller can access), not a 403."""
+    from twin import rbac
+
     state = state_of(request)
+    oid = caller(request).get("oid")
+    visible = [
+        s
+        for s in state.subscriptions.values()
+        if rbac.has_any_assignment_under(state, oid, f"/subscriptions/{s['subscriptionId']}")
+    ]
     return json_response(
         {
-            "value": [_subscription_body(s, state.tenant_id) for s in state.subscriptions.values()],
-            "count": {"type": "Total", "value": len(state.subscriptions)},
+            "value": [_subscription_body(s, state.tenant_id) for s in visible],
+            "count": {"type": "Total", "value": len(visible)},
         }
     )
 
