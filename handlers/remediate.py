@@ -934,7 +934,9 @@ async def _apply_service_update(
                 f"the service changed or is busy ({response.status} {code}); the next run plans again",
                 members,
             )
-        return results + each(Status.FAILED, f"the service update was refused: {response.status} {code}", members)
+        message = str(read_path(response.body, "error.message") or "")[:1000]
+        refusal = f"{response.status} {code}: {message}" if message else f"{response.status} {code}"
+        return results + each(Status.FAILED, f"the service update was refused: {refusal}".strip(), members)
     try:
         entry = await deps.journal.record_outcome(entry, Phase.APPLIED, steps_done=1)
         await verify_plan(combined, deps.arm)
