@@ -356,11 +356,11 @@ def readable(state: TwinState, object_id: str | None, row: dict[str, Any]) -> bo
     permissions to the Azure object or object group, results aren't returned", Resource Graph
     overview, "Permissions in Azure Resource Graph"), and `Microsoft.ResourceGraph/resources/read`
     ("Submit a query on resources within specified subscriptions", Azure permissions for
-    Management and governance) on its subscription. The docs do not say how Resource Graph treats
-    a caller without the latter; the twin leaves that subscription's rows out, never a 403, so a
-    role that forgets it shows as resources missing."""
+    Management and governance) at the row's scope (Reader's `*/read` holds it). The docs do not
+    say how Resource Graph treats a caller without the latter; the twin leaves those rows out,
+    never a 403, so a role that forgets it shows as resources missing."""
     subscription = f"/subscriptions/{row['subscriptionId']}"
-    if not rbac.allowed(state, object_id, GRAPH_ACTION, subscription):
+    if not rbac.allowed(state, object_id, GRAPH_ACTION, str(row["id"])):
         return False
     if str(row["type"]).lower() == "microsoft.resources/subscriptions":
         # As ARM's subscription list: visible to whoever holds a role in it.
