@@ -229,6 +229,15 @@ def test_assignments_apply_at_their_scope_and_below_only(estate: TwinHandle) -> 
     body = {"properties": {"enabled": False}}
     ok = as_caller(estate, "PATCH", f"{SERVICE}/tenant/access?api-version={APIM}", json=body, headers={"If-Match": "*"})
     assert ok.status_code == 200, ok.text
+    # Event Grid's ResourceWriteSuccess names the assignment that granted it ("Azure Resource
+    # Manager as an Event Grid source": data.authorization.evidence{role, roleAssignmentScope,
+    # roleDefinitionId, principalId, ...}).
+    _, events = estate.control("GET", "/_twin/events")
+    [written] = [e for e in events["value"] if e["subject"].lower() == f"{SERVICE}/tenant/access".lower()]
+    evidence = written["data"]["authorization"]["evidence"]
+    assert evidence["role"] == "API Management Service Contributor"
+    assert evidence["roleAssignmentScope"] == SERVICE
+    assert evidence["roleDefinitionId"] == "312a565dc81f4fd8895a4e21e48d571c"
     sibling = as_caller(estate, "GET", f"{OTHER}?api-version={APIM}")
     assert (sibling.status_code, error(sibling)["code"]) == (403, "AuthorizationFailed")
     group = as_caller(estate, "GET", f"{GROUP}?api-version=2021-04-01")
