@@ -31,10 +31,12 @@ Azure actions: those of the scan (handlers/scan.py) plus, when remediating
     Microsoft.ApiManagement/service/loggers/write
     Microsoft.ApiManagement/service/diagnostics/write
     Microsoft.Insights/diagnosticSettings/write
+    Microsoft.OperationalInsights/workspaces/sharedKeys/action
     Microsoft.OperationalInsights/workspaces/read
     Microsoft.OperationalInsights/workspaces/query/read
-(the last two are reads for KEY-001's evidence: whether gateway logs show the key unused;
-API-003's evidence is a TLS handshake to the backend, no Azure action)
+(sharedKeys/action on LOG-001's destination workspace: ARM's linked check on a diagnostic
+setting, else LinkedAuthorizationFailed; the last two are reads for KEY-001's evidence:
+whether gateway logs show the key unused; API-003's evidence is a TLS handshake to the backend, no Azure action)
 and "Key Vault Secrets Officer" on the product's vault (SEC-001); Storage Table Data
 Contributor and Blob Data Contributor on the product's own storage account (main.bicep).
 """
@@ -932,7 +934,9 @@ async def _apply_service_update(
                 f"the service changed or is busy ({response.status} {code}); the next run plans again",
                 members,
             )
-        return results + each(Status.FAILED, f"the service update was refused: {response.status} {code}", members)
+        message = str(read_path(response.body, "error.message") or "")[:1000]
+        refusal = f"{response.status} {code}: {message}" if message else f"{response.status} {code}"
+        return results + each(Status.FAILED, f"the service update was refused: {refusal}".strip(), members)
     try:
         entry = await deps.journal.record_outcome(entry, Phase.APPLIED, steps_done=1)
         await verify_plan(combined, deps.arm)

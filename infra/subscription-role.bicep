@@ -35,6 +35,9 @@ var writeActions = [
   'Microsoft.ApiManagement/service/loggers/write'
   'Microsoft.ApiManagement/service/diagnostics/write'
   'Microsoft.Insights/diagnosticSettings/write'
+  // LOG-001 sends gateway logs to a workspace: ARM's linked check on a diagnostic setting
+  // requires this on the destination workspace, or the PUT fails LinkedAuthorizationFailed.
+  'Microsoft.OperationalInsights/workspaces/sharedKeys/action'
   // Reads, but only remediation needs them: KEY-001 suspends a key only once the gateway logs
   // show it unused (the workspace's customerId, then a Log Analytics query). A workspace in
   // another subscription needs these two granted there as well.

@@ -37,6 +37,8 @@ WORKSPACE_API_VERSION = "2023-09-01"
 DEFAULT_UNUSED_DAYS = 30  # KEY-001's parameter default
 PROBE_TIMEOUT = 10.0  # seconds for connect + handshake to one backend
 QUERY_TIMEOUT = 60  # seconds the Log Analytics service may spend on one query
+# What the Log Analytics query API checks on the workspace (Azure permissions for Monitor).
+QUERY_ACTION = "Microsoft.OperationalInsights/workspaces/query/read"
 _GATEWAY_CATEGORIES = {"gatewaylogs"}
 _GATEWAY_GROUPS = {"alllogs"}
 # OpenSSL's X509_V_ERR_* codes a backend's certificate most often fails with.
@@ -181,8 +183,12 @@ class AzureEvidenceSource:
         body = response.body if isinstance(response.body, dict) else {}
         customer_id = (body.get("properties") or {}).get("customerId") if response.status < 400 else None
         if not customer_id:
-            code = ((body.get("error") or {}).get("code")) or "no customerId"
-            return f"reading workspace {name} failed ({response.status} {code})"
+            error_body = body.get("error") or {}
+            code = error_body.get("code") or "no customerId"
+            # ARM's AuthorizationFailed names the action the identity lacks: keep it.
+            refused = code in ("AuthorizationFailed", "LinkedAuthorizationFailed") and error_body.get("message")
+            message = f": {str(error_body['message'])[:1000]}" if refused else ""
+            return f"reading workspace {name} failed ({response.status} {code}{message})"
         query = (
             "ApiManagementGatewayLogs\n"
             f"| where _ResourceId =~ {_kql_string(service_id)}\n"
@@ -196,7 +202,11 @@ class AzureEvidenceSource:
             )
         except AzureError as error:
             first_line = (str(error).splitlines() or [""])[0][:200]
-            return f"querying workspace {name} failed ({type(error).__name__}: {first_line})"
+            hint = ""
+            if "InsufficientAccessError" in str(error):
+                # Log Analytics does not say which action it checked; the product knows it.
+                hint = f"; the identity needs {QUERY_ACTION!r} on the workspace"
+            return f"querying workspace {name} failed ({type(error).__name__}: {first_line}){hint}"
         if result.status != LogsQueryStatus.SUCCESS:
             # A partial result is not evidence of absence.
             return f"querying workspace {name} returned a partial result"

@@ -180,6 +180,9 @@ def _host_of(error: BaseException) -> str | None:
     return None
 
 
+_REFUSED_ACTION = re.compile(r"perform action '([A-Za-z0-9./*]+)'")
+
+
 def describe_failure(error: AzureError, url: str | None = None) -> str:
     """Status and error code of an SDK failure; never its message (which may echo a request).
 
@@ -189,6 +192,11 @@ def describe_failure(error: AzureError, url: str | None = None) -> str:
     """
     if isinstance(error, HttpResponseError) and error.status_code is not None:
         code = getattr(error.error, "code", None) or error.reason or type(error).__name__
+        # Azure's refusal names the action the identity lacks: that one word is safe to show
+        # and is what the operator must grant (the last one: a linked check names it second).
+        actions = _REFUSED_ACTION.findall(str(getattr(error.error, "message", None) or ""))
+        if code in ("AuthorizationFailed", "LinkedAuthorizationFailed") and actions:
+            return f"{error.status_code} {code} (needs '{actions[-1]}')"
         return f"{error.status_code} {code}"
     where = endpoint_of(url) if url else _host_of(error)
     return f"no response{f' from {where}' if where else ''} ({type(error).__name__}: {why_no_response(error)})"

@@ -68,6 +68,23 @@ class TwinHandle:
         if status != 200:
             raise AssertionError(f"seeding the twin failed ({status}): {body}")
 
+    @property
+    def product_object_id(self) -> str:
+        principal = self.server.state.principal(self.client_id)
+        return str(principal.object_id)
+
+    def grant(self, role: str, scope: str | None = None, principal: str | None = None) -> None:
+        """Assign a role for this test (the twin enforces Azure RBAC; `reset` takes it away again).
+
+        `principal`: a name or object id of the estate (default the product's identity);
+        `scope`: default the first subscription."""
+        assignment = {
+            "principal": principal or self.product_object_id,
+            "role": role,
+            "scope": scope or f"/subscriptions/{self.subscription_id}",
+        }
+        self.seed({"role_assignments": [assignment]})
+
     def token(self, audience: str, **options: Any) -> str:
         status, body = self.control("POST", "/_twin/token", json={"audience": audience, **options})
         assert status == 200, body

@@ -180,11 +180,22 @@ def resource_group_or_404(state: TwinState, subscription_id: str, name: str) -> 
 
 
 async def list_subscriptions(request: web.Request) -> web.StreamResponse:
+    """Subscriptions - List: those where the caller holds a role at, above or below the
+    subscription (learn.microsoft.com/rest/api/resources/subscriptions/list: "Gets all
+    subscriptions for a tenant" the caller can access), not a 403."""
+    from twin import rbac
+
     state = state_of(request)
+    oid = caller(request).get("oid")
+    visible = [
+        s
+        for s in state.subscriptions.values()
+        if rbac.has_any_assignment_under(state, oid, f"/subscriptions/{s['subscriptionId']}")
+    ]
     return json_response(
         {
-            "value": [_subscription_body(s, state.tenant_id) for s in state.subscriptions.values()],
-            "count": {"type": "Total", "value": len(state.subscriptions)},
+            "value": [_subscription_body(s, state.tenant_id) for s in visible],
+            "count": {"type": "Total", "value": len(visible)},
         }
     )
 
@@ -298,11 +309,22 @@ class WriteContext:
     client_request_id: str
     client_ip: str
     tenant_id: str
+    # The role assignment that granted the call (twin/rbac.py), as the event's evidence names it.
+    granted_by: tuple[str, str, str] | None = None  # (role name, role definition id, assignment scope)
 
 
 def write_context(request: web.Request) -> WriteContext:
+    from twin import rbac
+
     state = state_of(request)
+    decision = request.get(rbac.DECISION)
+    granted = (
+        (decision.role.name, decision.role.id, str(decision.scope))
+        if decision is not None and decision.role is not None
+        else None
+    )
     return WriteContext(
+        granted_by=granted,
         claims=caller(request),
         method=request.method,
         url=str(request.url),
@@ -356,15 +378,21 @@ def resource_event(
     else:
         raise ValueError(f"unknown event kind {kind!r}")
     principal_id = str(ctx.claims.get("oid", ""))
+    # The assignment that granted it; with `rbac: off`, a Contributor on the subscription.
+    role, role_id, assigned_at = ctx.granted_by or (
+        "Contributor",
+        "b24988ac-6180-42a0-ab88-20f7382dd24c",
+        f"/subscriptions/{subscription_id}",
+    )
     data: dict[str, Any] = {
         "authorization": {
             "scope": resource_uri,
             "action": operation,
             "evidence": {
-                "role": "Contributor",
-                "roleAssignmentScope": f"/subscriptions/{subscription_id}",
-                "roleAssignmentId": uuid.uuid5(uuid.NAMESPACE_URL, principal_id + subscription_id).hex,
-                "roleDefinitionId": "b24988ac618042a0ab8820f7382dd24c",
+                "role": role,
+                "roleAssignmentScope": assigned_at,
+                "roleAssignmentId": uuid.uuid5(uuid.NAMESPACE_URL, principal_id + role_id + assigned_at).hex,
+                "roleDefinitionId": role_id.replace("-", ""),
                 "principalId": principal_id.replace("-", ""),
                 "principalType": "ServicePrincipal",
             },

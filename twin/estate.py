@@ -4,6 +4,8 @@ Top level: `tenant_id`, `principals` (service principals that can get tokens),
 `storage_accounts` (Azurite accounts), `subscriptions` with `resource_groups`, and inside
 a resource group one section per service (`apim`, `key_vaults`, `workspaces`, ...),
 seeded by the module that serves it. An unknown key is an error naming where it is.
+Azure RBAC (`twin/rbac.py`): `rbac` (on, the default, or off), `custom_roles` and
+`role_assignments`; with RBAC on and no assignment every call is refused, as in Azure.
 """
 
 from __future__ import annotations
@@ -73,9 +75,21 @@ def _expect(value: Any, kind: type, where: str) -> Any:
     return value
 
 
-def apply_estate(state: TwinState, data: dict[str, Any], *, source: str = "estate") -> None:
-    """Seed (or merge into) `state` from an estate mapping."""
-    known = {"tenant_id", "principals", "storage_accounts", "subscriptions", "description"}
+def apply_estate(state: TwinState, data: dict[str, Any], *, source: str = "estate", top_level: bool = False) -> None:
+    """Seed (or merge into) `state` from an estate mapping.
+
+    `top_level`: the estate file itself (not a fragment merged later): RBAC is on unless it
+    says `rbac: off`."""
+    known = {
+        "tenant_id",
+        "principals",
+        "storage_accounts",
+        "subscriptions",
+        "description",
+        "rbac",
+        "custom_roles",
+        "role_assignments",
+    }
     for key in data:
         if key not in known:
             raise EstateError(f"{source}: unknown key '{key}' (allowed: {', '.join(sorted(known))})")
@@ -133,3 +147,10 @@ def apply_estate(state: TwinState, data: dict[str, Any], *, source: str = "estat
                     seeder(state, ctx, _expect(items, list, f"{gwhere}.{key}"))
                 except EstateError as error:
                     raise EstateError(f"{gwhere}.{key}: {error}") from error
+    # Last: assignments name principals, custom roles and scopes seeded above.
+    from twin import rbac
+
+    try:
+        rbac.apply_estate(state, data, source=source, top_level=top_level)
+    except rbac.RbacError as error:
+        raise EstateError(str(error)) from error

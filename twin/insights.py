@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from twin import rbac
 from twin.arm import (
     PROVIDER_VERSIONS,
     emit_resource_event,
@@ -293,6 +294,14 @@ async def put_setting(request: web.Request) -> web.StreamResponse:
     name = params(request)["setting"]
     _check_name(name)
     body = await read_json(request)
+    workspace = (body.get("properties") or {}).get("workspaceId") if isinstance(body.get("properties"), dict) else None
+    if isinstance(workspace, str) and workspace.lower().startswith("/subscriptions/"):
+        # ARM's linked check before the provider sees the request: the caller must be able to get
+        # the workspace's keys (the action named in ARM's LinkedAuthorizationFailed for a
+        # diagnostic setting to a workspace, e.g. MicrosoftDocs/azure-docs#80159).
+        rbac.require_linked(
+            request, SETTING_TYPE + "/write", _setting_id(target, name), rbac.WORKSPACE_KEYS_ACTION, workspace
+        )
     target_body = _target_or_404(state, target)
     target_type = str(target_body.get("type") or _resource_type(target))
     props = validate(state, target, target_type, body.get("properties"), request.query["api-version"])

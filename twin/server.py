@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from twin import apim, arm, control, eventgrid, graph, insights, keyvault, loganalytics, login, sentinel
+from twin import apim, arm, control, eventgrid, graph, insights, keyvault, loganalytics, login, rbac, sentinel
 from twin.azurite import Azurite
 from twin.certs import CertFiles, make_certs
 from twin.estate import EstateError, apply_estate, load_estate_file
@@ -127,6 +127,8 @@ class TwinServer:
         arm_policy = AuthPolicy(
             audiences=lambda: [state.urls["arm"], CLASSIC_ARM_AUDIENCE],
             open_prefixes=("/_twin/", "/metadata/endpoints"),
+            challenge_for=rbac.arm_challenge(state.urls["login"]),
+            authorize=rbac.authorize_arm,
         )
         arm_app = make_app(state, "arm", self.issuer, arm_policy)
         for module in (arm, control, apim, insights, graph, sentinel, eventgrid, keyvault):
@@ -134,12 +136,17 @@ class TwinServer:
         loganalytics.setup_arm(arm_app)  # the workspace resource; its query API has its own port
         state.urls["arm"] = await self._site(arm_app)
 
-        logs_app = make_app(state, "logs", self.issuer, AuthPolicy(audiences=lambda: [state.urls["logs"]]))
+        logs_app = make_app(
+            state,
+            "logs",
+            self.issuer,
+            AuthPolicy(audiences=lambda: [state.urls["logs"]], authorize=rbac.authorize_logs),
+        )
         loganalytics.setup(logs_app)
         state.urls["logs"] = await self._site(logs_app)
 
         try:
-            apply_estate(state, self.estate, source=str(self.estate_path))
+            apply_estate(state, self.estate, source=str(self.estate_path), top_level=True)
         except EstateError:
             raise
         if PRODUCT_STORAGE_ACCOUNT not in state.extra.setdefault("storage_accounts", []):
@@ -173,9 +180,10 @@ class TwinServer:
             challenge = (
                 f'Bearer authorization="{state.urls["login"]}/{state.tenant_id}", resource="{KEYVAULT_AUDIENCE}"'
             )
-            app = make_app(
-                state, "keyvault", self.issuer, AuthPolicy(audiences=[KEYVAULT_AUDIENCE], challenge=challenge)
+            policy = AuthPolicy(
+                audiences=[KEYVAULT_AUDIENCE], challenge=challenge, authorize=rbac.vault_authorizer(name)
             )
+            app = make_app(state, "keyvault", self.issuer, policy)
             keyvault.setup_vault(app, name)
             url = await self._site(app)
             self._vault_sites[name] = url

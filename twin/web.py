@@ -82,6 +82,10 @@ class AuthPolicy:
     audiences: Collection[str] | Callable[[], Collection[str]]
     challenge: str | None = None  # WWW-Authenticate value (Key Vault's challenge)
     open_prefixes: tuple[str, ...] = ("/_twin/",)  # paths that need no token
+    # ARM's 401 challenge, built from the refusal (its error_description says why).
+    challenge_for: Callable[[TokenError], str] | None = None
+    # Runs after the token is accepted: raises ServiceError when RBAC refuses the call.
+    authorize: Callable[[web.Request], Awaitable[None]] | None = None
 
 
 VersionError = Callable[[str | None, Collection[str]], ServiceError]
@@ -255,6 +259,8 @@ def make_app(state: TwinState, service: str, issuer: TokenIssuer, auth: AuthPoli
             request[CLAIMS] = dict(issuer.verify(request.headers.get("Authorization"), audiences))
         except TokenError as error:
             headers = {"WWW-Authenticate": auth.challenge} if auth.challenge else {}
+            if auth.challenge_for is not None:
+                headers = {"WWW-Authenticate": auth.challenge_for(error)}
             if not request.headers.get("Authorization") and auth.challenge:
                 # Key Vault's challenge: a bare 401 that tells the client where to get a token.
                 return json_response(
@@ -268,6 +274,8 @@ def make_app(state: TwinState, service: str, issuer: TokenIssuer, auth: AuthPoli
                     headers=headers,
                 )
             raise ServiceError(401, error.code, error.message, headers=headers) from error
+        if auth.authorize is not None:
+            await auth.authorize(request)
         return await handler(request)
 
     @web.middleware

@@ -86,7 +86,9 @@ def _error_text(response: ArmResponse) -> str:
     found = body.get("error")
     error: dict[str, Any] = found if isinstance(found, dict) else {}
     code = error.get("code", "")
-    message = str(error.get("message", ""))[:300]
+    # ARM's refusals name the action and scope (AuthorizationFailed) or the linked action on
+    # the linked scope (LinkedAuthorizationFailed, ~600 characters): keep them whole.
+    message = str(error.get("message", ""))[:1000]
     return f"{response.status} {code}: {message}".strip()
 
 

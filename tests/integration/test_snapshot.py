@@ -199,14 +199,22 @@ def arm_log(twin: TwinHandle) -> list[dict[str, Any]]:
     return list(body["entries"])
 
 
+# estates/test.yaml's platform-operator (API Management Service Contributor).
+OPERATOR_CLIENT_ID = "0b5e0c1a-0000-4000-8000-00000000c002"
+
 # -- the drifted instance, part by part ---------------------------------------------------------
 
 
 async def test_drifted_instance_maps_to_the_snapshot_rules_read(twin: TwinHandle) -> None:
     vault_url = seed_drifted(twin)
     # A key regenerated out of band: APIM's primary of tracked-b no longer matches the vault.
+    # An operator does it (the product's role has no regenerate action: the twin enforces RBAC).
+    operator = twin.token(twin.urls["arm"], client_id=OPERATOR_CLIENT_ID)
+    regenerated = twin.arm(
+        "POST", f"{SERVICE_ID}/subscriptions/tracked-b/regeneratePrimaryKey?api-version=2024-05-01", token=operator
+    )
+    assert regenerated.status_code == 204, regenerated.text
     async with product_factory(twin, APIMR_KEY_VAULT_URL=vault_url) as factory:
-        factory.apim(SUB).subscription.regenerate_primary_key(RG, NAME, "tracked-b")
         snap = await snapshot_of(factory, vault_url)
 
     assert snap.unreadable == ()

@@ -108,6 +108,14 @@ def gateway(twin: Any, name: str, key: str, api_id: str | None = None) -> dict[s
     return dict(body)
 
 
+@pytest.fixture(autouse=True)
+def _apim_contributor(twin: Any, _fresh_twin: None) -> None:
+    """These tests are about APIM's behaviour, not about who may call it: the caller is an
+    API Management Service Contributor (the twin enforces RBAC; test_twin_rbac.py covers it)."""
+    for subscription_id in twin.subscription_ids:
+        twin.grant("API Management Service Contributor", f"/subscriptions/{subscription_id}")
+
+
 @pytest.fixture
 def apim(twin: Any) -> Iterator[ApiManagementClient]:
     with client(twin) as sdk:

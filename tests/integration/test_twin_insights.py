@@ -53,6 +53,9 @@ def estate(**group_sections: Any) -> dict[str, Any]:
 @pytest.fixture
 def seeded(twin: TwinHandle) -> TwinHandle:
     twin.seed(estate())
+    # These tests are about Azure Monitor's behaviour, not about who may call it: the caller
+    # is a Contributor (the twin enforces RBAC; tests/integration/test_twin_rbac.py covers it).
+    twin.grant("Contributor")
     return twin
 
 

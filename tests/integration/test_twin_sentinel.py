@@ -35,6 +35,9 @@ def seeded(twin: TwinHandle) -> TwinHandle:
             ]
         }
     )
+    # The role an incident sink holds on the workspace (the twin enforces RBAC; who may call
+    # is tests/integration/test_twin_rbac.py's subject, not this module's).
+    twin.grant("Microsoft Sentinel Responder", f"/subscriptions/{PROD}")
     return twin
 
 

@@ -1,0 +1,268 @@
+"""Least privilege by use, not by comparing lists: `apim-remediator scan` and `remediate
+--apply` run against the twin (which enforces Azure RBAC) as a principal that holds ONLY the
+product's custom role, read from infra/subscription-role.bicep as Azure would deploy it
+(allowRemediation=true, at subscription scope), plus "Key Vault Secrets Officer" on its
+key-ledger vault (the data role that file's closing comment names). Every remediation that
+needs a write action succeeds; then, for each action of the role, the same run with that
+one action taken out of the role fails with Azure's 403 naming exactly that action.
+
+Reads surface differently, as they would in Azure: without Microsoft.ResourceGraph/resources/
+read or .../resourceGroups/read Resource Graph leaves the subscription out and the scan
+stops with the inventory error; without Microsoft.ApiManagement/service/read the instance is
+missing from the inventory (Resource Graph does not return what the caller cannot read);
+without service/*/read, listSecrets or diagnosticSettings/read the scan marks the part it
+could not read UNREAD with the 403 naming the action.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import ssl
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from handlers.cli import main
+from tests.conftest import TwinHandle
+from tests.e2e.test_scan_estate import RG, VAULT, compliant, drift, fragment_for
+from tests.integration.test_remediate_lockouts import leaf_context, tls_backend
+from twin.rbac import bicep_actions
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+ROLE = bicep_actions(ROOT / "infra" / "subscription-role.bicep")
+READS, WRITES = ROLE["readActions"], ROLE["writeActions"]
+PRINCIPAL = {
+    "name": "least-privilege",
+    "client_id": "0b5e0c1a-0000-4000-8000-0000000000a7",
+    "client_secret": "twin-test-secret-least-privilege",
+    "object_id": "5f1d2e3c-0000-4000-8000-0000000000a7",
+}
+
+# The remediation whose run needs each write action (and the two reads only KEY-001's evidence
+# uses). Every write action of the role must be here: one no remediation needs is a surplus.
+USED_BY: dict[str, str] = {
+    "Microsoft.ApiManagement/service/write": "TLS-001",
+    "Microsoft.ApiManagement/service/tenant/write": "MGMT-001",
+    "Microsoft.ApiManagement/service/portalsettings/write": "ID-002",
+    "Microsoft.ApiManagement/service/portalconfigs/write": "ID-003",
+    "Microsoft.ApiManagement/service/subscriptions/write": "KEY-001",
+    "Microsoft.ApiManagement/service/namedValues/write": "SEC-001",
+    "Microsoft.ApiManagement/service/namedValues/listValue/action": "SEC-001",
+    "Microsoft.ApiManagement/service/apis/write": "API-001",
+    "Microsoft.ApiManagement/service/backends/write": "API-003",
+    "Microsoft.ApiManagement/service/loggers/write": "LOG-002",
+    "Microsoft.ApiManagement/service/diagnostics/write": "LOG-003",
+    "Microsoft.Insights/diagnosticSettings/write": "LOG-001",
+    "Microsoft.OperationalInsights/workspaces/sharedKeys/action": "LOG-001",
+    "Microsoft.OperationalInsights/workspaces/read": "KEY-001",
+    "Microsoft.OperationalInsights/workspaces/query/read": "KEY-001",
+}
+FIXABLE = sorted(set(USED_BY.values()) | {"NET-001", "TLS-002", "TLS-003", "MGMT-002", "MGMT-003", "ID-001"})
+
+
+def workspace_id(twin: TwinHandle) -> str:
+    group = f"/subscriptions/{twin.subscription_id}/resourceGroups/{RG}"
+    return f"{group}/providers/Microsoft.OperationalInsights/workspaces/law"
+
+
+def policy(twin: TwinHandle) -> str:
+    rules = {rule: {"mode": "remediate"} for rule in FIXABLE}
+    rules["NET-001"]["params"] = {"acknowledge_gateway_only": True}
+    rules["LOG-001"]["params"] = {"workspace_id": workspace_id(twin)}
+    return json.dumps({"version": 1, "rules": rules, "limits": {"max_writes_per_run": 50}})
+
+
+def seed(twin: TwinHandle, rules: list[str], backend_port: int, actions: tuple[str, ...]) -> dict[str, str]:
+    """One drifted instance per rule (fresh names: the journal in Azurite outlives a reset),
+    gateway logs that show KEY-001's key unused, and the principal with a role of `actions`."""
+    suffix = uuid.uuid4().hex[:6]
+    specs = {}
+    for rule in rules:
+        spec = compliant(f"lp-{rule.lower()}-{suffix}", twin.subscription_id)
+        drift(rule, spec)
+        if rule == "API-003":
+            spec["backends"][0]["url"] = f"https://127.0.0.1:{backend_port}/api"
+        if rule == "LOG-002":
+            spec["loggers"] = []  # so the fix creates the azureMonitor logger too
+        specs[rule] = spec
+    fragment, ids = fragment_for(specs, twin.subscription_id)
+    [group] = fragment["subscriptions"][0]["resource_groups"]
+    if "KEY-001" in ids:
+        rows = [
+            {"ago": "29.9d", "ApimSubscriptionId": "orders-mobile"},
+            {"ago": "1h", "ApimSubscriptionId": "orders-mobile"},
+        ]
+        group["workspaces"][0]["tables"] = {
+            "ApiManagementGatewayLogs": {"rows": [{"_ResourceId": ids["KEY-001"], **r} for r in rows]}
+        }
+    vault = f"/subscriptions/{twin.subscription_id}/resourceGroups/{RG}/providers/Microsoft.KeyVault/vaults/{VAULT}"
+    role = f"APIM Remediator under test {suffix}"
+    fragment.update(
+        principals=[PRINCIPAL],
+        custom_roles=[{"name": role, "actions": list(actions)}],
+        role_assignments=[
+            {"principal": PRINCIPAL["name"], "role": role, "scope": f"/subscriptions/{twin.subscription_id}"},
+            {"principal": PRINCIPAL["name"], "role": "Key Vault Secrets Officer", "scope": vault},
+        ],
+    )
+    twin.seed(fragment)
+    return ids
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[tuple[int, trustme.CA]]:
+    """A backend that completes TLS handshakes, so API-003's evidence can validate it."""
+    ca = trustme.CA()
+    context: ssl.SSLContext = leaf_context(ca, tmp_path)
+    with tls_backend(context) as port:
+        yield port, ca
+
+
+@pytest.fixture
+def as_least_privilege(
+    twin: TwinHandle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, backend: tuple[int, trustme.CA]
+) -> None:
+    """The product's settings, signed in as PRINCIPAL instead of the product's identity."""
+    for key, value in twin.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AZURE_CLIENT_ID", PRINCIPAL["client_id"])
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", PRINCIPAL["client_secret"])
+    monkeypatch.setenv("APIMR_RESOURCE_GROUPS", RG)
+    monkeypatch.setenv("APIMR_SUBSCRIPTION_IDS", twin.subscription_id)
+    monkeypatch.setenv("APIMR_RETRY_TOTAL", "0")
+    monkeypatch.setenv("APIMR_LEASE_SECONDS", "15")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(Path(twin.env["APIMR_CA_BUNDLE"]).read_bytes() + b"\n" + backend[1].cert_pem.bytes())
+    monkeypatch.setenv("APIMR_CA_BUNDLE", str(bundle))
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy(twin))
+    monkeypatch.setenv("APIMR_POLICY_FILE", str(path))
+
+
+def run(*args: str) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(args), out=out, err=err)
+    return code, out.getvalue() + err.getvalue()
+
+
+def set_vault_url(twin: TwinHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APIMR_KEY_VAULT_URL", twin.urls[f"vault:{VAULT}"])
+
+
+def scan_json(*args: str) -> tuple[int, dict[str, Any] | None, str]:
+    code, text = run("scan", "--format", "json", "--quiet", *args)
+    try:
+        return code, json.loads(text[: text.rindex("}") + 1]), text
+    except ValueError:
+        return code, None, text
+
+
+def remediate(service_id: str, rule: str) -> tuple[int, str]:
+    return run("remediate", "--instance", service_id, "--rule", rule, "--apply", "--format", "json")
+
+
+def test_every_write_action_of_the_role_is_used_by_a_remediation() -> None:
+    """writeActions (with the two reads only KEY-001's evidence needs) is exactly USED_BY."""
+    assert set(WRITES) == set(USED_BY)
+
+
+@pytest.mark.usefixtures("as_least_privilege")
+def test_scan_and_every_remediation_pass_with_only_the_products_role(
+    twin: TwinHandle, monkeypatch: pytest.MonkeyPatch, backend: tuple[int, trustme.CA]
+) -> None:
+    """The role as deployed (readActions + writeActions) is enough for scan and every fix."""
+    ids = seed(twin, FIXABLE, backend[0], READS + WRITES)
+    set_vault_url(twin, monkeypatch)
+    code, report, text = scan_json()
+    assert code == 0, text
+    assert report is not None, text
+    seen = {i["id"].lower(): i for i in report["instances"]}
+    for rule, service_id in ids.items():
+        instance = seen[service_id.lower()]
+        assert instance["error"] is None, (rule, instance)
+        assert not instance["unreadable"], (rule, instance)
+        assert rule in {f["rule"] for f in instance["findings"]}, (rule, instance["findings"])
+    for rule, service_id in ids.items():
+        code, text = remediate(service_id, rule)
+        assert code == 0, (rule, text)
+        statuses = {(r["rule"], r["status"]) for r in json.loads(text[: text.rindex("}") + 1])["results"]}
+        assert (rule, "fixed") in statuses or (rule, "pending") in statuses, (rule, text)
+
+
+@pytest.mark.parametrize("action", sorted(USED_BY))
+@pytest.mark.usefixtures("as_least_privilege")
+def test_without_one_action_the_remediation_that_needs_it_fails_naming_it(
+    twin: TwinHandle, monkeypatch: pytest.MonkeyPatch, backend: tuple[int, trustme.CA], action: str
+) -> None:
+    rule = USED_BY[action]
+    ids = seed(twin, [rule], backend[0], tuple(a for a in READS + WRITES if a != action))
+    set_vault_url(twin, monkeypatch)
+    code, text = remediate(ids[rule], rule)
+    assert code != 0, text
+    assert "403" in text or "AuthorizationFailed" in text or "InsufficientAccess" in text, text
+    assert f"'{action}'" in text, text
+
+
+def read_cases() -> list[Any]:
+    cases: list[Any] = []
+    for action in READS:
+        marks = ()
+        if action == "Microsoft.Resources/subscriptions/resourceGroups/read":
+            # The product's visibility query asks Resource Graph for the subscription or its
+            # groups; the twin shows a subscription row to whoever holds a role in it (as ARM's
+            # subscription list does), so this run cannot show the action is needed. Strict:
+            # if the twin ever models more, this test says so.
+            marks = (pytest.mark.xfail(strict=True, reason="the twin cannot show resourceGroups/read is needed"),)
+        cases.append(pytest.param(action, marks=marks, id=action))
+    return cases
+
+
+@pytest.mark.parametrize("action", read_cases())
+@pytest.mark.usefixtures("as_least_privilege")
+def test_without_one_read_action_the_scan_fails_and_says_why(
+    twin: TwinHandle, monkeypatch: pytest.MonkeyPatch, backend: tuple[int, trustme.CA], action: str
+) -> None:
+    """Reads show as Azure shows them: an inventory error, a missing instance, or UNREAD parts
+    whose 403 names the action."""
+    # KEY-004's instance: the key ledger holds its key, so the scan needs listSecrets to compare.
+    ids = seed(twin, ["KEY-004"], backend[0], tuple(a for a in READS + WRITES if a != action))
+    set_vault_url(twin, monkeypatch)
+    code, report, text = scan_json("--fail-on", "critical")
+    if action == "Microsoft.ResourceGraph/resources/read":
+        assert code == 2, text
+        assert "Resource Graph cannot see subscription(s)" in text, text
+        return
+    assert report is not None, text
+    found = {i["id"].lower(): i for i in report["instances"]}
+    if action == "Microsoft.ApiManagement/service/read":
+        # Resource Graph does not return what the caller cannot read: the instance is missing.
+        assert ids["KEY-004"].lower() not in found, text
+        return
+    instance = found[ids["KEY-004"].lower()]
+    assert code == 1, text  # a partial read fails the gate
+    assert any("403 AuthorizationFailed" in u for u in instance["unreadable"]), instance["unreadable"]
+    if action != "Microsoft.ApiManagement/service/*/read":
+        assert any(f"needs '{action}'" in u for u in instance["unreadable"]), instance["unreadable"]
+    else:  # the wildcard is granted as the concrete reads it covers
+        assert any("needs 'Microsoft.ApiManagement/service/" in u for u in instance["unreadable"])
+
+
+@pytest.mark.usefixtures("as_least_privilege")
+def test_the_scan_with_the_whole_role_reads_everything(
+    twin: TwinHandle, monkeypatch: pytest.MonkeyPatch, backend: tuple[int, trustme.CA]
+) -> None:
+    ids = seed(twin, ["KEY-004"], backend[0], READS + WRITES)
+    set_vault_url(twin, monkeypatch)
+    code, report, text = scan_json("--fail-on", "critical")
+    assert code == 0, text
+    assert report is not None, text
+    [instance] = [i for i in report["instances"] if i["id"].lower() == ids["KEY-004"].lower()]
+    assert not instance["unreadable"]
+    assert "KEY-004" in {f["rule"] for f in instance["findings"]}
