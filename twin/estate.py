@@ -40,21 +40,21 @@ class SeedContext:
 Seeder = Callable[[TwinState, SeedContext, list[dict[str, Any]]], None]
 
 
-def _section_seeders() -> dict[str, Seeder]:
-    # Imported here: the service modules import this module for EstateError/SeedContext.
-    import twin.apim as apim
-    import twin.graph as graph
-    import twin.insights as insights
-    import twin.keyvault as keyvault
-    import twin.loganalytics as loganalytics
+# Section name -> seeder. Each provider module registers its own at import (`register_seeder`),
+# so this module never imports a provider: the providers import it (EstateError, SeedContext).
+_SEEDERS: dict[str, Seeder] = {}
 
-    return {
-        "apim": apim.seed,
-        "key_vaults": keyvault.seed,
-        "workspaces": loganalytics.seed,
-        "diagnostic_settings": insights.seed,
-        "graph_resources": graph.seed,
-    }
+
+def register_seeder(section: str, seeder: Seeder) -> None:
+    """Make `section` (a key inside a resource group) seeded by `seeder`; one provider per section."""
+    known = _SEEDERS.get(section)
+    if known is not None and (known.__module__, known.__qualname__) != (seeder.__module__, seeder.__qualname__):
+        raise ValueError(f"estate section '{section}' is already seeded by {known.__module__}.{known.__qualname__}")
+    _SEEDERS[section] = seeder
+
+
+def registered_sections() -> tuple[str, ...]:
+    return tuple(sorted(_SEEDERS))
 
 
 def load_estate_file(path: Path) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def apply_estate(state: TwinState, data: dict[str, Any], *, source: str = "estat
             raise EstateError(f"{source}.storage_accounts[{i}].name: 3-24 lowercase letters and digits")
         if name not in accounts:
             accounts.append(name)
-    seeders = _section_seeders()
+    seeders = _SEEDERS
     for i, sub in enumerate(_expect(data.get("subscriptions", []), list, f"{source}.subscriptions")):
         where = f"{source}.subscriptions[{i}]"
         _expect(sub, dict, where)

@@ -30,7 +30,7 @@ from twin.arm import (
     resource_not_found,
     subscription_or_404,
 )
-from twin.estate import EstateError, SeedContext
+from twin.estate import EstateError, SeedContext, register_seeder
 from twin.state import TwinState
 from twin.web import ServiceError, add_route, json_response, params, read_json, state_of
 
@@ -369,3 +369,6 @@ def seed(state: TwinState, ctx: SeedContext, items: list[dict[str, Any]]) -> Non
             seed_setting(state, resource, name, properties)
         except EstateError as error:
             raise EstateError(f"{where}: {error}") from error
+
+
+register_seeder("diagnostic_settings", seed)

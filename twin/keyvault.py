@@ -29,7 +29,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from twin.arm import iso
-from twin.estate import EstateError, SeedContext
+from twin.estate import EstateError, SeedContext, register_seeder
 from twin.state import TwinState
 from twin.web import ServiceError, add_route, json_response, params, state_of
 
@@ -796,3 +796,6 @@ def seed(state: TwinState, ctx: SeedContext, items: list[dict[str, Any]]) -> Non
         vaults[key] = vault
         if existing is None or state.store.get(resource["id"]) is None:
             state.store.put(resource["id"], resource)
+
+
+register_seeder("key_vaults", seed)
