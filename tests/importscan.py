@@ -10,7 +10,6 @@ any indentation, so imports inside functions count), and `import_module("a.b")` 
 
 from __future__ import annotations
 
-import ast
 import io
 import tokenize
 
@@ -87,5 +86,5 @@ def imported_modules(source: str) -> set[str]:
                 and statement[i + 1].string == "("
                 and statement[i + 2].type == tokenize.STRING
             ):
-                found.add(str(ast.literal_eval(statement[i + 2].string)))
+                found.add(statement[i + 2].string.lstrip("rRuU").strip("'\""))
     return found

@@ -84,7 +84,9 @@ class TwinServer:
 
         self._thread = threading.Thread(target=run, name="twin", daemon=True)
         self._thread.start()
-        ready.wait(timeout=120)
+        if not ready.wait(timeout=120):
+            self.stop()
+            raise RuntimeError("the twin did not start within 120 s")
         if self._error is not None:
             self.stop()
             raise RuntimeError(f"the twin failed to start: {self._error}") from self._error
