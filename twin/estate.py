@@ -57,6 +57,15 @@ def registered_sections() -> tuple[str, ...]:
     return tuple(sorted(_SEEDERS))
 
 
+# Run after every section of an estate (or fragment) is seeded, for what depends on other
+# sections whatever their order (e.g. APIM reading the Key Vault secrets its named values name).
+_FINISHERS: dict[str, Callable[[TwinState], None]] = {}
+
+
+def register_finisher(name: str, finisher: Callable[[TwinState], None]) -> None:
+    _FINISHERS[name] = finisher
+
+
 def load_estate_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
@@ -133,3 +142,5 @@ def apply_estate(state: TwinState, data: dict[str, Any], *, source: str = "estat
                     seeder(state, ctx, _expect(items, list, f"{gwhere}.{key}"))
                 except EstateError as error:
                     raise EstateError(f"{gwhere}.{key}: {error}") from error
+    for finish in _FINISHERS.values():
+        finish(state)

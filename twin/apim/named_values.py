@@ -76,17 +76,55 @@ def _named_value(
             raise _invalid("properties.keyVault.secretIdentifier", "'secretIdentifier' must be a Key Vault secret URL.")
         if value is not None:
             raise _invalid("properties.value", "A named value has either 'value' or 'keyVault', not both.")
-        props["keyVault"] = {
-            "secretIdentifier": identifier,
-            "identityClientId": vault.get("identityClientId"),
-            "lastStatus": vault.get("lastStatus")
-            or {"code": "Success", "message": None, "timeStampUtc": _iso(_now(state))},
-        }
+        client_id = vault.get("identityClientId")
+        service = state.store.get(resource_id.rsplit("/namedValues/", 1)[0])
+        if client_id is not None and (service is None or _reference_principal(service, client_id) is None):
+            # Seen from APIM (Azure/apiops#257): a synchronous 400, not a failed lastStatus.
+            raise _invalid(
+                "identityClientId",
+                f"Can not find Managed Identity with provided IdentityClientId : {client_id}. For more information "
+                "please see aka.ms/apimmsi.",
+            )
+        # lastStatus is read-only: APIM sets it when it reads the secret, on every write that
+        # carries the reference (None here: read when stored) and on refreshSecret.
+        props["keyVault"] = {"secretIdentifier": identifier, "identityClientId": client_id, "lastStatus": None}
         props["secret"] = True
     if not patch and value is None and "keyVault" not in props:
         raise _invalid("properties.value", "Either 'value' or 'keyVault' is required.")
     props["provisioningState"] = "Succeeded"
     return props, value
+
+
+def _reference_principal(service: Resource, client_id: str | None) -> str | None:
+    """The object id APIM reads Key Vault as: the user-assigned identity with `client_id`, or
+    the system-assigned identity when no client id is given; None when there is none."""
+    identity = service.body.get("identity") or {}
+    if client_id:
+        for entry in (identity.get("userAssignedIdentities") or {}).values():
+            if str(entry.get("clientId", "")).lower() == client_id.lower():
+                return str(entry.get("principalId") or "") or None
+        return None
+    if "SystemAssigned" in str(identity.get("type", "")):
+        return str(identity.get("principalId") or "") or None
+    return None
+
+
+def read_key_vault_reference(state: TwinState, service: Resource, resource: Resource) -> None:
+    """Read a Key Vault named value's secret as APIM does (at write time and on refreshSecret):
+    record the outcome in `keyVault.lastStatus` and, when it worked, keep the value APIM then
+    serves (listValue, policies) until the next read; a failed read keeps the last good value.
+    Sources: NamedValue_CreateOrUpdate / NamedValue_RefreshSecret and
+    KeyVaultLastAccessStatusContractProperties in the ApiManagement spec (apimnamedvalues.json,
+    definitions.json); Learn "Use named values in Azure API Management policies" (the instance's
+    managed identity reads the secret; a failed read shows on the named value)."""
+    vault = resource.body["properties"].get("keyVault")
+    if not vault:
+        return
+    principal = _reference_principal(service, vault.get("identityClientId"))
+    read = keyvault.read_secret_reference(state, vault["secretIdentifier"], principal)
+    vault["lastStatus"] = {"code": read.code, "message": read.message, "timeStampUtc": _iso(_now(state))}
+    if read.code == "Success":
+        _secret(state, resource.id)["value"] = read.value
 
 
 def _render_named_value(state: TwinState, resource: Resource) -> dict[str, Any]:
@@ -110,8 +148,9 @@ def store_named_value(
     resource = state.store.put(resource_id, body)
     if value is not None:
         _secret(state, resource.id)["value"] = value
-    elif "keyVault" in props:
+    elif "keyVault" in props and props["keyVault"].get("lastStatus") is None:
         _secret(state, resource.id).pop("value", None)
+        read_key_vault_reference(state, service, resource)
     return resource
 
 
@@ -248,11 +287,7 @@ async def named_value_value(request: web.Request) -> web.StreamResponse:
     name = params(request)["nv"]
     found = _child(state, service, f"namedValues/{name}", "Named value", name)
     _emit(state, write_context(request), found.id, "action", "listValue")
-    vault = found.body["properties"].get("keyVault") or {}
-    if vault.get("secretIdentifier"):
-        # APIM serves a Key Vault named value from its cached copy of the secret.
-        value = keyvault.resolve_secret_identifier(state, vault["secretIdentifier"])
-        return _with_etag({"value": value}, found)
+    # A Key Vault named value answers with APIM's copy from its last successful read.
     return _with_etag({"value": _secret(state, found.id).get("value")}, found)
 
 
@@ -270,11 +305,7 @@ async def refresh_named_value(request: web.Request) -> web.StreamResponse:
         current = state.store.get(resource_id)
         if current is None:
             return {}
-        current.body["properties"]["keyVault"]["lastStatus"] = {
-            "code": "Success",
-            "message": None,
-            "timeStampUtc": _iso(_now(state)),
-        }
+        read_key_vault_reference(state, service, current)  # again, with today's identity and secret
         done = state.store.put(resource_id, current.body)
         _emit(state, ctx, resource_id, "action", "refreshSecret")
         return _render_named_value(state, done)

@@ -18,13 +18,14 @@ from twin.apim.common import (
     _iso,
     _now,
     _parse_time,
+    _secret,
     _service_id,
     _set_keys,
 )
-from twin.apim.named_values import _named_value, store_named_value
+from twin.apim.named_values import _named_value, read_key_vault_reference, store_named_value
 from twin.apim.service import _apply_service_update, _create_defaults, _new_service_body
 from twin.apim.subscriptions import _full_scope, _owner, _subscription_body
-from twin.estate import EstateError, SeedContext, register_seeder
+from twin.estate import EstateError, SeedContext, register_finisher, register_seeder
 from twin.state import Resource, TwinState, norm
 from twin.web import (
     ServiceError,
@@ -221,6 +222,10 @@ def _seed_named_values(state: TwinState, service: Resource, value: Any, where: s
     for j, entry in enumerate(_seed_list(value, where)):
         name = _seed_id(entry, f"{where}[{j}]")
         given = {"displayName": name, **{k: v for k, v in entry.items() if k not in ("id", "name")}}
+        stated_status = None
+        if isinstance(given.get("keyVault"), dict) and "lastStatus" in given["keyVault"]:
+            given["keyVault"] = dict(given["keyVault"])
+            stated_status = given["keyVault"].pop("lastStatus")
         props, nv_value = _seed_call(
             f"{where}[{j}]",
             _named_value,
@@ -231,7 +236,34 @@ def _seed_named_values(state: TwinState, service: Resource, value: Any, where: s
             None,
             patch=False,
         )
+        if "keyVault" in props:
+            # Read once the whole estate is seeded (its vault may come later in the file).
+            props["keyVault"]["lastStatus"] = _PENDING_READ
+            _secret(state, f"{service.id}/namedValues/{name}")["seeded_status"] = stated_status
         store_named_value(state, service, name, props, nv_value)
+
+
+_PENDING_READ = {"code": "Pending", "message": None, "timeStampUtc": None}
+
+
+def _read_seeded_references(state: TwinState) -> None:
+    """APIM's first read of each seeded Key Vault named value; a status the estate states wins
+    (the world as it is, e.g. access revoked since), but the value is still read if it can be."""
+    for resource in list(state.store.resources.values()):
+        if resource.body.get("type") != "Microsoft.ApiManagement/service/namedValues":
+            continue
+        vault = resource.body["properties"].get("keyVault")
+        if not vault or vault.get("lastStatus") != _PENDING_READ:
+            continue
+        service = state.store.get(resource.id.rsplit("/namedValues/", 1)[0])
+        assert service is not None
+        read_key_vault_reference(state, service, resource)
+        stated = _secret(state, resource.id).pop("seeded_status", None)
+        if stated is not None:
+            vault["lastStatus"] = {"message": None, "timeStampUtc": _iso(_now(state)), **stated}
+
+
+register_finisher("apim-key-vault-references", _read_seeded_references)
 
 
 def _seed_subscriptions(state: TwinState, service: Resource, value: Any, where: str) -> None:
