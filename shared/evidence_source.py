@@ -29,7 +29,7 @@ from azure.monitor.query import LogsQueryStatus
 from shared.actions.executor import ArmApi
 from shared.armapi import AzureArm
 from shared.azure import ClientFactory
-from shared.errors import RemediatorError
+from shared.errors import RemediatorError, error_code_and_message
 from shared.evidence import KeyUsage, PlanEvidence, TlsProbe, safe_target
 from shared.model import ApimSubscription, Backend, DiagnosticSetting, Finding, Snapshot
 
@@ -181,7 +181,7 @@ class AzureEvidenceSource:
         body = response.body if isinstance(response.body, dict) else {}
         customer_id = (body.get("properties") or {}).get("customerId") if response.status < 400 else None
         if not customer_id:
-            code = ((body.get("error") or {}).get("code")) or "no customerId"
+            code = error_code_and_message(body)[0] or "no customerId"
             return f"reading workspace {name} failed ({response.status} {code})"
         query = (
             "ApiManagementGatewayLogs\n"

@@ -71,8 +71,18 @@ _TARGET_PATTERNS = (
 )
 
 
+class InsightsError(ServiceError):
+    """An error Microsoft.Insights itself answers: the flat `{code, message}` of the spec's
+    ErrorResponse (diagnosticsSettings_API.json, 2021-05-01-preview), not ARM's
+    `{"error": {...}}`. ARM's own answers in front of it (api-version, auth, throttling,
+    subscription, resource group, linked ids) keep ARM's shape."""
+
+    def response(self) -> web.Response:
+        return json_response({"code": self.code, "message": self.message}, status=self.status, headers=self.headers)
+
+
 def _bad(message: str) -> ServiceError:
-    return ServiceError(400, "BadRequest", message)
+    return InsightsError(400, "BadRequest", message)
 
 
 def _target_id(request: web.Request) -> str:
@@ -158,6 +168,10 @@ def validate(state: TwinState, target: str, target_type: str, props: Any, versio
     if not isinstance(logs, list) or not isinstance(metrics, list):
         raise _bad("'logs' and 'metrics' must be arrays.")
     known = LOG_CATEGORIES.get(target_type.lower())
+    kinds = {"category" if isinstance(e, dict) and e.get("category") is not None else "group" for e in logs}
+    if len(kinds) > 1:
+        # Azure's answer (Azure/azure-rest-api-specs#22719), whether or not the entries are enabled.
+        raise _bad("Diagnostic setting does not support mix of log category and log category group.")
     for i, entry in enumerate(logs):
         if not isinstance(entry, dict):
             raise _bad(f"logs[{i}] must be an object.")
@@ -236,15 +250,16 @@ def _check_sinks(state: TwinState, target: str, name: str, props: dict[str, Any]
     others = [s for s in _settings_of(state, target) if s["name"].lower() != name.lower()]
     if len(others) >= MAX_SETTINGS:
         raise _bad(f"Diagnostic settings count exceeds the limit of {MAX_SETTINGS} for this resource.")
-    mine = _enabled_categories(props)
+    target_type = _resource_type(target)
+    mine = _enabled_categories(props, target_type)
     for other in others:
         for sink in ("workspaceId", "storageAccountId", "eventHubAuthorizationRuleId", "marketplacePartnerId"):
             value = props.get(sink)
             if not value or str(other["properties"].get(sink) or "").lower() != str(value).lower():
                 continue
-            shared = mine & _enabled_categories(other["properties"])
+            shared = mine & _enabled_categories(other["properties"], target_type)
             if shared:
-                raise ServiceError(
+                raise InsightsError(
                     409,
                     "Conflict",
                     f"Data sink '{value}' is already used in diagnostic setting '{other['name']}' for category "
@@ -253,11 +268,31 @@ def _check_sinks(state: TwinState, target: str, name: str, props: dict[str, Any]
                 )
 
 
-def _enabled_categories(props: dict[str, Any]) -> set[str]:
+# Which categories a group stands for, where the twin knows: allLogs is every log category of
+# the type; audit only where Azure Monitor's supported-logs pages list it (for APIM they do not).
+AUDIT_CATEGORIES: dict[str, frozenset[str]] = {
+    "microsoft.keyvault/vaults": frozenset({"AuditEvent"}),
+    "microsoft.operationalinsights/workspaces": frozenset({"Audit"}),
+}
+
+
+def _enabled_categories(props: dict[str, Any], target_type: str = "") -> set[str]:
+    """Enabled categories, a group counted as the categories it includes: a category and a
+    group that includes it, sent to one destination by two settings, conflict like the same
+    category twice (the closest documented rule: a sink may not get a category from two settings)."""
     found = set()
     for entry in props.get("logs") or []:
-        if entry.get("enabled"):
-            found.add(str(entry.get("category") or entry.get("categoryGroup")))
+        if not entry.get("enabled"):
+            continue
+        group = entry.get("categoryGroup")
+        if group is None:
+            found.add(str(entry.get("category")))
+            continue
+        found.add(str(group))
+        if group == "allLogs":
+            found.update(LOG_CATEGORIES.get(target_type.lower(), ()))
+        elif group == "audit":
+            found.update(AUDIT_CATEGORIES.get(target_type.lower(), ()))
     for entry in props.get("metrics") or []:
         if entry.get("enabled"):
             found.add(str(entry.get("category")))
@@ -283,7 +318,7 @@ async def get_setting(request: web.Request) -> web.StreamResponse:
     name = params(request)["setting"]
     found = state.store.get(_setting_id(target, name))
     if found is None:
-        raise ServiceError(404, "ResourceNotFound", f"The diagnostic setting '{name}' doesn't exist.")
+        raise InsightsError(404, "ResourceNotFound", f"The diagnostic setting '{name}' doesn't exist.")
     return json_response(found.body)
 
 
