@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         "certs/cert.pem and certs/key.pem from --workdir, --oauth basic, and AZURITE_ACCOUNTS)",
     )
     serve.add_argument("--azurite-accounts", help="that Azurite's AZURITE_ACCOUNTS value ('name:key;...')")
+    serve.add_argument(
+        "--retry-after",
+        help="seconds in the LROs' Retry-After (default: what APIM sends, 60; clients poll that slowly)",
+    )
     args = parser.parse_args(argv)
     ports: tuple[int, int, int] | None = None
     if args.azurite_ports:
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             with_azurite=not args.no_azurite,
             azurite_ports=ports,
             azurite_accounts=args.azurite_accounts,
+            retry_after=args.retry_after,
         )
         server.start()
         for name, url in sorted(server.state.urls.items()):

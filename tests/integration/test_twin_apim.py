@@ -901,3 +901,26 @@ def test_service_update_runs_on_the_clock_and_blocks_a_second_change(twin: Any) 
     assert after["properties"]["provisioningState"] == "Succeeded"
     assert after["properties"]["publicNetworkAccess"] == "Disabled"
     assert twin.arm("PATCH", path, json={"tags": {"x": "y"}}).status_code == 202
+
+
+def test_lro_puts_of_apis_and_named_values_carry_an_etag(twin: Any, apim: ApiManagementClient) -> None:
+    """Api_CreateOrUpdate (apimapis.json) and NamedValue_CreateOrUpdate (apimnamedvalues.json)
+    list an ETag header on their 200 and 201 answers, LROs though they are; the entity keeps
+    that ETag once the operation completes, so a client can write again with it."""
+    base = seed_service(twin, "apim-etags")
+    for path, body in (
+        ("/apis/orders", {"properties": {"displayName": "Orders", "path": "orders", "protocols": ["https"]}}),
+        ("/namedValues/region", {"properties": {"displayName": "region", "value": "westeurope"}}),
+    ):
+        created = twin.arm("PUT", f"{base}{path}?api-version=2024-05-01", json=body)
+        assert created.status_code == 201, created.text
+        etag = created.headers.get("ETag")
+        assert etag
+        status = created.headers["Azure-AsyncOperation"].removeprefix(twin.urls["arm"])
+        for _ in range(20):
+            if twin.arm("GET", status).json()["status"] != "InProgress":
+                break
+        assert twin.arm("GET", f"{base}{path}?api-version=2024-05-01").headers["ETag"] == etag
+        again = twin.arm("PUT", f"{base}{path}?api-version=2024-05-01", json=body, headers={"If-Match": etag})
+        assert again.status_code == 200, again.text
+        assert again.headers.get("ETag")

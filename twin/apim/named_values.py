@@ -31,7 +31,7 @@ from twin.apim.common import (
     _with_etag,
 )
 from twin.arm import write_context
-from twin.state import Resource, TwinState
+from twin.state import Resource, TwinState, new_etag
 from twin.web import (
     ServiceError,
     params,
@@ -204,13 +204,20 @@ def _accept_child_put(
     store: Callable[[], dict[str, Any]],
 ) -> web.Response:
     """A sub-resource PUT that APIM runs as a long-running operation: answer 201/200 with the
-    pending body; `store` applies it (and the write event is raised) when it completes."""
+    pending body and its ETag (the spec lists an ETag header on both, e.g. Api_CreateOrUpdate
+    and NamedValue_CreateOrUpdate in apimapis.json / apimnamedvalues.json); `store` applies it
+    (and the write event is raised) when it completes, keeping that ETag so a client can use
+    the one the PUT answered."""
     state = state_of(request)
     ctx = write_context(request)
     resource_id = f"{service.id}/{child}"
+    etag = new_etag()
 
     def finish() -> dict[str, Any]:
         body = store()
+        stored = state.store.get(resource_id)
+        if stored is not None:
+            stored.etag = etag
         _emit(state, ctx, resource_id, "write")
         return body
 
@@ -220,7 +227,7 @@ def _accept_child_put(
         "name": child.rsplit("/", 1)[-1],
         "properties": {**props, "provisioningState": "InProgress"},
     }
-    return arm.start_operation(
+    response = arm.start_operation(
         request,
         resource_id=resource_id,
         status_parent=service.id,
@@ -228,6 +235,8 @@ def _accept_child_put(
         status=201 if created else 200,
         body=pending,
     )
+    response.headers["ETag"] = etag
+    return response
 
 
 async def put_named_value(request: web.Request) -> web.StreamResponse:
