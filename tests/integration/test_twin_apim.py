@@ -211,8 +211,8 @@ def test_service_patch_is_an_lro_applied_on_completion(twin: Any, apim: ApiManag
     assert result.provisioning_state == "Succeeded"
     again = apim.api_management_service.get(RG, "apim-patch")
     assert again.public_network_access == "Disabled"
-    assert again.custom_properties[HTTP2] == "True"
-    assert again.custom_properties[TLS10] == "False"
+    assert again.custom_properties[HTTP2] == "true"  # stored as sent
+    assert again.custom_properties[TLS10] == "false"
     written = [
         e for e in events(twin, "Microsoft.Resources.ResourceWriteSuccess") if e["subject"] == service_id("apim-patch")
     ]
@@ -249,7 +249,7 @@ def test_partial_custom_properties_reset_the_omitted_switches(twin: Any, apim: A
     after = apim.api_management_service.get(RG, "apim-modern").custom_properties
     assert after[HTTP2] == "False"
     assert after[TLS11] == "False"
-    assert after[TLS10] == "False"
+    assert after[TLS10] == "false"  # as sent; the reset ones as Azure spells its defaults
 
     # Created on/before 2018-04-01: the omitted ones go back to True (legacy protocols re-enabled).
     seed_service(twin, "apim-legacy", created_at="2017-06-01T00:00:00Z")
@@ -782,7 +782,7 @@ def test_backup_writes_a_blob_and_restore_brings_the_configuration_back(twin: An
     assert restored.primary_key == "p" * 32
     assert apim.named_value.list_value(RG, "apim-bk", "hidden").value == "s3cret"
     # Protocol settings are not part of a backup: the change made after it survives the restore.
-    assert apim.api_management_service.get(RG, "apim-bk").custom_properties[HTTP2] == "True"
+    assert apim.api_management_service.get(RG, "apim-bk").custom_properties[HTTP2] == "true"
     assert events(twin, "Microsoft.Resources.ResourceActionSuccess")
 
 
@@ -924,3 +924,26 @@ def test_lro_puts_of_apis_and_named_values_carry_an_etag(twin: Any, apim: ApiMan
         again = twin.arm("PUT", f"{base}{path}?api-version=2024-05-01", json=body, headers={"If-Match": etag})
         assert again.status_code == 200, again.text
         assert again.headers.get("ETag")
+
+
+def test_custom_properties_are_stored_as_sent(twin: Any, apim: ApiManagementClient) -> None:
+    """customProperties is a map of strings (ApiManagementServiceBaseProperties.customProperties,
+    additionalProperties: string, in apimdeployment.json): APIM keeps the key spelling and value
+    casing a client sent; only the switches it resets are its own "True"/"False". A twin that
+    normalised them would hide a client comparing them case-sensitively (issue 10, item 4)."""
+    seed_service(twin, "apim-casing")
+    lower_key = TLS10.lower()
+    apim.api_management_service.begin_update(
+        RG, "apim-casing", ApiManagementServiceUpdateParameters(custom_properties={lower_key: "FALSE", HTTP2: "tRUE"}),
+        polling_interval=0,
+    ).result()  # fmt: skip
+    stored = apim.api_management_service.get(RG, "apim-casing").custom_properties
+    assert stored[lower_key] == "FALSE"
+    assert TLS10 not in stored  # one switch, in the client's spelling
+    assert stored[HTTP2] == "tRUE"
+    assert stored[TLS11] == "False"
+    twice = twin.arm(
+        "PATCH", service_id("apim-casing") + "?api-version=2024-05-01",
+        json={"properties": {"customProperties": {TLS10: "False", lower_key: "False"}}},
+    )  # fmt: skip
+    assert twice.status_code == 400

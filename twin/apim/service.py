@@ -112,11 +112,15 @@ def default_custom_properties(created_at: str | None) -> dict[str, str]:
 def merge_custom_properties(
     given: Any, created_at: str | None, *, field: str = "properties.customProperties"
 ) -> dict[str, str]:
-    """What Azure stores for a customProperties map: the given switches, and every switch left
-    out reset to its default (so a partial map silently re-enables what it omits)."""
+    """What Azure stores for a customProperties map: the given switches as sent (key spelling
+    and value casing kept: it is a map of strings, and a client that compares them
+    case-sensitively must fail here as it would against Azure), and every switch left out
+    reset to its default, spelled as Azure answers ("True"/"False"), so a partial map silently
+    re-enables what it omits. A switch given twice in different casings is refused."""
     if not isinstance(given, dict):
         raise _invalid(field, f"'{field}' must be an object of strings.")
     result = default_custom_properties(created_at)
+    seen: dict[str, str] = {}
     for key, value in given.items():
         canonical = _KNOWN_CUSTOM.get(str(key).lower())
         if canonical is None:
@@ -125,7 +129,11 @@ def merge_custom_properties(
             raise _invalid(
                 f"{field}.{key}", f"The value of '{key}' must be 'true' or 'false', got {json.dumps(value)}."
             )
-        result[canonical] = "True" if value.lower() == "true" else "False"
+        if canonical in seen:
+            raise _invalid(f"{field}.{key}", f"'{key}' is given twice (as '{seen[canonical]}' too).")
+        seen[canonical] = str(key)
+        result.pop(canonical, None)
+        result[str(key)] = value
     return result
 
 
