@@ -226,7 +226,7 @@ async def test_drifted_instance_maps_to_the_snapshot_rules_read(twin: TwinHandle
     assert datetime.fromisoformat(service.created_at).tzinfo is not None
     raw = twin.arm("GET", SERVICE_ID + "?api-version=2024-05-01").json()
     assert dict(service.custom_properties) == raw["properties"]["customProperties"]  # exactly as returned
-    assert service.custom_properties[TLS10] == "True"
+    assert service.custom_properties[TLS10] == "true"  # as the estate sent it
 
     assert snap.tenant_access is not None
     assert snap.tenant_access.enabled is True
