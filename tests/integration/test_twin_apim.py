@@ -947,3 +947,43 @@ def test_custom_properties_are_stored_as_sent(twin: Any, apim: ApiManagementClie
         json={"properties": {"customProperties": {TLS10: "False", lower_key: "False"}}},
     )  # fmt: skip
     assert twice.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("xml_text", "complaint"),
+    [
+        ("<policies><inbound><not-a-policy /></inbound></policies>", "Unknown element 'not-a-policy'"),
+        ("<policies><inbound><set-headr name='x' /></inbound></policies>", "Unknown element 'set-headr'"),
+        (
+            "<policies><inbound><choose><when condition='true'><bogus /></when></choose></inbound></policies>",
+            "Unknown element 'bogus'",
+        ),
+        ("<policies><inbound><choose><bogus /></choose></inbound></policies>", "Unknown element 'bogus'"),
+        ("<policies><inboud><base /></inboud></policies>", "Unknown section 'inboud'"),
+    ],
+)
+def test_policy_xml_with_an_unknown_policy_element_is_refused(
+    twin: Any, apim: ApiManagementClient, xml_text: str, complaint: str
+) -> None:
+    """Only the documented policy statements (Learn, "API Management policy reference",
+    api-management-policies) may stand in a section or a control-flow element; APIM refuses
+    the document otherwise (Policy_CreateOrUpdate, apimpolicies.json: 400 ErrorResponse)."""
+    seed_service(twin, "apim-polxml")
+    with pytest.raises(HttpResponseError) as refused:
+        apim.policy.create_or_update(
+            RG, "apim-polxml", "policy", PolicyContract(value=xml_text, format="xml")
+        )  # fmt: skip
+    assert refused.value.status_code == 400
+    assert complaint in str(refused.value)
+
+
+def test_policy_xml_with_documented_elements_and_free_content_is_accepted(twin: Any, apim: ApiManagementClient) -> None:
+    seed_service(twin, "apim-polxml")
+    good = (
+        '<policies><inbound><base /><choose><when condition="@(true)"><set-header name="x" exists-action='
+        '"override"><value>1</value></set-header></when><otherwise><rate-limit calls="5" renewal-period="1" />'
+        '</otherwise></choose><validate-jwt header-name="Authorization"><openid-config url="https://x/" />'
+        '</validate-jwt><retry condition="@(false)" count="1" interval="1"><forward-request /></retry>'
+        "</inbound><backend><base /></backend><outbound /><on-error /></policies>"
+    )
+    apim.policy.create_or_update(RG, "apim-polxml", "policy", PolicyContract(value=good, format="xml"))

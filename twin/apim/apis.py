@@ -217,21 +217,81 @@ def _policy_body(resource_id: str, resource_type: str, value: str, fmt: str = "x
     return {"id": resource_id, "type": resource_type, "name": "policy", "properties": {"value": value, "format": fmt}}
 
 
+# The policy statements Learn's "API Management policy reference" (api-management-policies)
+# documents, by element name, plus <base> and <include-fragment>. APIM refuses a policy
+# document with any other element where a statement goes, as the portal's editor shows.
+POLICY_ELEMENTS = frozenset(
+    {
+        # rate limiting and quotas
+        "rate-limit", "rate-limit-by-key", "quota", "quota-by-key", "limit-concurrency",
+        "azure-openai-token-limit", "llm-token-limit",
+        # authentication and authorization
+        "check-header", "get-authorization-context", "ip-filter", "validate-azure-ad-token", "validate-jwt",
+        "validate-client-certificate", "authentication-basic", "authentication-certificate",
+        "authentication-managed-identity",
+        # content validation
+        "validate-content", "validate-parameters", "validate-headers", "validate-status-code",
+        "validate-odata-request", "validate-graphql-request",
+        # content safety
+        "llm-content-safety",
+        # routing
+        "forward-request", "set-backend-service", "proxy",
+        # caching
+        "cache-lookup", "cache-store", "cache-lookup-value", "cache-store-value", "cache-remove-value",
+        "azure-openai-semantic-cache-lookup", "azure-openai-semantic-cache-store",
+        "llm-semantic-cache-lookup", "llm-semantic-cache-store",
+        # transformation
+        "set-method", "set-status", "set-variable", "set-body", "set-header", "set-query-parameter",
+        "rewrite-uri", "json-to-xml", "xml-to-json", "find-and-replace", "redirect-content-urls",
+        "xsl-transform", "mock-response", "return-response",
+        # cross-domain
+        "cors", "jsonp", "cross-domain",
+        # integration and external communication
+        "send-request", "send-one-way-request", "log-to-eventhub", "publish-to-dapr", "invoke-dapr-binding",
+        # logging and metrics
+        "trace", "emit-metric", "azure-openai-emit-token-metric", "llm-emit-token-metric",
+        # GraphQL resolvers
+        "http-data-source", "sql-data-source", "cosmosdb-data-source", "publish-event",
+        # policy control and flow
+        "choose", "retry", "wait", "include-fragment", "base",
+    }
+)  # fmt: skip
+POLICY_SECTIONS = ("inbound", "backend", "outbound", "on-error")
+# Elements whose children are statements again (the rest hold policy-specific settings).
+_STATEMENT_CONTAINERS = frozenset({*POLICY_SECTIONS, "when", "otherwise", "retry", "wait", "limit-concurrency"})
+
+
 def validate_policy_xml(value: Any, field: str = "properties.value") -> str:
-    """A policy document must be well-formed XML whose root is <policies>."""
+    """A policy document must be well-formed XML whose root is <policies>, holding only the
+    sections, each holding only documented policy statements (POLICY_ELEMENTS)."""
     if not isinstance(value, str) or not value.strip():
         raise _invalid(field, "'value' is required: the policy XML.")
     parser = xml.parsers.expat.ParserCreate()
     roots: list[str] = []
+    stack: list[str] = []
+    unknown: list[str] = []
 
     def start(name: str, attrs: dict[str, str]) -> None:
         if not roots:
             roots.append(name)
+        parent = stack[-1] if stack else None
+        where = f"line {parser.CurrentLineNumber}, column {parser.CurrentColumnNumber + 1}"
+        if not unknown and parent == "policies" and len(stack) == 1 and name not in POLICY_SECTIONS:
+            unknown.append(f"Error in element 'policies' on {where}: Unknown section '{name}'.")
+        elif not unknown and parent in _STATEMENT_CONTAINERS and name not in POLICY_ELEMENTS:
+            unknown.append(f"Error in element '{parent}' on {where}: Unknown element '{name}'.")
+        elif not unknown and parent == "choose" and name not in ("when", "otherwise"):
+            unknown.append(f"Error in element 'choose' on {where}: Unknown element '{name}'.")
+        stack.append(name)
+
+    def end(name: str) -> None:
+        stack.pop()
 
     def no_entities(*_: Any) -> None:
         raise ServiceError(400, "ValidationError", "Entity declarations are not allowed in policy XML.")
 
     parser.StartElementHandler = start
+    parser.EndElementHandler = end
     parser.EntityDeclHandler = no_entities
     try:
         parser.Parse(value, True)
@@ -248,6 +308,8 @@ def validate_policy_xml(value: Any, field: str = "properties.value") -> str:
             "ValidationError",
             f"The root element of a policy must be 'policies', not '{roots[0] if roots else ''}'.",
         )
+    if unknown:
+        raise _invalid("representation", unknown[0])
     return value
 
 
