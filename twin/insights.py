@@ -26,6 +26,7 @@ from aiohttp import web
 from twin.arm import (
     PROVIDER_VERSIONS,
     emit_resource_event,
+    provider_version_error,
     resource_group_or_404,
     resource_not_found,
     subscription_or_404,
@@ -359,10 +360,11 @@ def setup(app: web.Application) -> None:
     PROVIDER_VERSIONS["microsoft.insights"] = VERSIONS
     for target in _TARGET_PATTERNS:
         base = f"{target}/providers/Microsoft.Insights/diagnosticSettings"
-        add_route(app, "GET", base, list_settings, versions=VERSIONS)
-        add_route(app, "GET", base + "/{setting}", get_setting, versions=VERSIONS)
-        add_route(app, "PUT", base + "/{setting}", put_setting, versions=VERSIONS)
-        add_route(app, "DELETE", base + "/{setting}", delete_setting, versions=VERSIONS)
+        unserved = provider_version_error("diagnosticSettings")
+        add_route(app, "GET", base, list_settings, versions=VERSIONS, version_error=unserved)
+        add_route(app, "GET", base + "/{setting}", get_setting, versions=VERSIONS, version_error=unserved)
+        add_route(app, "PUT", base + "/{setting}", put_setting, versions=VERSIONS, version_error=unserved)
+        add_route(app, "DELETE", base + "/{setting}", delete_setting, versions=VERSIONS, version_error=unserved)
 
 
 # -- seeding ---------------------------------------------------------------------------------

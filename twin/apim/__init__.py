@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from twin import arm
 from twin.apim.apis import (
     delete_api,
     delete_policy,
@@ -109,10 +110,12 @@ def _head(handler: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]
 def setup(app: web.Application) -> None:
     v = APIM_VERSIONS
 
+    unserved = arm.provider_version_error("service")
+
     def route(method: str, path: str, handler: Callable[[web.Request], Any]) -> None:
-        add_route(app, method, path, handler, versions=v)
+        add_route(app, method, path, handler, versions=v, version_error=unserved)
         if method == "GET" and path.endswith("}") and path != SVC:
-            add_route(app, "HEAD", path, _head(handler), versions=v)
+            add_route(app, "HEAD", path, _head(handler), versions=v, version_error=unserved)
 
     route("GET", "/subscriptions/{sub}/providers/Microsoft.ApiManagement/service", list_services)
     route(

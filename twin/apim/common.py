@@ -25,13 +25,14 @@ from twin.web import (
     state_of,
 )
 
-# Published Microsoft.ApiManagement api-versions (Azure/azure-rest-api-specs stable/ and preview/).
+# Microsoft.ApiManagement api-versions Azure serves: the spec's version folders
+# (specification/apimanagement/resource-manager/Microsoft.ApiManagement/{stable,preview}/<version>,
+# and the TypeSpec's `Versions` in ApiManagement/main.tsp for the newest) from 2021-08-01 on.
+# Every earlier one was retired on 30 September 2023 ("API calls using those API versions will
+# fail"), so the twin answers them as ARM answers a version the provider does not serve.
 # The SDK (5.0.0) sends 2024-05-01; the Azure CLI sends 2022-08-01.
 APIM_VERSIONS = frozenset(
     {
-        "2020-12-01",
-        "2021-01-01-preview",
-        "2021-04-01-preview",
         "2021-08-01",
         "2021-12-01-preview",
         "2022-04-01-preview",
@@ -42,6 +43,25 @@ APIM_VERSIONS = frozenset(
         "2023-09-01-preview",
         "2024-05-01",
         "2024-06-01-preview",
+        "2024-10-01-preview",
+        "2025-03-01-preview",
+        "2026-03-01-preview",
+    }
+)
+# Published in the specs, retired by Azure (see above): named so a test can show they fail.
+RETIRED_APIM_VERSIONS = frozenset(
+    {
+        "2016-10-10",
+        "2017-03-01",
+        "2018-01-01",
+        "2018-06-01-preview",
+        "2019-01-01",
+        "2019-12-01",
+        "2019-12-01-preview",
+        "2020-06-01-preview",
+        "2020-12-01",
+        "2021-01-01-preview",
+        "2021-04-01-preview",
     }
 )
 arm.PROVIDER_VERSIONS["microsoft.apimanagement"] = APIM_VERSIONS
