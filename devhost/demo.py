@@ -272,7 +272,8 @@ def _ssl(ca_file: str) -> Any:
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="apim-remediator-demo-"))
     banner("starting the twin (a local Azure: ARM, Entra, Key Vault, Log Analytics, Event Grid, Azurite)")
-    twin = TwinServer(ESTATE, workdir)
+    # Azure's LROs say Retry-After: 60; the demo shows the product, not the wait.
+    twin = TwinServer(ESTATE, workdir, retry_after="0.05")
     twin.start()
     try:
         failures = asyncio.run(demo(twin))

@@ -76,7 +76,7 @@ from shared.actions.executor import (
     verify_plan,
 )
 from shared.actions.service_settings import combine_service_plans
-from shared.errors import LeaseLost, OutOfScopeError, PermanentError, RemediatorError
+from shared.errors import LeaseLost, OutOfScopeError, PermanentError, RemediatorError, error_code_and_message
 from shared.evaluation import evaluate_snapshot
 from shared.evidence import EvidenceSource, PlanEvidence
 from shared.inventory import InstanceRef
@@ -922,7 +922,7 @@ async def _apply_service_update(
             members,
         )
     if response.status >= 400:
-        code = read_path(response.body, "error.code") or ""
+        code, _ = error_code_and_message(response.body)
         await deps.journal.record_outcome(
             entry,
             Phase.ABANDONED if response.status in (409, 412) else Phase.FAILED,

@@ -19,7 +19,7 @@ from azure.mgmt.core import AsyncARMPipelineClient
 
 from shared.actions.executor import ArmResponse, OperationState
 from shared.azure import ClientFactory
-from shared.errors import PermanentError, TransientError
+from shared.errors import PermanentError, TransientError, error_code_and_message
 from shared.inventory import endpoint_of, why_no_response
 
 # Longest wait for one long-running operation when the caller names no `max_wait`: well
@@ -104,8 +104,7 @@ class AzureArm:
         body = _json(response) or {}
         state = str(body.get("status", "")) if isinstance(body, dict) else ""
         if response.status_code >= 400:
-            error = body.get("error") if isinstance(body, dict) else None
-            code = error.get("code", "") if isinstance(error, dict) else ""
+            code, _ = error_code_and_message(body)
             return OperationState("Failed", f"{response.status_code} {code}".strip())
         if not state:  # a Location URL that answered with the final resource
             return OperationState("Succeeded")

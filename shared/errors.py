@@ -52,3 +52,18 @@ class LeaseLost(PermanentError):
 
 class NotFoundError(PermanentError):
     """The request names something that does not exist (HTTP 404 for the API)."""
+
+
+def error_code_and_message(body: object) -> tuple[str, str]:
+    """The code and message of an Azure error body, whichever shape it has.
+
+    ARM and most providers wrap them (`{"error": {"code", "message"}}`); Microsoft.Insights
+    (diagnostic settings) answers the flat `{"code", "message"}` of its spec's ErrorResponse.
+    Empty strings when the body says neither.
+    """
+    if not isinstance(body, dict):
+        return "", ""
+    wrapped = body.get("error")
+    error = wrapped if isinstance(wrapped, dict) else body
+    code, message = error.get("code"), error.get("message")
+    return (code if isinstance(code, str) else ""), (message if isinstance(message, str) else "")

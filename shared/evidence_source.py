@@ -29,7 +29,7 @@ from azure.monitor.query import LogsQueryStatus
 from shared.actions.executor import ArmApi
 from shared.armapi import AzureArm
 from shared.azure import ClientFactory
-from shared.errors import RemediatorError
+from shared.errors import RemediatorError, error_code_and_message
 from shared.evidence import KeyUsage, PlanEvidence, TlsProbe, safe_target
 from shared.model import ApimSubscription, Backend, DiagnosticSetting, Finding, Snapshot
 
@@ -183,11 +183,11 @@ class AzureEvidenceSource:
         body = response.body if isinstance(response.body, dict) else {}
         customer_id = (body.get("properties") or {}).get("customerId") if response.status < 400 else None
         if not customer_id:
-            error_body = body.get("error") or {}
-            code = error_body.get("code") or "no customerId"
+            code, error_message = error_code_and_message(body)
+            code = code or "no customerId"
             # ARM's AuthorizationFailed names the action the identity lacks: keep it.
-            refused = code in ("AuthorizationFailed", "LinkedAuthorizationFailed") and error_body.get("message")
-            message = f": {str(error_body['message'])[:1000]}" if refused else ""
+            refused = code in ("AuthorizationFailed", "LinkedAuthorizationFailed") and error_message
+            message = f": {error_message[:1000]}" if refused else ""
             return f"reading workspace {name} failed ({response.status} {code}{message})"
         query = (
             "ApiManagementGatewayLogs\n"

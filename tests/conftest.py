@@ -14,6 +14,7 @@ from azure.identity.aio import ClientSecretCredential as AsyncClientSecretCreden
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ESTATE = ROOT / "estates" / "test.yaml"
+FAST_RETRY_AFTER = "0.02"  # seconds; azure-core and the product parse fractions too
 
 
 class TwinHandle:
@@ -106,7 +107,8 @@ class TwinHandle:
 def twin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwinHandle]:
     from twin.server import TwinServer
 
-    server = TwinServer(TEST_ESTATE, tmp_path_factory.mktemp("twin"))
+    # Azure's LROs say Retry-After: 60 (the twin's default); the suite polls fast on purpose.
+    server = TwinServer(TEST_ESTATE, tmp_path_factory.mktemp("twin"), retry_after=FAST_RETRY_AFTER)
     server.start()
     try:
         yield TwinHandle(server)

@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         "certs/cert.pem and certs/key.pem from --workdir, --oauth basic, and AZURITE_ACCOUNTS)",
     )
     serve.add_argument("--azurite-accounts", help="that Azurite's AZURITE_ACCOUNTS value ('name:key;...')")
+    serve.add_argument(
+        "--retry-after",
+        help="seconds in the LROs' Retry-After (default: what APIM sends, 60; clients poll that slowly)",
+    )
     args = parser.parse_args(argv)
     ports: tuple[int, int, int] | None = None
     if args.azurite_ports:
@@ -34,8 +38,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--azurite-ports takes three ports: blob,queue,table")
         ports = (blob, queue, table)
 
+    if args.env_file is not None and not args.env_file.parent.is_dir():
+        return _refuse(f"--env-file {args.env_file}: the folder {args.env_file.parent} does not exist")
+
     from twin.server import TwinServer
 
+    # Everything from here to "serving" is start-up: a failure prints one line, stops what
+    # was started (Azurite is a separate process and would outlive us) and exits 2.
+    server: TwinServer | None = None
+    # A SIGTERM while starting must stop Azurite too: turn it into the same interruption as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server = TwinServer(
             args.estate,
@@ -43,17 +55,19 @@ def main(argv: list[str] | None = None) -> int:
             with_azurite=not args.no_azurite,
             azurite_ports=ports,
             azurite_accounts=args.azurite_accounts,
+            retry_after=args.retry_after,
         )
         server.start()
-    except (EstateError, RuntimeError, ValueError) as error:
-        print(f"twin: {error}", file=sys.stderr)
-        return 2
-    for name, url in sorted(server.state.urls.items()):
-        print(f"{name:>12}  {url}")
-    print(f"{'CA':>12}  {server.certs.ca}")
-    if args.env_file:
-        server.write_env_file(args.env_file)
-        print(f"{'env file':>12}  {args.env_file}  (source it: set -a; . {args.env_file}; set +a)")
+        for name, url in sorted(server.state.urls.items()):
+            print(f"{name:>12}  {url}")
+        print(f"{'CA':>12}  {server.certs.ca}")
+        if args.env_file:
+            server.write_env_file(args.env_file)
+            print(f"{'env file':>12}  {args.env_file}  (source it: set -a; . {args.env_file}; set +a)")
+    except (Exception, KeyboardInterrupt) as error:
+        if server is not None:
+            server.stop()
+        return _refuse(_one_line(error))
     print("serving; Ctrl-C stops", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -61,6 +75,25 @@ def main(argv: list[str] | None = None) -> int:
     stop.wait()
     server.stop()
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted while starting"
+    text = " ".join(str(error).split())
+    # Our own errors say what is wrong; anything else is named by its type so it can be found.
+    if isinstance(error, EstateError | RuntimeError | ValueError):
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _refuse(message: str) -> int:
+    print(f"twin: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

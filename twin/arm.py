@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,7 +20,17 @@ from typing import Any
 from aiohttp import web
 
 from twin.state import Operation, TwinState
-from twin.web import LRO_FAIL, ServiceError, add_route, arm_version_error, caller, json_response, params, state_of
+from twin.web import (
+    LRO_FAIL,
+    ServiceError,
+    VersionError,
+    add_route,
+    arm_version_error,
+    caller,
+    json_response,
+    params,
+    state_of,
+)
 
 # api-versions per provider namespace (lowercase). Provider modules add theirs.
 PROVIDER_VERSIONS: dict[str, frozenset[str]] = {}
@@ -49,6 +59,28 @@ def iso(moment: datetime) -> str:
 
 def arm_base(state: TwinState) -> str:
     return state.urls["arm"]
+
+
+_API_VERSION_FORMAT = re.compile(r"^\d{4}-\d{2}-\d{2}(-[a-z]+)?$")
+
+
+def provider_version_error(resource_type: str) -> VersionError:
+    """ARM's answer to an api-version a resource provider does not serve: a well-formed one it
+    does not know (or has retired) is 400 NoRegisteredProviderFound naming the supported ones,
+    as ARM answers for provider types (quoted in e.g. Azure/azure-cli#28496); a missing or
+    malformed one keeps ARM's own MissingApiVersionParameter / InvalidApiVersionParameter."""
+
+    def error(given: str | None, allowed: Collection[str]) -> ServiceError:
+        if not given or not _API_VERSION_FORMAT.match(given):
+            return arm_version_error(given, allowed)
+        return ServiceError(
+            400,
+            "NoRegisteredProviderFound",
+            f"No registered resource provider found for location 'global' and API version '{given}' for type "
+            f"'{resource_type}'. The supported api-versions are '{', '.join(sorted(allowed, reverse=True))}'.",
+        )
+
+    return error
 
 
 def start_operation(

@@ -42,21 +42,48 @@ class SeedContext:
 Seeder = Callable[[TwinState, SeedContext, list[dict[str, Any]]], None]
 
 
-def _section_seeders() -> dict[str, Seeder]:
-    # Imported here: the service modules import this module for EstateError/SeedContext.
-    import twin.apim as apim
-    import twin.graph as graph
-    import twin.insights as insights
-    import twin.keyvault as keyvault
-    import twin.loganalytics as loganalytics
+# Section name -> seeder. Each provider module registers its own at import (`register_seeder`),
+# so this module never imports a provider: the providers import it (EstateError, SeedContext).
+_SEEDERS: dict[str, Seeder] = {}
 
-    return {
-        "apim": apim.seed,
-        "key_vaults": keyvault.seed,
-        "workspaces": loganalytics.seed,
-        "diagnostic_settings": insights.seed,
-        "graph_resources": graph.seed,
-    }
+
+def register_seeder(section: str, seeder: Seeder) -> None:
+    """Make `section` (a key inside a resource group) seeded by `seeder`; one provider per section."""
+    known = _SEEDERS.get(section)
+    if known is not None and (known.__module__, known.__qualname__) != (seeder.__module__, seeder.__qualname__):
+        raise ValueError(f"estate section '{section}' is already seeded by {known.__module__}.{known.__qualname__}")
+    _SEEDERS[section] = seeder
+
+
+def registered_sections() -> tuple[str, ...]:
+    return tuple(sorted(_SEEDERS))
+
+
+# Run after every section of an estate (or fragment) is seeded, for what depends on other
+# sections whatever their order (e.g. APIM reading the Key Vault secrets its named values name).
+_FINISHERS: dict[str, Callable[[TwinState], None]] = {}
+
+
+def register_finisher(name: str, finisher: Callable[[TwinState], None]) -> None:
+    _FINISHERS[name] = finisher
+
+
+@dataclass(frozen=True)
+class EstateHook:
+    """Top-level estate keys a module owns (e.g. `twin/rbac.py`: `rbac`, `custom_roles`,
+    `role_assignments`), applied after every resource group is seeded. `apply` gets the
+    whole estate mapping, its name for messages, and whether it is the estate file itself
+    rather than a fragment merged later."""
+
+    keys: tuple[str, ...]
+    apply: Callable[[TwinState, dict[str, Any], str, bool], None]
+
+
+_ESTATE_HOOKS: dict[str, EstateHook] = {}
+
+
+def register_estate_hook(name: str, hook: EstateHook) -> None:
+    _ESTATE_HOOKS[name] = hook
 
 
 def load_estate_file(path: Path) -> dict[str, Any]:
@@ -80,16 +107,8 @@ def apply_estate(state: TwinState, data: dict[str, Any], *, source: str = "estat
 
     `top_level`: the estate file itself (not a fragment merged later): RBAC is on unless it
     says `rbac: off`."""
-    known = {
-        "tenant_id",
-        "principals",
-        "storage_accounts",
-        "subscriptions",
-        "description",
-        "rbac",
-        "custom_roles",
-        "role_assignments",
-    }
+    known = {"tenant_id", "principals", "storage_accounts", "subscriptions", "description"}
+    known.update(key for hook in _ESTATE_HOOKS.values() for key in hook.keys)
     for key in data:
         if key not in known:
             raise EstateError(f"{source}: unknown key '{key}' (allowed: {', '.join(sorted(known))})")
@@ -115,7 +134,7 @@ def apply_estate(state: TwinState, data: dict[str, Any], *, source: str = "estat
             raise EstateError(f"{source}.storage_accounts[{i}].name: 3-24 lowercase letters and digits")
         if name not in accounts:
             accounts.append(name)
-    seeders = _section_seeders()
+    seeders = _SEEDERS
     for i, sub in enumerate(_expect(data.get("subscriptions", []), list, f"{source}.subscriptions")):
         where = f"{source}.subscriptions[{i}]"
         _expect(sub, dict, where)
@@ -147,10 +166,9 @@ def apply_estate(state: TwinState, data: dict[str, Any], *, source: str = "estat
                     seeder(state, ctx, _expect(items, list, f"{gwhere}.{key}"))
                 except EstateError as error:
                     raise EstateError(f"{gwhere}.{key}: {error}") from error
-    # Last: assignments name principals, custom roles and scopes seeded above.
-    from twin import rbac
-
-    try:
-        rbac.apply_estate(state, data, source=source, top_level=top_level)
-    except rbac.RbacError as error:
-        raise EstateError(str(error)) from error
+    # Whole-estate sections (RBAC: assignments name principals, custom roles and the scopes
+    # seeded above), then what depends on every section (finishers).
+    for hook in _ESTATE_HOOKS.values():
+        hook.apply(state, data, source, top_level)
+    for finish in _FINISHERS.values():
+        finish(state)

@@ -52,7 +52,7 @@ from aiohttp import web
 
 from twin import rbac
 from twin.arm import PROVIDER_VERSIONS
-from twin.estate import EstateError, SeedContext
+from twin.estate import EstateError, SeedContext, register_seeder
 from twin.state import TwinState
 from twin.web import CLAIMS, ServiceError, add_route, json_response, read_json, state_of
 
@@ -590,3 +590,6 @@ def seed(state: TwinState, ctx: SeedContext, items: list[dict[str, Any]]) -> Non
             if key in item:
                 body[key] = item[key]
         state.store.put(resource_id, body)
+
+
+register_seeder("graph_resources", seed)

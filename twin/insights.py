@@ -27,11 +27,12 @@ from twin import rbac
 from twin.arm import (
     PROVIDER_VERSIONS,
     emit_resource_event,
+    provider_version_error,
     resource_group_or_404,
     resource_not_found,
     subscription_or_404,
 )
-from twin.estate import EstateError, SeedContext
+from twin.estate import EstateError, SeedContext, register_seeder
 from twin.state import TwinState
 from twin.web import ServiceError, add_route, json_response, params, read_json, state_of
 
@@ -72,8 +73,18 @@ _TARGET_PATTERNS = (
 )
 
 
+class InsightsError(ServiceError):
+    """An error Microsoft.Insights itself answers: the flat `{code, message}` of the spec's
+    ErrorResponse (diagnosticsSettings_API.json, 2021-05-01-preview), not ARM's
+    `{"error": {...}}`. ARM's own answers in front of it (api-version, auth, throttling,
+    subscription, resource group, linked ids) keep ARM's shape."""
+
+    def response(self) -> web.Response:
+        return json_response({"code": self.code, "message": self.message}, status=self.status, headers=self.headers)
+
+
 def _bad(message: str) -> ServiceError:
-    return ServiceError(400, "BadRequest", message)
+    return InsightsError(400, "BadRequest", message)
 
 
 def _target_id(request: web.Request) -> str:
@@ -159,6 +170,10 @@ def validate(state: TwinState, target: str, target_type: str, props: Any, versio
     if not isinstance(logs, list) or not isinstance(metrics, list):
         raise _bad("'logs' and 'metrics' must be arrays.")
     known = LOG_CATEGORIES.get(target_type.lower())
+    kinds = {"category" if isinstance(e, dict) and e.get("category") is not None else "group" for e in logs}
+    if len(kinds) > 1:
+        # Azure's answer (Azure/azure-rest-api-specs#22719), whether or not the entries are enabled.
+        raise _bad("Diagnostic setting does not support mix of log category and log category group.")
     for i, entry in enumerate(logs):
         if not isinstance(entry, dict):
             raise _bad(f"logs[{i}] must be an object.")
@@ -237,15 +252,16 @@ def _check_sinks(state: TwinState, target: str, name: str, props: dict[str, Any]
     others = [s for s in _settings_of(state, target) if s["name"].lower() != name.lower()]
     if len(others) >= MAX_SETTINGS:
         raise _bad(f"Diagnostic settings count exceeds the limit of {MAX_SETTINGS} for this resource.")
-    mine = _enabled_categories(props)
+    target_type = _resource_type(target)
+    mine = _enabled_categories(props, target_type)
     for other in others:
         for sink in ("workspaceId", "storageAccountId", "eventHubAuthorizationRuleId", "marketplacePartnerId"):
             value = props.get(sink)
             if not value or str(other["properties"].get(sink) or "").lower() != str(value).lower():
                 continue
-            shared = mine & _enabled_categories(other["properties"])
+            shared = mine & _enabled_categories(other["properties"], target_type)
             if shared:
-                raise ServiceError(
+                raise InsightsError(
                     409,
                     "Conflict",
                     f"Data sink '{value}' is already used in diagnostic setting '{other['name']}' for category "
@@ -254,11 +270,31 @@ def _check_sinks(state: TwinState, target: str, name: str, props: dict[str, Any]
                 )
 
 
-def _enabled_categories(props: dict[str, Any]) -> set[str]:
+# Which categories a group stands for, where the twin knows: allLogs is every log category of
+# the type; audit only where Azure Monitor's supported-logs pages list it (for APIM they do not).
+AUDIT_CATEGORIES: dict[str, frozenset[str]] = {
+    "microsoft.keyvault/vaults": frozenset({"AuditEvent"}),
+    "microsoft.operationalinsights/workspaces": frozenset({"Audit"}),
+}
+
+
+def _enabled_categories(props: dict[str, Any], target_type: str = "") -> set[str]:
+    """Enabled categories, a group counted as the categories it includes: a category and a
+    group that includes it, sent to one destination by two settings, conflict like the same
+    category twice (the closest documented rule: a sink may not get a category from two settings)."""
     found = set()
     for entry in props.get("logs") or []:
-        if entry.get("enabled"):
-            found.add(str(entry.get("category") or entry.get("categoryGroup")))
+        if not entry.get("enabled"):
+            continue
+        group = entry.get("categoryGroup")
+        if group is None:
+            found.add(str(entry.get("category")))
+            continue
+        found.add(str(group))
+        if group == "allLogs":
+            found.update(LOG_CATEGORIES.get(target_type.lower(), ()))
+        elif group == "audit":
+            found.update(AUDIT_CATEGORIES.get(target_type.lower(), ()))
     for entry in props.get("metrics") or []:
         if entry.get("enabled"):
             found.add(str(entry.get("category")))
@@ -284,7 +320,7 @@ async def get_setting(request: web.Request) -> web.StreamResponse:
     name = params(request)["setting"]
     found = state.store.get(_setting_id(target, name))
     if found is None:
-        raise ServiceError(404, "ResourceNotFound", f"The diagnostic setting '{name}' doesn't exist.")
+        raise InsightsError(404, "ResourceNotFound", f"The diagnostic setting '{name}' doesn't exist.")
     return json_response(found.body)
 
 
@@ -333,10 +369,11 @@ def setup(app: web.Application) -> None:
     PROVIDER_VERSIONS["microsoft.insights"] = VERSIONS
     for target in _TARGET_PATTERNS:
         base = f"{target}/providers/Microsoft.Insights/diagnosticSettings"
-        add_route(app, "GET", base, list_settings, versions=VERSIONS)
-        add_route(app, "GET", base + "/{setting}", get_setting, versions=VERSIONS)
-        add_route(app, "PUT", base + "/{setting}", put_setting, versions=VERSIONS)
-        add_route(app, "DELETE", base + "/{setting}", delete_setting, versions=VERSIONS)
+        unserved = provider_version_error("diagnosticSettings")
+        add_route(app, "GET", base, list_settings, versions=VERSIONS, version_error=unserved)
+        add_route(app, "GET", base + "/{setting}", get_setting, versions=VERSIONS, version_error=unserved)
+        add_route(app, "PUT", base + "/{setting}", put_setting, versions=VERSIONS, version_error=unserved)
+        add_route(app, "DELETE", base + "/{setting}", delete_setting, versions=VERSIONS, version_error=unserved)
 
 
 # -- seeding ---------------------------------------------------------------------------------
@@ -378,3 +415,6 @@ def seed(state: TwinState, ctx: SeedContext, items: list[dict[str, Any]]) -> Non
             seed_setting(state, resource, name, properties)
         except EstateError as error:
             raise EstateError(f"{where}: {error}") from error
+
+
+register_seeder("diagnostic_settings", seed)

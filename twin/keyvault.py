@@ -22,6 +22,7 @@ import json
 import re
 import uuid
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -29,7 +30,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from twin.arm import iso
-from twin.estate import EstateError, SeedContext
+from twin.estate import EstateError, SeedContext, register_seeder
 from twin.state import TwinState
 from twin.web import ServiceError, add_route, json_response, params, state_of
 
@@ -160,29 +161,68 @@ def _version_of(secret: dict[str, Any], name: str, version: str | None) -> dict[
     raise _not_found(name, version)
 
 
-def resolve_secret_identifier(state: TwinState, identifier: str) -> str | None:
-    """The value a Key Vault secret identifier points at, as an APIM named value resolves it:
-    `https://{vault}/secrets/{name}[/{version}]` where {vault} is a twin vault's origin or a
-    `{name}.vault.azure.net` host. None when it does not resolve."""
+# -- Key Vault references (APIM named values) -------------------------------------------------
+
+
+def can_read_secret(state: TwinState, principal_object_id: str, vault: dict[str, Any], secret: str) -> bool:
+    """Whether `principal_object_id` may get secret `secret` of `vault` (a twin vault record).
+
+    The one place that decides it for Key Vault references. Today any identity may (the twin
+    has no role assignments yet); the RBAC work makes it true only when an assignment at the
+    secret, vault, resource group or subscription scope grants
+    `Microsoft.KeyVault/vaults/secrets/getSecret/action` (e.g. Key Vault Secrets User).
+    """
+    return bool(principal_object_id)
+
+
+@dataclass(frozen=True)
+class ReferenceRead:
+    """What reading a secret identifier as a given identity gave: the value, or why not."""
+
+    value: str | None
+    code: str  # "Success", or the failure APIM records in keyVault.lastStatus.code
+    message: str | None
+
+
+def read_secret_reference(state: TwinState, identifier: str, principal_object_id: str | None) -> ReferenceRead:
+    """Read `https://{vault}/secrets/{name}[/{version}]` as the identity `principal_object_id`,
+    as APIM does for a Key Vault named value. Failure codes are Key Vault's own where the vault
+    answers (SecretNotFound 404, Forbidden 403; a disabled secret is a 403 Forbidden); the
+    codes for no identity and no such vault are the twin's [unverified: neither the spec's
+    KeyVaultLastAccessStatusContractProperties nor Learn lists APIM's failure codes]."""
     match = re.match(r"^https://([^/]+)/secrets/([^/]+)(?:/([0-9a-fA-F]{32}))?/?$", identifier.strip())
     if match is None:
-        return None
+        return ReferenceRead(None, "BadRequest", f"'{identifier}' is not a Key Vault secret identifier.")
     host, name, version = match.groups()
+    if not principal_object_id:
+        return ReferenceRead(
+            None,
+            "IdentityNotFound",
+            "The API Management service has no managed identity to access Key Vault with. For more information "
+            "please see aka.ms/apimmsi.",
+        )
     vault_name = next(
         (key.split(":", 1)[1] for key, url in state.urls.items() if key.startswith("vault:") and url.endswith(host)),
         host.split(".", 1)[0],
     )
     vault = _vaults(state).get(vault_name)
     if vault is None:
-        return None
+        return ReferenceRead(None, "VaultNotFound", f"No such host is known: the key vault '{host}' does not exist.")
+    if not can_read_secret(state, principal_object_id, vault, name):
+        return ReferenceRead(
+            None,
+            "Forbidden",
+            f"Caller is not authorized to perform action on resource. Caller: oid={principal_object_id} "
+            f"Action: 'Microsoft.KeyVault/vaults/secrets/getSecret/action' Vault: {vault_name}",
+        )
     try:
         record = _version_of(_secret(vault, name), name, version)
-    except ServiceError:
-        return None
+    except ServiceError as error:
+        return ReferenceRead(None, error.code, error.message)
     if not record.get("enabled", True):
-        return None
+        return ReferenceRead(None, "Forbidden", "Operation get is not allowed on a disabled secret.")
     value = record.get("value")
-    return str(value) if value is not None else None
+    return ReferenceRead(str(value) if value is not None else None, "Success", None)
 
 
 # -- bodies -----------------------------------------------------------------------------------
@@ -796,3 +836,6 @@ def seed(state: TwinState, ctx: SeedContext, items: list[dict[str, Any]]) -> Non
         vaults[key] = vault
         if existing is None or state.store.get(resource["id"]) is None:
             state.store.put(resource["id"], resource)
+
+
+register_seeder("key_vaults", seed)

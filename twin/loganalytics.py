@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from twin.arm import resource_group_or_404, resource_not_found, subscription_or_404
-from twin.estate import EstateError, SeedContext
+from twin.estate import EstateError, SeedContext, register_seeder
 from twin.kql import Column, KqlError, Table, run_query
 from twin.state import TwinState
 from twin.web import ServiceError, add_route, json_response, params, read_json, state_of
@@ -196,6 +196,9 @@ def seed(state: TwinState, ctx: SeedContext, items: list[dict[str, Any]]) -> Non
                 rows.extend([row] * int(raw.get("repeat", 1)))
             tables[table_name] = {"columns": columns, "rows": rows}
         workspaces[customer_id.lower()] = {"resource_id": resource_id, "tables": tables}
+
+
+register_seeder("workspaces", seed)
 
 
 def _json_value(value: Any) -> Any:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twin.estate import EstateError, EstateHook, register_estate_hook
 from twin.state import TwinState
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -804,3 +805,13 @@ def arm_challenge(login_url: str) -> Any:
         return f'Bearer authorization_uri="{authority}", error="invalid_token", error_description="{description}"'
 
     return challenge
+
+
+def _apply_estate_hook(state: TwinState, data: dict[str, Any], source: str, top_level: bool) -> None:
+    try:
+        apply_estate(state, data, source=source, top_level=top_level)
+    except RbacError as error:
+        raise EstateError(str(error)) from error
+
+
+register_estate_hook("rbac", EstateHook(("rbac", "custom_roles", "role_assignments"), _apply_estate_hook))

@@ -41,14 +41,24 @@ class TwinServer:
         tenant_id: str | None = None,
         azurite_ports: tuple[int, int, int] | None = None,
         azurite_accounts: str | None = None,
+        retry_after: str | None = None,
     ) -> None:
-        """`azurite_ports` + `azurite_accounts`: use an Azurite somebody else runs."""
+        """`azurite_ports` + `azurite_accounts`: use an Azurite somebody else runs.
+        `retry_after`: the LROs' Retry-After instead of Azure's whole seconds (tests, the demo)."""
         self.estate_path = estate
         self.workdir = workdir
         self.with_azurite = with_azurite
         data = load_estate_file(estate)
         self.estate = data
         self.state = TwinState(tenant_id=str(data.get("tenant_id") or tenant_id or uuid.uuid4()))
+        if retry_after is not None:
+            try:
+                seconds = float(retry_after)
+            except ValueError:
+                seconds = -1.0
+            if not 0 <= seconds <= 3600:
+                raise ValueError(f"retry_after must be 0..3600 seconds, got {retry_after!r}")
+            self.state.default_retry_after = self.state.lro.retry_after = retry_after
         self.issuer = TokenIssuer(self.state.tenant_id)
         self.certs: CertFiles = make_certs(workdir / "certs")
         self.azurite: Azurite | None = None
@@ -84,7 +94,9 @@ class TwinServer:
 
         self._thread = threading.Thread(target=run, name="twin", daemon=True)
         self._thread.start()
-        ready.wait(timeout=120)
+        if not ready.wait(timeout=120):
+            self.stop()
+            raise RuntimeError("the twin did not start within 120 s")
         if self._error is not None:
             self.stop()
             raise RuntimeError(f"the twin failed to start: {self._error}") from self._error

@@ -206,10 +206,16 @@ class Operation:
         return self.outcome
 
 
+AZURE_RETRY_AFTER = "60"
+
+
 @dataclass
 class LroConfig:
     polls: int = 1  # status reads that answer InProgress before the outcome
-    retry_after: str = "0.02"  # Azure sends whole seconds; tests want speed (azure-core parses floats)
+    # What APIM sends on its LROs: whole seconds, 60 (a recorded service create and its polls,
+    # Azure/azure-sdk-for-js arm-apimanagement recording_apimanagementservice_create_test.json).
+    # Tests that want speed say so: TwinServer(retry_after=...) sets the value reset() restores.
+    retry_after: str = AZURE_RETRY_AFTER
     style: str | None = None  # force "async", "location" or "both" headers on every LRO (tests)
     # How long an APIM service update (PATCH/PUT of the service) runs on the twin clock.
     # Azure documents that protocol and cipher changes can take an hour or more; the
@@ -233,6 +239,7 @@ class TwinState:
     throttle: Throttle = field(default_factory=Throttle)
     operations: dict[str, Operation] = field(default_factory=dict)
     lro: LroConfig = field(default_factory=LroConfig)
+    default_retry_after: str = AZURE_RETRY_AFTER  # what reset() restores lro.retry_after to
     events: list[dict[str, Any]] = field(default_factory=list)  # emitted Event Grid events, newest last
     latency: dict[str, float] = field(default_factory=dict)  # service -> seconds added to every answer
     event_listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
@@ -261,7 +268,7 @@ class TwinState:
         self.faults.clear()
         self.throttle = Throttle()
         self.operations.clear()
-        self.lro = LroConfig()
+        self.lro = LroConfig(retry_after=self.default_retry_after)
         self.events.clear()
         self.latency.clear()
 

@@ -21,7 +21,7 @@ from shared.actions import (
     RemediationPlan,
     Step,
 )
-from shared.errors import PermanentError, RemediatorError, TransientError
+from shared.errors import PermanentError, RemediatorError, TransientError, error_code_and_message
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,11 @@ class VerificationFailed(PermanentError):
 
 
 def _error_text(response: ArmResponse) -> str:
-    body: dict[str, Any] = response.body if isinstance(response.body, dict) else {}
-    found = body.get("error")
-    error: dict[str, Any] = found if isinstance(found, dict) else {}
-    code = error.get("code", "")
+    # ARM's {"error": {...}} or Microsoft.Insights' flat {code, message}: both name the cause.
     # ARM's refusals name the action and scope (AuthorizationFailed) or the linked action on
     # the linked scope (LinkedAuthorizationFailed, ~600 characters): keep them whole.
-    message = str(error.get("message", ""))[:1000]
-    return f"{response.status} {code}: {message}".strip()
+    code, message = error_code_and_message(response.body)
+    return f"{response.status} {code}: {message[:1000]}".strip()
 
 
 async def _still_absent(step: ArmWrite, arm: ArmApi) -> None:

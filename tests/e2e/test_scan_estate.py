@@ -165,6 +165,9 @@ def drift(rule_id: str, spec: dict[str, Any]) -> None:
         props["platformVersion"] = "stv1"
     elif rule_id == "ID-001":
         spec.pop("identity")
+        # Removed since APIM last read the Key Vault reference (it reads again within 4 hours,
+        # and then SEC-002 follows): the twin would otherwise read it now, with no identity.
+        spec["named_values"][0]["keyVault"]["lastStatus"] = {"code": "Success"}
     elif rule_id == "ID-002":
         spec["portal"]["signup_enabled"] = True
     elif rule_id == "ID-003":

@@ -75,6 +75,8 @@ def instance(twin: TwinHandle, rule_id: str | None = None, **custom: str) -> dic
     if rule_id is not None:
         drift(rule_id, spec)
     spec["properties"]["customProperties"].update(custom)
+    # APIM reads Key Vault references for real: point it at this test's vault, which holds the secret.
+    spec["named_values"][0]["keyVault"]["secretIdentifier"] = f"https://{VAULT}.vault.azure.net/secrets/backend-key"
     for private in ("_id", "_ledger", "_diagnostic_setting"):
         spec.pop(private)
     return spec
@@ -263,7 +265,7 @@ async def test_the_twin_resets_switches_a_partial_map_leaves_out(twin: TwinHandl
         if twin.arm("GET", status_url).json()["status"] == "Succeeded":
             break
     custom = raw(twin, service_id)["properties"]["customProperties"]
-    assert custom[TLS10] == "False"
+    assert custom[TLS10] == "false"  # as sent
     assert custom[HTTP2] == "False"  # reset to its default
     assert GCM_SUITE not in custom  # back to the (enabled) default
     assert custom[GW + "Security.Backend.Protocols.Tls10"] == "False"  # dated default of a new service

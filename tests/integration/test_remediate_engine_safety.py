@@ -4,12 +4,15 @@ step in the journal."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from azure.keyvault.secrets import SecretClient
 
 from handlers.remediate import RemediateRequest, RemediationDeps, RemediationReport, Status, remediate
 from shared.armapi import AzureArm, AzureSecrets
@@ -264,3 +267,48 @@ async def test_a_412_after_an_earlier_step_is_journaled_partial(
     assert partial.steps_done == 1
     assert "412" in (partial.error or "")
     assert report.writes == 4  # copy + refused PATCH, then copy + PATCH: every executed step counted
+
+
+# -- SEC-001's verification can fail (issue 10, item 2) ----------------------------------------------
+
+
+class DisablingSecrets:
+    """The product's AzureSecrets, and right after its copy an operator disables that secret in
+    the vault: APIM's write-time read of the new reference then fails."""
+
+    def __init__(self, real: AzureSecrets, twin: TwinHandle) -> None:
+        self.real = real
+        self.twin = twin
+
+    async def set_secret(self, vault_url: str, name: str, value: str, *, tags: Mapping[str, str]) -> str:
+        made = await self.real.set_secret(vault_url, name, value, tags=tags)
+        operator = SecretClient(
+            vault_url, self.twin.credential(), verify_challenge_resource=False, **self.twin.sdk_kwargs
+        )
+        with operator:
+            await asyncio.to_thread(operator.update_secret_properties, name, enabled=False)
+        return made
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_sec001_verification_fails_when_apim_cannot_read_the_secret(
+    twin: TwinHandle, make_factory: Callable[[], ClientFactory]
+) -> None:
+    """The plan expects keyVault.lastStatus.code Success; the twin now reads the secret with the
+    instance's identity when the reference is written, so a disabled secret fails the fix."""
+    service_id = seed_drifts(twin, "kv-unread", "SEC-001")
+    factory = make_factory()
+    policy = "version: 1\nrules:\n  SEC-001: {mode: remediate}\n"
+    deps = deps_for(factory, policy, "journalkvunread")
+    deps = dataclasses.replace(deps, secrets=DisablingSecrets(deps.secrets, twin))  # type: ignore[arg-type]
+    report = await run(deps, service_id)
+    [result] = report.results
+    assert result.rule_id == "SEC-001"
+    assert result.status is Status.FAILED
+    assert "lastStatus.code" in result.detail
+    nv = twin.arm("GET", f"{service_id}/namedValues/db-password?api-version=2024-05-01").json()
+    assert nv["properties"]["keyVault"]["lastStatus"]["code"] == "Forbidden"
+    [entry] = await deps.journal.history(service_id)  # type: ignore[attr-defined]
+    assert entry.phase is not Phase.VERIFIED

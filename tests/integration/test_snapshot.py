@@ -234,7 +234,7 @@ async def test_drifted_instance_maps_to_the_snapshot_rules_read(twin: TwinHandle
     assert datetime.fromisoformat(service.created_at).tzinfo is not None
     raw = twin.arm("GET", SERVICE_ID + "?api-version=2024-05-01").json()
     assert dict(service.custom_properties) == raw["properties"]["customProperties"]  # exactly as returned
-    assert service.custom_properties[TLS10] == "True"
+    assert service.custom_properties[TLS10] == "true"  # as the estate sent it
 
     assert snap.tenant_access is not None
     assert snap.tenant_access.enabled is True
@@ -264,7 +264,8 @@ async def test_drifted_instance_maps_to_the_snapshot_rules_read(twin: TwinHandle
     assert named["db-password"].key_vault_secret_id is None
     assert named["db-connection"].secret is True
     assert named["db-connection"].key_vault_secret_id == KV_REF
-    assert named["db-connection"].key_vault_last_status_code == "Success"
+    # No identity on this drifted instance: APIM cannot read the reference (twin issue 10, item 2).
+    assert named["db-connection"].key_vault_last_status_code == "IdentityNotFound"
     status_time = named["db-connection"].key_vault_last_status_time
     assert status_time is not None
     assert status_time.tzinfo == UTC

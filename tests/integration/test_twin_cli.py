@@ -117,3 +117,67 @@ def test_external_azurite_missing_an_estate_account_is_refused(tmp_path: Path) -
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="lacks the estate's storage accounts \\['apimrbackups'\\]"):
         server.start()
+
+
+# -- start-up failures (issue 10, item 5): one line on stderr, exit 2, nothing left running ------------
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention `text` (e.g. an Azurite's --location)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def serve_failing(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "twin", "serve", "--estate", "estates/test.yaml",
+         "--workdir", str(tmp_path / "work"), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("twin: ")
+    return result
+
+
+def test_env_file_in_a_missing_folder_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    result = serve_failing(tmp_path, "--env-file", str(tmp_path / "nowhere" / "twin.env"))
+    assert f"the folder {tmp_path / 'nowhere'} does not exist" in result.stderr
+    assert processes_mentioning(str(tmp_path / "work")) == []
+
+
+def test_a_failure_after_azurite_started_stops_azurite(tmp_path: Path) -> None:
+    # The env file is written after every service (Azurite included) is up; a directory in its
+    # place fails only then.
+    (tmp_path / "taken").mkdir()
+    result = serve_failing(tmp_path, "--env-file", str(tmp_path / "taken"))
+    assert "IsADirectoryError" in result.stderr
+    assert (tmp_path / "work" / "azurite").is_dir()  # it did start
+    assert processes_mentioning(str(tmp_path / "work" / "azurite")) == []
+
+
+def test_a_workdir_that_cannot_be_made_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "work").write_text("a file where the workdir should be")
+    result = serve_failing(tmp_path, "--no-azurite")
+    assert "work" in result.stderr
+
+
+def test_a_missing_estate_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "twin", "serve", "--estate", str(tmp_path / "none.yaml"), "--no-azurite",
+         "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "cannot read the estate" in result.stderr

@@ -258,7 +258,7 @@ def test_api_version_is_checked(seeded: TwinHandle) -> None:
     base = f"{APIM_ID}/providers/Microsoft.Insights/diagnosticSettings"
     response = seeded.arm("GET", base + "?api-version=2024-01-01")
     assert response.status_code == 400
-    assert response.json()["error"]["code"] == "InvalidApiVersionParameter"
+    assert response.json()["error"]["code"] == "NoRegisteredProviderFound"  # well formed, not served
     assert seeded.arm("GET", base).json()["error"]["code"] == "MissingApiVersionParameter"
     # The older version works, but without category groups.
     old = seeded.arm(
@@ -312,3 +312,64 @@ def test_writes_raise_resource_events_typed_by_the_extension_provider(seeded: Tw
     assert writes[0]["data"]["claims"]["appid"] == twin.client_id
     _, deletes = twin.control("GET", "/_twin/events?type=Microsoft.Resources.ResourceDeleteSuccess")
     assert [e["data"]["operationName"] for e in deletes["value"]] == ["Microsoft.Insights/diagnosticSettings/delete"]
+
+
+# -- issue 10, item 3: Microsoft.Insights' own error shape, categories vs category groups -------------
+
+
+def test_insights_errors_are_the_flat_code_and_message_of_its_spec(seeded: TwinHandle) -> None:
+    """diagnosticsSettings_API.json (2021-05-01-preview), every operation's `default` response:
+    ErrorResponse {code, message}, not ARM's {"error": {...}}. ARM's own answers in front of the
+    provider (api-version, the target's resource group) keep ARM's shape."""
+    base = f"{APIM_ID}/providers/Microsoft.Insights/diagnosticSettings"
+    missing = seeded.arm("GET", f"{base}/never?api-version={API}")
+    assert missing.status_code == 404
+    assert set(missing.json()) == {"code", "message"}
+    assert missing.json()["code"] == "ResourceNotFound"
+    no_sink = seeded.arm("PUT", f"{base}/bad?api-version={API}", json={"properties": {"logs": []}})
+    assert no_sink.status_code == 400
+    assert set(no_sink.json()) == {"code", "message"}
+    seeded.arm("PUT", f"{base}/first?api-version={API}", json=gateway_logs())
+    conflict = seeded.arm("PUT", f"{base}/second?api-version={API}", json=gateway_logs())
+    assert conflict.status_code == 409
+    assert conflict.json()["code"] == "Conflict"
+    assert "error" in seeded.arm("GET", f"{base}?api-version=2001-01-01").json()  # ARM's check, ARM's shape
+
+
+def test_a_category_and_a_category_group_in_one_setting_are_refused(seeded: TwinHandle) -> None:
+    """What Azure answers (Azure/azure-rest-api-specs#22719), even with one entry disabled."""
+    body = gateway_logs(
+        logs=[{"categoryGroup": "allLogs", "enabled": True}, {"category": "GatewayLogs", "enabled": False}]
+    )
+    with pytest.raises(HttpResponseError) as raised:
+        client(seeded).diagnostic_settings.create_or_update(APIM_ID, "mixed", body)
+    status, code, message = error_of(raised)
+    assert (status, code) == (400, "BadRequest")
+    assert message == "Diagnostic setting does not support mix of log category and log category group."
+
+
+@pytest.mark.parametrize(("first", "second"), [("category", "group"), ("group", "category")])
+def test_a_category_and_a_group_that_includes_it_conflict_at_one_destination(
+    seeded: TwinHandle, first: str, second: str
+) -> None:
+    """The data-sink rule (one destination takes a category from one setting of a resource,
+    409 Conflict) applied through category groups: allLogs includes GatewayLogs. [Closest
+    documented behaviour: Azure's exact answer for this pair is not published.]"""
+    entry = {
+        "category": {"category": "GatewayLogs", "enabled": True},
+        "group": {"categoryGroup": "allLogs", "enabled": True},
+    }
+    monitor = client(seeded)
+    monitor.diagnostic_settings.create_or_update(APIM_ID, "one", gateway_logs(logs=[entry[first]], metrics=[]))
+    with pytest.raises(HttpResponseError) as raised:
+        monitor.diagnostic_settings.create_or_update(APIM_ID, "two", gateway_logs(logs=[entry[second]], metrics=[]))
+    status, code, message = error_of(raised)
+    assert (status, code) == (409, "Conflict")
+    assert "'GatewayLogs'" in message
+    # Another destination is fine; so is the audit group, which the twin does not know to include GatewayLogs.
+    monitor.diagnostic_settings.create_or_update(
+        APIM_ID, "two", gateway_logs(OTHER_WORKSPACE_ID, logs=[entry[second]], metrics=[])
+    )
+    monitor.diagnostic_settings.create_or_update(
+        APIM_ID, "three", gateway_logs(logs=[{"categoryGroup": "audit", "enabled": True}], metrics=[])
+    )

@@ -87,3 +87,37 @@ def test_latency_model_delays_every_answer(twin: TwinHandle) -> None:
     twin.arm("GET", "/subscriptions?api-version=2022-12-01")
     assert time.monotonic() - start >= 0.25
     assert twin.control("PUT", "/_twin/latency", {"arm": -1})[0] == 400
+
+
+# -- Retry-After: Azure's whole seconds by default, fast only where a test says so (issue 10, item 4) --
+
+
+def test_the_default_retry_after_is_what_apim_sends() -> None:
+    """APIM answers its LROs with `Retry-After: 60` (a recorded service create and every poll:
+    Azure/azure-sdk-for-js, arm-apimanagement recording_apimanagementservice_create_test.json)."""
+    from twin.state import LroConfig, TwinState
+
+    assert LroConfig().retry_after == "60"
+    state = TwinState(tenant_id="t")
+    state.mark_seeded()
+    state.lro.retry_after = "5"
+    state.reset()
+    assert state.lro.retry_after == "60"  # reset() goes back to the default, not to "fast"
+
+
+def test_the_suite_sets_its_fast_retry_after_explicitly_and_reset_keeps_it(twin: TwinHandle) -> None:
+    from tests.conftest import FAST_RETRY_AFTER
+
+    twin.control("PUT", "/_twin/lro", {"retry_after": "7"})
+    twin.control("POST", "/_twin/reset")
+    assert twin.control("PUT", "/_twin/lro", {})[1]["retry_after"] == FAST_RETRY_AFTER
+
+
+def test_the_sdk_waits_a_whole_second_retry_after_even_with_polling_interval_zero(twin: TwinHandle) -> None:
+    """Why the suite must ask for speed: azure-core's poller sleeps the Retry-After the
+    service sends, whatever `polling_interval` the caller passed."""
+    seed_service(twin, "apim-lro")
+    twin.control("PUT", "/_twin/lro", {"retry_after": "1", "polls": 1})
+    started = time.monotonic()
+    client(twin).api_management_service.begin_update(RG, "apim-lro", PUBLIC_OFF, polling_interval=0).result()
+    assert time.monotonic() - started >= 1.0

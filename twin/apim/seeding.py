@@ -1,0 +1,383 @@
+"""The estate section `apim`: services and their configuration, checked as the API checks them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twin.apim.apis import _api_props, _policy_body, store_api, validate_policy_xml
+from twin.apim.children import COLLECTIONS, _product_apis, upsert_child
+from twin.apim.common import (
+    _ENTITY_ID,
+    _SERVICE_NAME,
+    IDENTITY_PROVIDERS,
+    SUBSCRIPTION_STATES,
+    _bool,
+    _drop_secrets_under,
+    _enum,
+    _iso,
+    _now,
+    _parse_time,
+    _secret,
+    _service_id,
+    _set_keys,
+)
+from twin.apim.named_values import _named_value, read_key_vault_reference, store_named_value
+from twin.apim.service import _apply_service_update, _create_defaults, _new_service_body
+from twin.apim.subscriptions import _full_scope, _owner, _subscription_body
+from twin.estate import EstateError, SeedContext, register_finisher, register_seeder
+from twin.state import Resource, TwinState, norm
+from twin.web import (
+    ServiceError,
+)
+
+# -- seeding --------------------------------------------------------------------------------------------------
+
+_SEED_KEYS = {
+    "name",
+    "sku",
+    "location",
+    "tags",
+    "identity",
+    "properties",
+    "publisher_email",
+    "publisher_name",
+    "subscriptions",
+    "tenant_access",
+    "git_access",
+    "portal",
+    "identity_providers",
+    "named_values",
+    "apis",
+    "backends",
+    "diagnostics",
+    "loggers",
+    "policies",
+    "products",
+    "created_at",
+}
+
+
+def _seed_call(where: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ServiceError as error:
+        detail = "; ".join(d.get("message", "") for d in error.extra.get("details", [])) or error.message
+        raise EstateError(f"{where}: {detail}") from error
+
+
+def seed(state: TwinState, ctx: SeedContext, items: list[dict[str, Any]]) -> None:
+    """Seed APIM services (estate section `apim`) and their configuration."""
+    for i, item in enumerate(items):
+        where = f"apim[{i}]"
+        if not isinstance(item, dict):
+            raise EstateError(f"{where}: expected a mapping")
+        unknown = set(item) - _SEED_KEYS
+        if unknown:
+            raise EstateError(f"{where}: unknown keys {sorted(unknown)} (allowed: {', '.join(sorted(_SEED_KEYS))})")
+        name = item.get("name")
+        if not isinstance(name, str) or not _SERVICE_NAME.match(name) or len(name) > 50:
+            raise EstateError(f"{where}.name: a service name (letters, digits, hyphens; 1-50) is required")
+        _seed_service(state, ctx, item, f"{where}({name})")
+
+
+register_seeder("apim", seed)
+
+
+def _seed_service(state: TwinState, ctx: SeedContext, item: dict[str, Any], where: str) -> None:
+    resource_id = _service_id(ctx.subscription_id, ctx.resource_group, item["name"])
+    if state.store.get(resource_id) is not None:
+        state.store.delete(resource_id)
+        _drop_secrets_under(state, resource_id, include_self=True)
+    props = dict(item.get("properties") or {})
+    created_at = str(item.get("created_at") or props.pop("createdAtUtc", None) or _iso(_now(state)))
+    _seed_call(f"{where}.created_at", _parse_time, created_at, "created_at")
+    props.setdefault("publisherEmail", item.get("publisher_email", "apim-admin@contoso.example"))
+    props.setdefault("publisherName", item.get("publisher_name", "Contoso"))
+    request_body = {
+        "sku": item.get("sku") or {"name": "Developer", "capacity": 1},
+        "tags": item.get("tags") or {},
+        "identity": item.get("identity"),
+    }
+    readonly = {
+        k: props.pop(k)
+        for k in (
+            "privateEndpointConnections",
+            "platformVersion",
+            "provisioningState",
+            "publicIPAddresses",
+            "privateIPAddresses",
+        )
+        if k in props
+    }
+    request_body["properties"] = props
+    skeleton = _new_service_body(
+        state, resource_id, item["name"], str(item.get("location") or ctx.location), {}, created_at
+    )
+    body = _seed_call(where, _apply_service_update, state, skeleton, request_body, replace=True)
+    body["properties"].update(readonly)
+    body["systemData"]["createdAt"] = created_at
+    service = state.store.put(resource_id, body)
+    _create_defaults(state, service)
+    for section, seeder in (
+        ("products", _seed_products),
+        ("apis", _seed_apis),
+        ("loggers", _seed_collection("loggers")),
+        ("diagnostics", _seed_collection("diagnostics")),
+        ("backends", _seed_collection("backends")),
+        ("identity_providers", _seed_identity_providers),
+        ("named_values", _seed_named_values),
+        ("subscriptions", _seed_subscriptions),
+        ("policies", _seed_policies),
+    ):
+        if section in item and item[section] is not None:
+            seeder(state, service, item[section], f"{where}.{section}")
+    for section, access in (("tenant_access", "access"), ("git_access", "gitAccess")):
+        if section in item:
+            value = item[section] or {}
+            rid = f"{service.id}/tenant/{access}"
+            resource = state.store.get(rid)
+            assert resource is not None
+            resource.body["properties"]["enabled"] = _seed_call(
+                f"{where}.{section}.enabled", _bool, value.get("enabled", False), "enabled"
+            )
+            _set_keys(state, rid, value.get("primaryKey"), value.get("secondaryKey"))
+    if "portal" in item:
+        _seed_portal(state, service, item["portal"] or {}, f"{where}.portal")
+
+
+def _seed_list(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise EstateError(f"{where}: expected a list of mappings")
+    return value
+
+
+def _seed_id(entry: dict[str, Any], where: str) -> str:
+    name = entry.get("id") or entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise EstateError(f"{where}.id: required")
+    return name
+
+
+def _seed_collection(segment: str) -> Callable[[TwinState, Resource, Any, str], None]:
+    def seeder(state: TwinState, service: Resource, value: Any, where: str) -> None:
+        coll = COLLECTIONS[segment]
+        for j, entry in enumerate(_seed_list(value, where)):
+            name = _seed_id(entry, f"{where}[{j}]")
+            given = {k: v for k, v in entry.items() if k not in ("id", "name")}
+            _seed_call(f"{where}[{j}]", upsert_child, state, service, coll, name, given, patch=False)
+
+    return seeder
+
+
+def _seed_identity_providers(state: TwinState, service: Resource, value: Any, where: str) -> None:
+    coll = COLLECTIONS["identityproviders"]
+    for j, entry in enumerate(_seed_list(value, where)):
+        name = entry.get("type") or entry.get("id")
+        if not isinstance(name, str):
+            raise EstateError(f"{where}[{j}].type: required ({', '.join(IDENTITY_PROVIDERS)})")
+        given = {"clientSecret": "seeded-client-secret", **{k: v for k, v in entry.items() if k not in ("id",)}}
+        _seed_call(f"{where}[{j}]", upsert_child, state, service, coll, name, given, patch=False)
+
+
+def _seed_products(state: TwinState, service: Resource, value: Any, where: str) -> None:
+    coll = COLLECTIONS["products"]
+    for j, entry in enumerate(_seed_list(value, where)):
+        name = _seed_id(entry, f"{where}[{j}]")
+        given = {
+            "displayName": name,
+            "state": "published",
+            **{k: v for k, v in entry.items() if k not in ("id", "name", "apis", "policy")},
+        }
+        resource, _ = _seed_call(f"{where}[{j}]", upsert_child, state, service, coll, name, given, patch=False)
+        state.extra.setdefault("apim", {}).setdefault("product_apis", {})[norm(resource.id)] = []
+        for api in entry.get("apis") or []:
+            _product_apis(state, resource).append(f"{service.id}/apis/{api}")
+
+
+def _seed_apis(state: TwinState, service: Resource, value: Any, where: str) -> None:
+    for j, entry in enumerate(_seed_list(value, where)):
+        name = _seed_id(entry, f"{where}[{j}]")
+        given = {
+            "displayName": name,
+            "path": name,
+            **{k: v for k, v in entry.items() if k not in ("id", "name", "products")},
+        }
+        props = _seed_call(f"{where}[{j}]", _api_props, given, None, patch=False)
+        api = store_api(state, service, name, props)
+        for pid in entry.get("products") or []:
+            product = state.store.get(f"{service.id}/products/{pid}")
+            if product is None:
+                raise EstateError(f"{where}[{j}].products: product '{pid}' is not seeded")
+            _product_apis(state, product).append(api.id)
+    # products seeded with `apis:` before the APIs existed: keep only links to real APIs' ids
+    for links in state.extra.get("apim", {}).get("product_apis", {}).values():
+        for k, link in enumerate(links):
+            found = state.store.get(link)
+            if found is not None:
+                links[k] = found.id
+
+
+def _seed_named_values(state: TwinState, service: Resource, value: Any, where: str) -> None:
+    for j, entry in enumerate(_seed_list(value, where)):
+        name = _seed_id(entry, f"{where}[{j}]")
+        given = {"displayName": name, **{k: v for k, v in entry.items() if k not in ("id", "name")}}
+        stated_status = None
+        if isinstance(given.get("keyVault"), dict) and "lastStatus" in given["keyVault"]:
+            given["keyVault"] = dict(given["keyVault"])
+            stated_status = given["keyVault"].pop("lastStatus")
+        props, nv_value = _seed_call(
+            f"{where}[{j}]",
+            _named_value,
+            state,
+            f"{service.id}/namedValues/{name}",
+            name,
+            given,
+            None,
+            patch=False,
+        )
+        if "keyVault" in props:
+            # Read once the whole estate is seeded (its vault may come later in the file).
+            props["keyVault"]["lastStatus"] = _PENDING_READ
+            _secret(state, f"{service.id}/namedValues/{name}")["seeded_status"] = stated_status
+        store_named_value(state, service, name, props, nv_value)
+
+
+_PENDING_READ = {"code": "Pending", "message": None, "timeStampUtc": None}
+
+
+def _read_seeded_references(state: TwinState) -> None:
+    """APIM's first read of each seeded Key Vault named value; a status the estate states wins
+    (the world as it is, e.g. access revoked since), but the value is still read if it can be."""
+    for resource in list(state.store.resources.values()):
+        if resource.body.get("type") != "Microsoft.ApiManagement/service/namedValues":
+            continue
+        vault = resource.body["properties"].get("keyVault")
+        if not vault or vault.get("lastStatus") != _PENDING_READ:
+            continue
+        service = state.store.get(resource.id.rsplit("/namedValues/", 1)[0])
+        assert service is not None
+        read_key_vault_reference(state, service, resource)
+        stated = _secret(state, resource.id).pop("seeded_status", None)
+        if stated is not None:
+            vault["lastStatus"] = {"message": None, "timeStampUtc": _iso(_now(state)), **stated}
+
+
+register_finisher("apim-key-vault-references", _read_seeded_references)
+
+
+def _seed_subscriptions(state: TwinState, service: Resource, value: Any, where: str) -> None:
+    entries: list[dict[str, Any]] = []
+    if isinstance(value, dict) and "generate" in value:
+        value = [value]
+    for j, entry in enumerate(_seed_list(value, where)):
+        if "generate" in entry:
+            spec = entry["generate"] or {}
+            count = spec.get("count")
+            if not isinstance(count, int) or count < 0:
+                raise EstateError(f"{where}[{j}].generate.count: a whole number is required")
+            prefix = str(spec.get("prefix", "gen-"))
+            for n in range(count):
+                entries.append(
+                    {
+                        "sid": f"{prefix}{n:05d}",
+                        "displayName": f"{spec.get('display_prefix', 'Generated subscription')} {n}",
+                        "scope": spec.get("scope", "/apis"),
+                        "state": spec.get("state", "active"),
+                        "ownerId": spec.get("ownerId"),
+                    }
+                )
+        else:
+            entries.append(entry)
+    allowed = {
+        "sid",
+        "name",
+        "displayName",
+        "scope",
+        "state",
+        "ownerId",
+        "expirationDate",
+        "primaryKey",
+        "secondaryKey",
+        "createdDate",
+        "startDate",
+        "stateComment",
+        "allowTracing",
+        "notificationDate",
+        "endDate",
+    }
+    for j, entry in enumerate(entries):
+        spot = f"{where}[{j}]"
+        unknown = set(entry) - allowed
+        if unknown:
+            raise EstateError(f"{spot}: unknown keys {sorted(unknown)}")
+        sid = entry.get("sid") or entry.get("name")
+        if not isinstance(sid, str) or not _ENTITY_ID.match(sid):
+            raise EstateError(f"{spot}.sid: required")
+        rid = f"{service.id}/subscriptions/{sid}"
+        created = str(entry.get("createdDate") or _iso(_now(state)))
+        props: dict[str, Any] = {
+            "ownerId": _seed_call(f"{spot}.ownerId", _owner, service, entry.get("ownerId")),
+            "scope": _seed_call(f"{spot}.scope", _full_scope, state, service, entry.get("scope", "/apis")),
+            "displayName": entry.get("displayName", sid),
+            "state": _seed_call(
+                f"{spot}.state",
+                _enum,
+                entry.get("state", "active"),
+                SUBSCRIPTION_STATES,
+                "state",
+                case_sensitive=True,
+            ),
+            "createdDate": created,
+            "allowTracing": bool(entry.get("allowTracing", False)),
+        }
+        if props["state"] == "active":
+            props["startDate"] = entry.get("startDate") or created
+        for field in ("expirationDate", "stateComment", "notificationDate", "endDate"):
+            if entry.get(field) is not None:
+                props[field] = (
+                    _iso(_seed_call(f"{spot}.{field}", _parse_time, entry[field], field))
+                    if field != "stateComment"
+                    else entry[field]
+                )
+        state.store.put(rid, _subscription_body(rid, sid, props))
+        _set_keys(state, rid, entry.get("primaryKey"), entry.get("secondaryKey"))
+
+
+def _seed_policies(state: TwinState, service: Resource, value: Any, where: str) -> None:
+    if not isinstance(value, dict):
+        raise EstateError(f"{where}: expected a mapping {{service, apis, products}}")
+    if value.get("service") is not None:
+        xml_text = _seed_call(f"{where}.service", validate_policy_xml, value["service"])
+        rid = f"{service.id}/policies/policy"
+        state.store.put(rid, _policy_body(rid, "Microsoft.ApiManagement/service/policies", xml_text))
+    for section, segment, rtype in (
+        ("apis", "apis", "Microsoft.ApiManagement/service/apis/policies"),
+        ("products", "products", "Microsoft.ApiManagement/service/products/policies"),
+    ):
+        for name, xml_value in (value.get(section) or {}).items():
+            parent = state.store.get(f"{service.id}/{segment}/{name}")
+            if parent is None:
+                raise EstateError(f"{where}.{section}.{name}: no such {segment[:-1]} is seeded")
+            xml_text = _seed_call(f"{where}.{section}.{name}", validate_policy_xml, xml_value)
+            rid = f"{parent.id}/policies/policy"
+            state.store.put(rid, _policy_body(rid, rtype, xml_text))
+
+
+def _seed_portal(state: TwinState, service: Resource, value: dict[str, Any], where: str) -> None:
+    unknown = set(value) - {"signup_enabled", "signin_enabled", "basic_auth_enabled"}
+    if unknown:
+        raise EstateError(f"{where}: unknown keys {sorted(unknown)}")
+    for key, kind in (("signup_enabled", "signup"), ("signin_enabled", "signin")):
+        if key in value:
+            resource = state.store.get(f"{service.id}/portalsettings/{kind}")
+            assert resource is not None
+            resource.body["properties"]["enabled"] = _seed_call(f"{where}.{key}", _bool, value[key], key)
+    config = state.store.get(f"{service.id}/portalconfigs/default")
+    assert config is not None
+    if "basic_auth_enabled" in value:
+        config.body["properties"]["enableBasicAuth"] = _seed_call(
+            f"{where}.basic_auth_enabled", _bool, value["basic_auth_enabled"], "basic_auth_enabled"
+        )
+    if "signin_enabled" in value:
+        config.body["properties"]["signin"] = {"require": bool(value["signin_enabled"])}
