@@ -74,11 +74,12 @@ class TwinHandle:
         principal = self.server.state.principal(self.client_id)
         return str(principal.object_id)
 
-    def grant(self, role: str, scope: str | None = None, principal: str | None = None) -> None:
+    def grant(self, role: str, scope: str | None = None, principal: str | dict[str, str] | None = None) -> None:
         """Assign a role for this test (the twin enforces Azure RBAC; `reset` takes it away again).
 
-        `principal`: a name or object id of the estate (default the product's identity);
-        `scope`: default the first subscription."""
+        `principal`: a name or object id of the estate (default the product's identity), or
+        `{"managed_identity_of": <APIM service name or id, or a user-assigned identity id>}`
+        (that identity as it is now); `scope`: default the first subscription."""
         assignment = {
             "principal": principal or self.product_object_id,
             "role": role,

@@ -28,6 +28,10 @@ Sources (facts copied, not code):
   permissions for Security" (Microsoft.KeyVault/vaults/secrets/...).
 
 Estate keys (top level): `rbac: on|off` (default on: strict), `custom_roles`, `role_assignments`.
+An assignment's `principal` is an estate principal's name, an object id, or
+`{managed_identity_of: <APIM service name or id | user-assigned identity id>}`: the managed
+identity APIM reads Key Vault references with, resolved to its principal id when applied
+(`managed_identity_object_id`).
 State lives in `state.extra["rbac"]` so `reset()` restores the seeded assignments.
 """
 
@@ -634,12 +638,19 @@ def apply_estate(state: TwinState, data: dict[str, Any], *, source: str, top_lev
         if unknown:
             raise RbacError(f"{where}: unknown keys {sorted(unknown)} (allowed: principal, role, scope)")
         principal = item.get("principal")
-        if not isinstance(principal, str) or not principal:
-            raise RbacError(f"{where}.principal: a principal's name or object id is required")
-        object_id = _principal_object_id(state, principal)
-        if object_id is None:
+        if isinstance(principal, dict):
+            object_id = managed_identity_object_id(state, principal, f"{where}.principal")
+        elif isinstance(principal, str) and principal:
+            found_id = _principal_object_id(state, principal)
+            if found_id is None:
+                raise RbacError(
+                    f"{where}.principal: '{principal}' is neither a principal of the estate nor an object id (GUID)"
+                )
+            object_id = found_id
+        else:
             raise RbacError(
-                f"{where}.principal: '{principal}' is neither a principal of the estate nor an object id (GUID)"
+                f"{where}.principal: a principal's name or object id, or {{managed_identity_of: <APIM service "
+                "name or id, or a user-assigned identity id>}} is required"
             )
         role_name = item.get("role")
         found_role = find_role(state, role_name) if isinstance(role_name, str) else None
@@ -655,6 +666,56 @@ def apply_estate(state: TwinState, data: dict[str, Any], *, source: str, top_lev
         entry = {"principal_id": object_id, "role_id": found_role.id, "scope": scope.rstrip("/") or "/"}
         if entry not in rbac["assignments"]:
             rbac["assignments"].append(entry)
+
+
+_APIM_SERVICE = "Microsoft.ApiManagement/service"
+_USER_IDENTITY = "/providers/microsoft.managedidentity/userassignedidentities/"
+
+
+def managed_identity_object_id(state: TwinState, principal: dict[str, Any], where: str) -> str:
+    """The object id of a managed identity an estate grants a role to, resolved when it is applied.
+
+    `{managed_identity_of: X}`: X is an APIM service's name (unique in the twin) or resource
+    id, meaning its system-assigned identity, or a user-assigned identity's resource id that
+    some APIM service carries. The identity must exist by then (seeded earlier in the same
+    estate or fragment, or enabled since): its principal id is made when it is enabled, as in
+    Azure, where an operator assigns the role to that principal id afterwards."""
+    unknown = set(principal) - {"managed_identity_of"}
+    if unknown or not isinstance(principal.get("managed_identity_of"), str) or not principal["managed_identity_of"]:
+        raise RbacError(
+            f"{where}: a mapping principal is {{managed_identity_of: <APIM service name or id, or a "
+            f"user-assigned identity id>}}, got {principal!r}"
+        )
+    target = str(principal["managed_identity_of"]).strip().rstrip("/")
+    services = state.store.by_type(_APIM_SERVICE)
+    if _USER_IDENTITY in target.lower():
+        for service in services:
+            assigned = (service.body.get("identity") or {}).get("userAssignedIdentities") or {}
+            for ident_id, entry in assigned.items():
+                if ident_id.lower() == target.lower() and entry.get("principalId"):
+                    return str(entry["principalId"])
+        raise RbacError(f"{where}.managed_identity_of: no APIM service carries the user-assigned identity '{target}'")
+    if target.startswith("/"):
+        matches = [s for s in services if s.id.lower() == target.lower()]
+    else:
+        matches = [s for s in services if str(s.body.get("name", "")).lower() == target.lower()]
+    if not matches:
+        raise RbacError(
+            f"{where}.managed_identity_of: no APIM service '{target}' (seed it before the assignment that names it)"
+        )
+    if len(matches) > 1:
+        raise RbacError(
+            f"{where}.managed_identity_of: '{target}' names {len(matches)} APIM services; give its resource id "
+            f"({', '.join(s.id for s in matches)})"
+        )
+    identity = matches[0].body.get("identity") or {}
+    principal_id = identity.get("principalId")
+    if "SystemAssigned" not in str(identity.get("type", "")) or not principal_id:
+        raise RbacError(
+            f"{where}.managed_identity_of: APIM service '{matches[0].id}' has no system-assigned identity "
+            "(its principal id exists once the identity is enabled: identity: {type: SystemAssigned})"
+        )
+    return str(principal_id)
 
 
 def _principal_object_id(state: TwinState, name_or_id: str) -> str | None:

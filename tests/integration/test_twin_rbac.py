@@ -301,6 +301,10 @@ def test_an_estate_that_says_rbac_off_keeps_the_lenient_behaviour(estate: TwinHa
     assert as_caller(estate, "GET", f"{SERVICE}?api-version={APIM}").status_code == 200
 
 
+def reader_for(principal: dict[str, str]) -> dict[str, Any]:
+    return {"role_assignments": [{"principal": principal, "role": "Reader", "scope": "/"}]}
+
+
 @pytest.mark.parametrize(
     ("fragment", "message"),
     [
@@ -308,6 +312,16 @@ def test_an_estate_that_says_rbac_off_keeps_the_lenient_behaviour(estate: TwinHa
         ({"role_assignments": [{"principal": "rbac-caller", "role": "Owner-ish", "scope": "/"}]}, "unknown role"),
         ({"role_assignments": [{"principal": "rbac-caller", "role": "Reader", "scope": "rg-x"}]}, "scope"),
         ({"rbac": "maybe"}, "'on' or 'off'"),
+        # A managed identity is named by what carries it, and must exist when the assignment is applied.
+        (reader_for({"managed_identity_of": "apim-nowhere"}), "no APIM service 'apim-nowhere'"),
+        (reader_for({"managed_identity_of": SERVICE}), "has no system-assigned identity"),
+        (
+            reader_for(
+                {"managed_identity_of": f"{GROUP}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/x"}
+            ),
+            "no APIM service carries the user-assigned identity",
+        ),
+        (reader_for({"object": "apim-rbac"}), "managed_identity_of"),
         ({"custom_roles": [{"name": "x", "from_bicep": "nowhere.bicep"}]}, "cannot read the Bicep file"),
     ],
 )
