@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from twin import rbac
 from twin.arm import iso
 from twin.estate import EstateError, SeedContext, register_seeder
 from twin.state import TwinState
@@ -164,15 +165,25 @@ def _version_of(secret: dict[str, Any], name: str, version: str | None) -> dict[
 # -- Key Vault references (APIM named values) -------------------------------------------------
 
 
+GET_SECRET = "Microsoft.KeyVault/vaults/secrets/getSecret/action"
+
+
 def can_read_secret(state: TwinState, principal_object_id: str, vault: dict[str, Any], secret: str) -> bool:
     """Whether `principal_object_id` may get secret `secret` of `vault` (a twin vault record).
 
-    The one place that decides it for Key Vault references. Today any identity may (the twin
-    has no role assignments yet); the RBAC work makes it true only when an assignment at the
-    secret, vault, resource group or subscription scope grants
-    `Microsoft.KeyVault/vaults/secrets/getSecret/action` (e.g. Key Vault Secrets User).
+    The one place that decides it for Key Vault references, by Azure RBAC: an assignment at the
+    secret, vault, resource group or subscription scope must grant the data action
+    `Microsoft.KeyVault/vaults/secrets/getSecret/action` (the built-in "Key Vault Secrets User"
+    does). Sources: Learn, "Provide access to Key Vault keys, certificates, and secrets with
+    Azure role-based access control" (data actions, scopes down to a single secret), and
+    "Use named values in Azure API Management policies" (Key vault secrets: the instance's
+    identity needs Key Vault Secrets User on the vault under RBAC). An estate with `rbac: off`
+    lets any identity read, as it lets any caller do anything.
     """
-    return bool(principal_object_id)
+    if not principal_object_id:
+        return False
+    scope = f"{vault['resource_id']}/secrets/{secret}"
+    return rbac.allowed(state, principal_object_id, GET_SECRET, scope, data=True)
 
 
 @dataclass(frozen=True)
@@ -209,12 +220,19 @@ def read_secret_reference(state: TwinState, identifier: str, principal_object_id
     if vault is None:
         return ReferenceRead(None, "VaultNotFound", f"No such host is known: the key vault '{host}' does not exist.")
     if not can_read_secret(state, principal_object_id, vault, name):
-        return ReferenceRead(
-            None,
-            "Forbidden",
-            f"Caller is not authorized to perform action on resource. Caller: oid={principal_object_id} "
-            f"Action: 'Microsoft.KeyVault/vaults/secrets/getSecret/action' Vault: {vault_name}",
+        # Key Vault's own 403 to the identity (twin/rbac.py `key_vault_forbidden`, the body the
+        # vault's data plane answers a caller without the role), its message as APIM records it.
+        found = state.store.get(vault["resource_id"])
+        location = str((found.body if found else {}).get("location", "westeurope"))
+        body = rbac.key_vault_forbidden(
+            {"oid": principal_object_id},
+            f"https://sts.windows.net/{state.tenant_id}/",
+            GET_SECRET,
+            f"{vault['resource_id']}/secrets/{name}",
+            vault_name,
+            location,
         )
+        return ReferenceRead(None, "Forbidden", body["error"]["message"])
     try:
         record = _version_of(_secret(vault, name), name, version)
     except ServiceError as error:
