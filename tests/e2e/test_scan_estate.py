@@ -127,6 +127,12 @@ def compliant(name: str, sub_id: str) -> dict[str, Any]:
         ],
         "_ledger": [("orders-mobile", key(name, "orders-mobile"), 10)],
         "_diagnostic_setting": True,
+        # Its identity holds "Key Vault Secrets User" on VAULT, as an operator grants it after
+        # enabling the identity: APIM reads the backend-key reference with it, and VAULT is
+        # also where the product moves secrets to (SEC-001). Learn: "Use named values in
+        # Azure API Management policies" (Key vault secrets) and "Provide access to Key Vault
+        # keys, certificates, and secrets with Azure role-based access control".
+        "_vault_reader": True,
         "_id": service_id,
     }
 
@@ -165,6 +171,7 @@ def drift(rule_id: str, spec: dict[str, Any]) -> None:
         props["platformVersion"] = "stv1"
     elif rule_id == "ID-001":
         spec.pop("identity")
+        spec["_vault_reader"] = False  # no identity, nothing to grant the role to
         # Removed since APIM last read the Key Vault reference (it reads again within 4 hours,
         # and then SEC-002 follows): the twin would otherwise read it now, with no identity.
         spec["named_values"][0]["keyVault"]["lastStatus"] = {"code": "Success"}
@@ -230,17 +237,31 @@ def instance_name(rule_id: str) -> str:
     return "drift-" + rule_id.lower()
 
 
+def vault_id(sub_id: str) -> str:
+    return f"/subscriptions/{sub_id}/resourceGroups/{RG}/providers/Microsoft.KeyVault/vaults/{VAULT}"
+
+
 def fragment_for(specs: dict[str, dict[str, Any]], sub_id: str) -> tuple[dict[str, Any], dict[str, str]]:
     """An estate fragment for these instance specs (label -> spec), with the key ledger,
-    the workspace and diagnostic settings they ask for; and each label's service id."""
+    the workspace, diagnostic settings and Key Vault role of their identity they ask for;
+    and each label's service id."""
     workspace = f"/subscriptions/{sub_id}/resourceGroups/{RG}/providers/Microsoft.OperationalInsights/workspaces/law"
     secrets = []
     settings = []
     apim = []
+    grants = []
     ids = {}
     for label, original in specs.items():
         spec = copy.deepcopy(original)
         ids[label] = spec.pop("_id")
+        if spec.pop("_vault_reader"):
+            grants.append(
+                {
+                    "principal": {"managed_identity_of": ids[label]},
+                    "role": "Key Vault Secrets User",
+                    "scope": vault_id(sub_id),
+                }
+            )
         for sid, value, age in spec.pop("_ledger"):
             secrets.append(
                 {
@@ -273,7 +294,7 @@ def fragment_for(specs: dict[str, dict[str, Any]], sub_id: str) -> tuple[dict[st
         "apim": apim,
         "diagnostic_settings": settings,
     }
-    return {"subscriptions": [{"id": sub_id, "resource_groups": [group]}]}, ids
+    return {"subscriptions": [{"id": sub_id, "resource_groups": [group]}], "role_assignments": grants}, ids
 
 
 def estate(sub_id: str) -> tuple[dict[str, Any], dict[str, str]]:

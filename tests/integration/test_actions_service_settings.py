@@ -79,13 +79,19 @@ def instance(twin: TwinHandle, rule_id: str | None = None, **custom: str) -> dic
     spec["named_values"][0]["keyVault"]["secretIdentifier"] = f"https://{VAULT}.vault.azure.net/secrets/backend-key"
     for private in ("_id", "_ledger", "_diagnostic_setting"):
         spec.pop(private)
-    return spec
+    return spec  # `_vault_reader` stays: `seed` grants the identity this test's vault
 
 
 def seed(twin: TwinHandle, spec: dict[str, Any]) -> str:
     group_id = f"/subscriptions/{twin.subscription_id}/resourceGroups/{RG}"
     service_id = f"{group_id}/providers/Microsoft.ApiManagement/service/{NAME}"
     workspace = f"{group_id}/providers/Microsoft.OperationalInsights/workspaces/law"
+    spec = copy.deepcopy(spec)
+    # As in the e2e scan's estate: the identity reads the vault its reference names.
+    grants = [
+        {"principal": {"managed_identity_of": service_id}, "role": "Key Vault Secrets User",
+         "scope": f"{group_id}/providers/Microsoft.KeyVault/vaults/{VAULT}"}
+    ] if spec.pop("_vault_reader") else []  # fmt: skip
     group = {
         "name": RG,
         "location": "westeurope",
@@ -98,7 +104,7 @@ def seed(twin: TwinHandle, spec: dict[str, Any]) -> str:
                             "logs": [{"category": "GatewayLogs", "enabled": True}]}},
         ],
     }  # fmt: skip
-    twin.seed({"subscriptions": [{"id": twin.subscription_id, "resource_groups": [group]}]})
+    twin.seed({"subscriptions": [{"id": twin.subscription_id, "resource_groups": [group]}], "role_assignments": grants})
     return service_id
 
 

@@ -255,7 +255,8 @@ async def test_sec_001_list_value_still_returns_the_value(twin: TwinHandle) -> N
 
 
 async def test_sec_001_refused_without_managed_identity(twin: TwinHandle) -> None:
-    service_id = seed(twin, "SEC-001", tweak=lambda spec: spec.pop("identity"))
+    # No identity, so none to grant the vault to either.
+    service_id = seed(twin, "SEC-001", tweak=lambda spec: (spec.pop("identity"), spec.update(_vault_reader=False)))
     async with product_factory(twin) as factory:
         snapshot = await snapshot_of(factory, service_id)
     (finding,) = evaluate_rule("SEC-001", snapshot)
