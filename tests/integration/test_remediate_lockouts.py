@@ -23,7 +23,7 @@ from shared.azure import ClientFactory
 from shared.journal import Journal
 from shared.settings import load_settings
 from tests.conftest import TwinHandle
-from tests.e2e.test_scan_estate import CANARY, compliant, drift, fragment_for
+from tests.e2e.test_scan_estate import CANARY, VAULT, compliant, drift, fragment_for, vault_id
 from tests.integration.test_remediate import apim_writes, cli, product_env
 
 pytestmark = pytest.mark.integration
@@ -241,3 +241,15 @@ def test_sec_001_right_after_id_001_names_the_role_instead_of_moving_the_secret(
     named_value = twin.arm("GET", f"{service_id}/namedValues/db-password?api-version=2024-05-01").json()
     assert not (named_value["properties"].get("keyVault") or {}).get("secretIdentifier")
     assert CANARY not in applied.stdout + applied.stderr + dry.stdout
+
+    # The operator does what the refusal says: the new identity gets "Key Vault Secrets User" on
+    # the vault. The next run moves the secret, and APIM's read of the new reference with that
+    # identity succeeds (the twin enforces Key Vault RBAC: without the grant it is Forbidden).
+    twin.grant("Key Vault Secrets User", vault_id(twin.subscription_id), principal={"managed_identity_of": service_id})
+    moved = cli(env, "remediate", "--instance", service_id, "--rule", "SEC-001", "--apply", "--format", "json")
+    [result] = json.loads(moved.stdout)["results"]
+    assert (result["rule"], result["status"]) == ("SEC-001", "fixed"), moved.stdout + moved.stderr
+    vault = twin.arm("GET", f"{service_id}/namedValues/db-password?api-version=2024-05-01").json()["properties"]
+    assert vault["keyVault"]["secretIdentifier"].startswith(twin.urls[f"vault:{VAULT}"] + "/secrets/")
+    assert vault["keyVault"]["lastStatus"]["code"] == "Success"
+    assert CANARY not in moved.stdout + moved.stderr
