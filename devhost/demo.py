@@ -4,9 +4,13 @@
 1. A sweep tick: the timer lists the instances in scope and puts one message each on the
    work queue; the queue-triggered `work` function reconciles each instance and fixes
    what devhost/demo-policy.yaml puts in `remediate` mode.
+   SEC-001 is refused in that run: ID-001 has just made the instance's identity, which cannot
+   read the vault yet. The operator then grants it "Key Vault Secrets User" on the vault, as
+   the refusal asks (the twin enforces Key Vault RBAC for APIM's reads too).
 2. An operator (the estate's second principal) turns TLS 1.0 back on with a plain ARM
    PATCH; the twin's Event Grid delivers the write event to the `events` function, which
-   fixes it while you watch (the seconds it took are printed).
+   fixes it while you watch (the seconds it took are printed). That run also moves the
+   secret named value into Key Vault, and APIM reads it with its identity (Success).
 3. The HTTP API with bearer tokens from the twin's Entra: a plan, an apply (a manual
    remediation of a rule the policy keeps in detect mode, which needs Remediator.Admin),
    and a read-only caller refused.
@@ -49,6 +53,9 @@ ARM_EVENTS = [
     "Microsoft.Resources.ResourceDeleteSuccess",
 ]
 API = "api-version=2024-05-01"
+VAULT = "kv-apim-keys-prod"
+VAULT_ID = f"/subscriptions/{SUB}/resourceGroups/rg-apim-prod/providers/Microsoft.KeyVault/vaults/{VAULT}"
+MOVED_NV = "payments-api-key"
 
 
 def banner(text: str) -> None:
@@ -106,7 +113,7 @@ def app_settings(twin: TwinServer, policy: Path = POLICY) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APIMR_", "AZURE_"))}
     env.update(twin.env())
     env.update(
-        APIMR_KEY_VAULT_URL=twin.state.urls["vault:kv-apim-keys-prod"],
+        APIMR_KEY_VAULT_URL=twin.state.urls[f"vault:{VAULT}"],
         APIMR_POLICY_FILE=str(policy),
         APIMR_WORK_QUEUE="apimr-work",
         APIMR_SWEEP_SCHEDULE="0 0 */6 * * *",
@@ -143,6 +150,7 @@ async def demo(twin: TwinServer) -> list[str]:
         context = AppContext.load(env)
         try:
             failures += await sweep_tick(host, context)
+            failures += await operator_grants_the_vault(arm, authority, tenant)
             failures += await event_fix(host, arm, authority, tenant)
             failures += await http_api(host, arm, authority, tenant)
         finally:
@@ -168,6 +176,36 @@ async def sweep_tick(host: DevHost, context: AppContext) -> list[str]:
     return [f"a work message failed: {failed[0].error}"] if failed or not work else []
 
 
+def named_value(arm: Arm, token: str) -> dict[str, Any]:
+    _, body, _ = arm.request("GET", f"{PROD}/namedValues/{MOVED_NV}?{API}", token)
+    properties: dict[str, Any] = (body or {}).get("properties") or {}
+    return properties
+
+
+async def operator_grants_the_vault(arm: Arm, authority: str, tenant: str) -> list[str]:
+    """SEC-001 was refused in the run ID-001 made the identity in; the operator grants that
+    identity "Key Vault Secrets User" on the product's vault, as the refusal says. (In Azure:
+    `az role assignment create`; the twin serves no Microsoft.Authorization writes, so its
+    control API adds the assignment, the way estates name a managed identity.)"""
+    token = await asyncio.to_thread(arm.token, OPERATOR, tenant, authority, f"{arm.base}/.default")
+    if (await asyncio.to_thread(named_value, arm, token)).get("keyVault"):
+        return [f"SEC-001 moved {MOVED_NV} in the run that made the identity; it should have refused"]
+    say(
+        f"apim-contoso-prod: {MOVED_NV} still held by APIM: SEC-001 waits, as the identity ID-001 just made "
+        f"cannot read {VAULT} yet"
+    )
+    grant = {"principal": {"managed_identity_of": PROD}, "role": "Key Vault Secrets User", "scope": VAULT_ID}
+    async with aiohttp.ClientSession() as session:
+        control = f"{arm.base}/_twin/estate"
+        async with session.post(control, json={"role_assignments": [grant]}, ssl=_ssl(arm.ca_file)) as answer:
+            if answer.status != 200:
+                return [f"the operator's role assignment was refused: {answer.status} {await answer.text()}"]
+    _, service, _ = await asyncio.to_thread(arm.request, "GET", f"{PROD}?{API}", token)
+    principal = service["identity"]["principalId"]
+    say(f"operator: grants 'Key Vault Secrets User' on {VAULT} to principal {principal} (the instance's identity)")
+    return []
+
+
 async def event_fix(host: DevHost, arm: Arm, authority: str, tenant: str) -> list[str]:
     banner("2. an operator turns TLS 1.0 back on; Event Grid -> `events` -> fixed")
     token = await asyncio.to_thread(arm.token, OPERATOR, tenant, authority, f"{arm.base}/.default")
@@ -184,6 +222,15 @@ async def event_fix(host: DevHost, arm: Arm, authority: str, tenant: str) -> lis
     if fixed is None:
         return ["TLS 1.0 was not switched off again within 30 s of the operator's change"]
     say(f"apim-remediator: TLS 1.0 off again, verified, {time.monotonic() - said:.1f} s after the change landed")
+
+    def moved() -> bool:
+        status = (named_value(arm, token).get("keyVault") or {}).get("lastStatus") or {}
+        return status.get("code") == "Success"
+
+    if await until(moved, 30) is None:
+        reference = named_value(arm, token).get("keyVault")
+        return [f"SEC-001 did not move {MOVED_NV} into Key Vault with a reference APIM reads: {reference}"]
+    say(f"apim-remediator: {MOVED_NV} moved into {VAULT} by that run; APIM read it with its identity: Success")
     return []
 
 
@@ -283,8 +330,9 @@ def main() -> int:
     for failure in failures:
         print(f"  {failure}")
     if not failures:
-        print("  Everything the policy allows was fixed through the queue, an operator's change was undone")
-        print("  through Event Grid, and the HTTP API planned, applied and refused as its roles say.")
+        print("  Everything the policy allows was fixed through the queue (the secret once the operator")
+        print("  granted the new identity the vault), an operator's change was undone through Event Grid,")
+        print("  and the HTTP API planned, applied and refused as its roles say.")
     return 1 if failures else 0
 
 

@@ -29,6 +29,12 @@ def test_demo_runs_the_app_end_to_end() -> None:
     for fixed in ("TLS-001", "MGMT-001", "ID-001", "ID-002", "ID-003", "API-001"):
         assert fixed in prod, fixed
     assert "NET-001" not in prod  # refused: no private path
+    # SEC-001 waits in the run ID-001 made the identity in; once the operator grants that identity
+    # the vault, the next run (the event's) moves the secret and APIM reads it (Key Vault RBAC).
+    assert "SEC-001" not in prod
+    assert "payments-api-key still held by APIM: SEC-001 waits" in out
+    assert "operator: grants 'Key Vault Secrets User' on kv-apim-keys-prod to principal" in out
+    assert "payments-api-key moved into kv-apim-keys-prod by that run; APIM read it with its identity: Success" in out
     assert re.search(r"TLS 1\.0 off again, verified, \d+\.\d s after the change landed", out)
     assert "WOULD MGMT-003" in out
     assert "operation succeeded: MGMT-003 fixed" in out
