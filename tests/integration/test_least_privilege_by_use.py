@@ -108,6 +108,8 @@ def seed(twin: TwinHandle, rules: list[str], backend_port: int, actions: tuple[s
         principals=[PRINCIPAL],
         custom_roles=[{"name": role, "actions": list(actions)}],
         role_assignments=[
+            # fragment_for's: each instance's identity reads the vault (APIM's Key Vault references)
+            *fragment["role_assignments"],
             {"principal": PRINCIPAL["name"], "role": role, "scope": f"/subscriptions/{twin.subscription_id}"},
             {"principal": PRINCIPAL["name"], "role": "Key Vault Secrets Officer", "scope": vault},
         ],
