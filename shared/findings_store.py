@@ -22,7 +22,6 @@ instance lease), so there is no read-modify-write race to guard.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,17 +30,16 @@ from typing import Any
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.data.tables import TableEntity, UpdateMode
-from azure.data.tables.aio import TableClient
 from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
 
 from shared.errors import PermanentError
-from shared.journal import instance_key, storage_error
+from shared.journal import instance_key
 from shared.model import Finding, Severity
 from shared.report import fingerprint
+from shared.tables import TableStore, storage_error
 
 DEFAULT_TABLE = "findings"
 SUMMARY_ROW = "~instance"
-_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,62}$")
 
 
 class FindingStatus(StrEnum):
@@ -143,29 +141,13 @@ def _entity(instance_id: str, stored: StoredFinding) -> dict[str, Any]:
     return entity
 
 
-class FindingsStore:
+class FindingsStore(TableStore):
     """The findings table: `sync` after a reconcile, `findings`/`summary`/`instances` to read."""
 
+    kind = "findings"
+
     def __init__(self, tables: AsyncTableServiceClient, table_name: str = DEFAULT_TABLE) -> None:
-        if not _TABLE_NAME.match(table_name):
-            raise PermanentError(
-                f"findings table name {table_name!r} must be 3-63 letters and digits, starting with a letter"
-            )
-        self._tables = tables
-        self.table_name = table_name
-        self._table: TableClient | None = None
-
-    @property
-    def _what(self) -> str:
-        return f"findings table {self.table_name!r}"
-
-    async def _client(self) -> TableClient:
-        if self._table is None:
-            try:
-                self._table = await self._tables.create_table_if_not_exists(self.table_name)
-            except AzureError as exc:
-                raise storage_error(exc, what=self._what, operation="create table") from exc
-        return self._table
+        super().__init__(tables, table_name)
 
     async def _partition(self, instance_id: str) -> list[TableEntity]:
         table = await self._client()

@@ -38,17 +38,14 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
-    ClientAuthenticationError,
     ResourceModifiedError,
     ResourceNotFoundError,
-    ServiceRequestError,
-    ServiceResponseError,
 )
 from azure.data.tables import TableEntity, UpdateMode
-from azure.data.tables.aio import TableClient
 from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
 
-from shared.errors import PermanentError, RemediatorError, TransientError
+from shared.errors import PermanentError
+from shared.tables import TableStore, storage_error
 
 DEFAULT_TABLE = "remediationjournal"
 
@@ -60,10 +57,8 @@ TRUNCATION_MARKER = "\n…[truncated by apim-remediator: {kept} of {total} chara
 _ROW_KEY_CEILING = 10**19 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,62}$")
 _UNSAFE_KEY_CHARS = re.compile(r"[^a-z0-9._-]+")
 # Statuses worth retrying: timeouts, throttling, server-side failures.
-_TRANSIENT_STATUSES = frozenset({408, 429})
 
 
 class Phase(StrEnum):
@@ -279,24 +274,6 @@ def fit(text: str, limit_bytes: int = MAX_STRING_BYTES) -> str:
 # -- storage errors -------------------------------------------------------------------------
 
 
-def storage_error(exc: AzureError, *, what: str, operation: str) -> RemediatorError:
-    """A product error for a storage failure: transient (throttling, 5xx, network) or
-    permanent, naming `what` (e.g. "journal table 'x'") and the operation.
-
-    Only the status and the service's error code are quoted: an SDK message or URL could
-    carry a SAS token."""
-    if isinstance(exc, ServiceRequestError | ServiceResponseError):
-        return TransientError(f"{operation} on {what} failed: network error ({type(exc).__name__})")
-    status = getattr(exc, "status_code", None)
-    code = getattr(exc, "error_code", None)
-    detail = f"HTTP {status}" + (f" {code}" if code else "") if status else type(exc).__name__
-    if isinstance(exc, ClientAuthenticationError) and status is None:
-        return PermanentError(f"{operation} on {what} failed: could not get a token ({type(exc).__name__})")
-    if isinstance(status, int) and (status in _TRANSIENT_STATUSES or status >= 500):
-        return TransientError(f"{operation} on {what} failed: {detail}")
-    return PermanentError(f"{operation} on {what} failed: {detail}")
-
-
 # -- the journal ----------------------------------------------------------------------------
 
 
@@ -321,8 +298,10 @@ def _optional_text(entity: Mapping[str, Any], name: str) -> str | None:
     return None if value is None else str(value)
 
 
-class Journal:
+class Journal(TableStore):
     """The intent journal of the product's changes, one table in Azure Table storage."""
+
+    kind = "journal"
 
     def __init__(
         self,
@@ -331,28 +310,9 @@ class Journal:
         *,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        if not _TABLE_NAME.match(table_name):
-            raise PermanentError(
-                f"journal table name {table_name!r} must be 3-63 letters and digits, starting with a letter"
-            )
-        self._tables = tables
-        self.table_name = table_name
+        super().__init__(tables, table_name)
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._table: TableClient | None = None
         self._last_micros = 0
-
-    @property
-    def _what(self) -> str:
-        return f"journal table {self.table_name!r}"
-
-    async def _client(self) -> TableClient:
-        if self._table is None:
-            try:
-                # Idempotent: two workers creating it at once both succeed.
-                self._table = await self._tables.create_table_if_not_exists(self.table_name)
-            except AzureError as exc:
-                raise storage_error(exc, what=self._what, operation="create table") from exc
-        return self._table
 
     def _now(self) -> datetime:
         now = _utc(self._clock())

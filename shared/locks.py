@@ -36,7 +36,8 @@ from azure.storage.blob.aio import BlobClient, BlobLeaseClient
 from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
 
 from shared.errors import LeaseLost, PermanentError, TransientError
-from shared.journal import instance_key, storage_error
+from shared.journal import instance_key
+from shared.tables import storage_error
 
 log = logging.getLogger(__name__)
 

@@ -22,22 +22,18 @@ and control characters, and a hash cannot be shaped to collide with another row 
 from __future__ import annotations
 
 import hashlib
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
-from azure.data.tables.aio import TableClient
 from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
 
-from shared.errors import PermanentError
-from shared.journal import storage_error
+from shared.tables import TableStore, storage_error
 
 DEFAULT_TABLE = "apimrmessages"
 EVENT_PARTITION = "event"
 DEAD_LETTER_PARTITION = "deadletter"
-_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,62}$")
 _MAX_TICKS = 10**19  # inverted-time keys sort newest first
 
 
@@ -55,29 +51,13 @@ class DeadLetter:
     instance_id: str | None = None
 
 
-class MessageLedger:
+class MessageLedger(TableStore):
     """Event claims (dedupe) and dead letters, in one table of the product's storage."""
 
+    kind = "message"
+
     def __init__(self, tables: AsyncTableServiceClient, table_name: str = DEFAULT_TABLE) -> None:
-        if not _TABLE_NAME.match(table_name):
-            raise PermanentError(
-                f"message table name {table_name!r} must be 3-63 letters and digits, starting with a letter"
-            )
-        self._tables = tables
-        self.table_name = table_name
-        self._table: TableClient | None = None
-
-    @property
-    def _what(self) -> str:
-        return f"message table {self.table_name!r}"
-
-    async def _client(self) -> TableClient:
-        if self._table is None:
-            try:
-                self._table = await self._tables.create_table_if_not_exists(self.table_name)
-            except AzureError as exc:
-                raise storage_error(exc, what=self._what, operation="create table") from exc
-        return self._table
+        super().__init__(tables, table_name)
 
     async def claim(self, event_id: str, *, event_type: str, at: datetime) -> bool:
         """Take an event: True the first time, False for every later delivery of it."""

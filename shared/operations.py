@@ -25,17 +25,15 @@ from typing import Any
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.data.tables import TableEntity, UpdateMode
-from azure.data.tables.aio import TableClient
 from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
 
 from shared.errors import NotFoundError, PermanentError
-from shared.journal import storage_error
+from shared.tables import TableStore, storage_error
 
 DEFAULT_TABLE = "operations"
 ROW = "op"
 CHUNK_CHARS = 30_000  # UTF-16: 60 KB, inside a string property's 64 KiB
 MAX_CHUNKS = 16  # 16 * 60 KB stays under an entity's 1 MiB
-_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,62}$")
 _OPERATION_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -116,8 +114,10 @@ def _operation(entity: TableEntity) -> Operation:
         raise PermanentError(f"operation row {entity.get('PartitionKey')!r} is malformed ({exc!r})") from exc
 
 
-class OperationsStore:
+class OperationsStore(TableStore):
     """Create an operation (`start`), finish it (`succeed`/`fail`), read it (`get`)."""
+
+    kind = "operations"
 
     def __init__(
         self,
@@ -126,26 +126,8 @@ class OperationsStore:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        if not _TABLE_NAME.match(table_name):
-            raise PermanentError(
-                f"operations table name {table_name!r} must be 3-63 letters and digits, starting with a letter"
-            )
-        self._tables = tables
-        self.table_name = table_name
+        super().__init__(tables, table_name)
         self._clock = clock
-        self._table: TableClient | None = None
-
-    @property
-    def _what(self) -> str:
-        return f"operations table {self.table_name!r}"
-
-    async def _client(self) -> TableClient:
-        if self._table is None:
-            try:
-                self._table = await self._tables.create_table_if_not_exists(self.table_name)
-            except AzureError as exc:
-                raise storage_error(exc, what=self._what, operation="create table") from exc
-        return self._table
 
     async def start(self, kind: OperationKind, instance_id: str, *, caller_oid: str, caller_appid: str) -> Operation:
         now = self._clock()

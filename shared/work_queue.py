@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from azure.core.exceptions import AzureError, ResourceExistsError
 
 from shared.errors import PermanentError
-from shared.journal import TriggerKind, storage_error
+from shared.journal import TriggerKind
+from shared.tables import storage_error
 
 if TYPE_CHECKING:  # the queue SDK is imported by the factory when a queue client is built
     from azure.storage.queue.aio import QueueClient
