@@ -590,7 +590,7 @@ async def _apply(
             results.extend(outcome)
             for result in outcome:
                 (fixed if result.status is Status.FIXED else blocked).add(result.rule_id)
-            if any(r.status is Status.SKIPPED and "write budget" in r.detail for r in outcome):
+            if not budget.allows(1) and any(r.status is Status.SKIPPED for r in outcome):
                 stopped = budget.spent_note(len(service_rules))
             snapshot = await deps.source.read(ref)  # re-read after any attempted write
 

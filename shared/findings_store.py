@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -36,7 +36,7 @@ from shared.errors import PermanentError
 from shared.journal import instance_key
 from shared.model import Finding, Severity
 from shared.report import fingerprint
-from shared.tables import TableStore, storage_error
+from shared.tables import TableStore, storage_error, utc_of
 
 DEFAULT_TABLE = "findings"
 SUMMARY_ROW = "~instance"
@@ -95,12 +95,6 @@ def finding_key(finding: Finding) -> str:
     return hashlib.sha256(fingerprint(finding).encode("utf-8")).hexdigest()
 
 
-def _utc(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    return datetime.fromisoformat(str(value)).astimezone(UTC)
-
-
 def _stored(entity: TableEntity) -> StoredFinding:
     try:
         return StoredFinding(
@@ -111,11 +105,11 @@ def _stored(entity: TableEntity) -> StoredFinding:
             severity=Severity(entity["severity"]),
             title=str(entity.get("title", "")),
             message=str(entity.get("message", "")),
-            first_seen=_utc(entity["first_seen"]),
-            last_seen=_utc(entity["last_seen"]),
+            first_seen=utc_of(entity["first_seen"]),
+            last_seen=utc_of(entity["last_seen"]),
             status=FindingStatus(entity["status"]),
             exempt=bool(entity.get("exempt", False)),
-            resolved_at=_utc(entity["resolved_at"]) if entity.get("resolved_at") else None,
+            resolved_at=utc_of(entity["resolved_at"]) if entity.get("resolved_at") else None,
         )
     except (KeyError, ValueError) as exc:
         raise PermanentError(f"findings row {entity.get('RowKey')!r} is malformed ({exc!r})") from exc
@@ -272,11 +266,11 @@ def _summary(entity: TableEntity) -> InstanceSummary:
     try:
         return InstanceSummary(
             instance_id=str(entity["instance_id"]),
-            last_reconciled=_utc(entity["last_reconciled"]) if entity.get("last_reconciled") else None,
+            last_reconciled=utc_of(entity["last_reconciled"]) if entity.get("last_reconciled") else None,
             open_by_severity={s.value: int(entity.get(f"open_{s.value}", 0)) for s in Severity},
             correlation_id=str(entity.get("correlation_id", "")),
             last_error=str(entity["last_error"]) if entity.get("last_error") else None,
-            last_error_at=_utc(entity["last_error_at"]) if entity.get("last_error_at") else None,
+            last_error_at=utc_of(entity["last_error_at"]) if entity.get("last_error_at") else None,
         )
     except (KeyError, ValueError) as exc:
         raise PermanentError(f"findings summary row of {entity.get('instance_id')!r} is malformed ({exc!r})") from exc

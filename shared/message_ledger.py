@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
 
-from shared.tables import TableStore, storage_error
+from shared.tables import TableStore, storage_error, utc_of
 
 DEFAULT_TABLE = "apimrmessages"
 EVENT_PARTITION = "event"
@@ -137,7 +137,7 @@ class MessageLedger(TableStore):
                     DeadLetter(
                         source=str(row.get("source", "")),
                         reason=str(row.get("reason", "")),
-                        at=_utc(row["at"]),
+                        at=utc_of(row["at"]),
                         message_id=str(row.get("message_id", "")),
                         dequeue_count=int(row["dequeue_count"]) if row.get("dequeue_count") is not None else None,
                         instance_id=str(row["instance_id"]) if row.get("instance_id") else None,
@@ -148,9 +148,3 @@ class MessageLedger(TableStore):
         except AzureError as exc:
             raise storage_error(exc, what=self._what, operation="read dead letters") from exc
         return found
-
-
-def _utc(value: object) -> datetime:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    return datetime.fromisoformat(str(value)).astimezone(UTC)

@@ -28,7 +28,7 @@ from azure.data.tables import TableEntity, UpdateMode
 from azure.data.tables.aio import TableServiceClient as AsyncTableServiceClient
 
 from shared.errors import NotFoundError, PermanentError
-from shared.tables import TableStore, storage_error
+from shared.tables import TableStore, storage_error, utc_of
 
 DEFAULT_TABLE = "operations"
 ROW = "op"
@@ -76,12 +76,6 @@ class Operation:
         }
 
 
-def _utc(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    return datetime.fromisoformat(str(value)).astimezone(UTC)
-
-
 def _chunks(result: Any) -> dict[str, Any]:
     text = json.dumps(result, separators=(",", ":"))
     parts = [text[i : i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)] or [""]
@@ -103,8 +97,8 @@ def _operation(entity: TableEntity) -> Operation:
             kind=OperationKind(entity["kind"]),
             instance_id=str(entity["instance_id"]),
             status=OperationStatus(entity["status"]),
-            created_at=_utc(entity["created_at"]),
-            updated_at=_utc(entity["updated_at"]),
+            created_at=utc_of(entity["created_at"]),
+            updated_at=utc_of(entity["updated_at"]),
             caller_oid=str(entity.get("caller_oid", "")),
             caller_appid=str(entity.get("caller_appid", "")),
             result=result,

@@ -5,6 +5,8 @@ storage errors named after the store."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
+from typing import Any
 
 from azure.core.exceptions import AzureError, ClientAuthenticationError, ServiceRequestError, ServiceResponseError
 from azure.data.tables.aio import TableClient
@@ -60,3 +62,11 @@ class TableStore:
             except AzureError as exc:
                 raise storage_error(exc, what=self._what, operation="create table") from exc
         return self._table
+
+
+def utc_of(value: Any) -> datetime:
+    """A Table property read back as a UTC datetime (the SDK returns aware or naive datetimes,
+    or ISO text for a value written as a string)."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(value)).astimezone(UTC)
