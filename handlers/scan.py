@@ -1,7 +1,7 @@
 """Scan: find the APIM instances in scope, read each one's snapshot, run the catalogue.
 
 Read-only. Azure actions (infra/subscription-role.bicep grants exactly these):
-    Microsoft.Resources/subscriptions/resourceGroups/read
+    Microsoft.Resources/subscriptions/read
     Microsoft.ResourceGraph/resources/read
     Microsoft.ApiManagement/service/read
     Microsoft.ApiManagement/service/*/read

@@ -10,7 +10,7 @@ After the fan-out the sweep also purges event ids older than Event Grid's retry 
 from the message ledger (Table storage has no TTL).
 
 Azure actions (a subset of the read role in infra/subscription-role.bicep):
-    Microsoft.Resources/subscriptions/resourceGroups/read
+    Microsoft.Resources/subscriptions/read
     Microsoft.ResourceGraph/resources/read
     Microsoft.ApiManagement/service/read
 and, on the product's own storage account (infra/main.bicep), Storage Queue Data

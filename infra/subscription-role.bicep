@@ -13,7 +13,9 @@ param principalId string
 param allowRemediation bool = false
 
 var readActions = [
-  'Microsoft.Resources/subscriptions/resourceGroups/read'
+  // Resource Graph shows a subscription's own row only to callers who may read it; the
+  // inventory checks that row so a subscription it cannot see is an error, not a clean scan.
+  'Microsoft.Resources/subscriptions/read'
   'Microsoft.ResourceGraph/resources/read'
   'Microsoft.ApiManagement/service/read'
   'Microsoft.ApiManagement/service/*/read'

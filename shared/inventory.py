@@ -10,10 +10,13 @@ Resource Graph answers only for subscriptions the caller can read and leaves the
 out without an error, so a missing role would look like a subscription without APIM. A
 `resourcecontainers` query first asks which of the configured subscriptions it can see;
 one it cannot see, or a result it cut off (`resultTruncated` without a `$skipToken`),
-raises `PermanentError` instead of a scan of less than the configured estate.
+raises `PermanentError` instead of a scan of less than the configured estate. It leaves out
+APIM services the same way (no `service/read`, or not ingested yet), so a subscription where
+Graph shows none is asked once more with ARM's list, whose 403 names the missing action.
 
-Azure actions: Microsoft.ResourceGraph/resources/read, or Microsoft.ApiManagement/service/read
-for the fallback.
+Azure actions: Microsoft.ResourceGraph/resources/read, Microsoft.Resources/subscriptions/read
+(Graph's subscription rows), Microsoft.ApiManagement/service/read (Graph's rows, the list for
+a subscription Graph shows empty, and the fallback).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ APIM_TYPE = "microsoft.apimanagement/service"
 # Resource Graph takes at most 1000 subscriptions a request and returns at most 1000 rows a page.
 GRAPH_MAX_SUBSCRIPTIONS = 1000
 GRAPH_PAGE = 1000
+# Subscriptions asked at once when Resource Graph showed no service in them.
+CONFIRM_CONCURRENCY = 8
 GRAPH_PAGE_MAX = 1000
 _ID = re.compile(
     r"^/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.ApiManagement/service/(?P<name>[^/]+)$",
@@ -250,15 +255,55 @@ async def _from_graph(factory: ClientFactory, settings: Settings) -> list[Instan
         if unseen:
             raise PermanentError(
                 f"Resource Graph cannot see subscription(s) {', '.join(unseen)} of APIMR_SUBSCRIPTION_IDS: "
-                "the product's identity has no read access there, or they do not exist. Grant the role "
-                "(infra/subscription-role.bicep) or remove them from the setting; scanning the rest would "
-                "report their instances as clean without having seen them"
+                "the product's identity has no read access there (it needs "
+                "'Microsoft.ResourceGraph/resources/read' and 'Microsoft.Resources/subscriptions/read'), "
+                "or they do not exist. Grant the role (infra/subscription-role.bicep) or remove them from the "
+                "setting; scanning the rest would report their instances as clean without having seen them"
             )
+        with_rows: set[str] = set()
         for row in await _graph_rows(client, batch, query, GRAPH_PAGE):
+            with_rows.add(str(row.get("subscriptionId") or "").lower())
             ref = instance_ref(str(row.get("id") or ""), row.get("location"), row.get("tags"))
             if ref is not None:
                 refs.append(ref)
+        refs.extend(await _confirm_empty(factory, [s for s in batch if s.lower() not in with_rows]))
     return refs
+
+
+async def _confirm_empty(factory: ClientFactory, subscriptions: list[str]) -> list[InstanceRef]:
+    """Ask ARM directly about the subscriptions where Resource Graph showed no APIM service.
+
+    Resource Graph leaves out, without an error, the services the caller may not read
+    (`Microsoft.ApiManagement/service/read` missing) and the ones created since its last
+    ingestion. ARM's list answers both: a 403 naming the action, or the services Graph has
+    not caught up with. Only empty subscriptions are asked, so an estate costs nothing more
+    where Graph found services.
+    """
+    if not subscriptions:
+        return []
+    gate = asyncio.Semaphore(CONFIRM_CONCURRENCY)
+
+    async def confirm(subscription_id: str) -> list[InstanceRef]:
+        async with gate:
+            try:
+                return await _list_subscription(factory, subscription_id)
+            except HttpResponseError as error:
+                if error.status_code != 403:
+                    raise
+                raise PermanentError(
+                    f"Resource Graph shows no APIM service in subscription {subscription_id}, and listing "
+                    f"them there was refused: {describe_failure(error)}. The product cannot tell an empty "
+                    "subscription from one it may not read; grant the role (infra/subscription-role.bicep)"
+                ) from None
+
+    found = [ref for refs in await asyncio.gather(*(confirm(s) for s in subscriptions)) for ref in refs]
+    if found:
+        log.info(
+            "%d APIM service(s) that Resource Graph does not show yet were found by listing subscription(s) %s",
+            len(found),
+            ", ".join(sorted({r.subscription_id for r in found})),
+        )
+    return found
 
 
 async def _list_subscription(factory: ClientFactory, subscription_id: str) -> list[InstanceRef]:

@@ -51,7 +51,7 @@ from typing import Any
 from aiohttp import web
 
 from twin import rbac
-from twin.arm import PROVIDER_VERSIONS
+from twin.arm import PROVIDER_VERSIONS, provider_version_error
 from twin.estate import EstateError, SeedContext, register_seeder
 from twin.state import TwinState
 from twin.web import CLAIMS, ServiceError, add_route, json_response, read_json, state_of
@@ -358,13 +358,14 @@ def readable(state: TwinState, object_id: str | None, row: dict[str, Any]) -> bo
     ("Submit a query on resources within specified subscriptions", Azure permissions for
     Management and governance) at the row's scope (Reader's `*/read` holds it). The docs do not
     say how Resource Graph treats a caller without the latter; the twin leaves those rows out,
-    never a 403, so a role that forgets it shows as resources missing."""
-    subscription = f"/subscriptions/{row['subscriptionId']}"
+    never a 403, so a role that forgets it shows as resources missing.
+
+    The rule holds for container rows too: a subscription row needs
+    `Microsoft.Resources/subscriptions/read` on the subscription, a resource group row
+    `.../resourceGroups/read` on the group. (ARM's own subscription list is kinder: it shows a
+    subscription to whoever holds any role in it, `arm.list_subscriptions`.)"""
     if not rbac.allowed(state, object_id, GRAPH_ACTION, str(row["id"])):
         return False
-    if str(row["type"]).lower() == "microsoft.resources/subscriptions":
-        # As ARM's subscription list: visible to whoever holds a role in it.
-        return rbac.has_any_assignment_under(state, object_id, subscription)
     return rbac.allowed(state, object_id, f"{row['type']}/read", str(row["id"]))
 
 
@@ -539,7 +540,14 @@ async def query_resources(request: web.Request) -> web.StreamResponse:
 
 def setup(app: web.Application) -> None:
     PROVIDER_VERSIONS["microsoft.resourcegraph"] = VERSIONS
-    add_route(app, "POST", "/providers/Microsoft.ResourceGraph/resources", query_resources, versions=VERSIONS)
+    add_route(
+        app,
+        "POST",
+        "/providers/Microsoft.ResourceGraph/resources",
+        query_resources,
+        versions=VERSIONS,
+        version_error=provider_version_error("resources"),  # ARM's answer for a provider's unserved one
+    )
 
 
 # -- seeding ---------------------------------------------------------------------------------

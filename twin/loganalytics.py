@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from twin.arm import resource_group_or_404, resource_not_found, subscription_or_404
+from twin.arm import provider_version_error, resource_group_or_404, resource_not_found, subscription_or_404
 from twin.estate import EstateError, SeedContext, register_seeder
 from twin.kql import Column, KqlError, Table, run_query
 from twin.state import TwinState
@@ -283,7 +283,8 @@ async def get_workspace(request: web.Request) -> web.StreamResponse:
 
 
 def setup_arm(app: web.Application) -> None:
-    add_route(app, "GET", WORKSPACE_PATH, get_workspace, versions=WORKSPACE_VERSIONS)
+    unserved = provider_version_error("workspaces")  # ARM's answer for a provider's unserved version
+    add_route(app, "GET", WORKSPACE_PATH, get_workspace, versions=WORKSPACE_VERSIONS, version_error=unserved)
 
 
 def setup(app: web.Application) -> None:

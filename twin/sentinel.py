@@ -34,6 +34,7 @@ from twin.arm import (
     PROVIDER_VERSIONS,
     emit_resource_event,
     iso,
+    provider_version_error,
     resource_group_or_404,
     resource_not_found,
     subscription_or_404,
@@ -412,7 +413,9 @@ async def list_incidents(request: web.Request) -> web.StreamResponse:
 
 def setup(app: web.Application) -> None:
     PROVIDER_VERSIONS["microsoft.securityinsights"] = VERSIONS
-    add_route(app, "GET", INCIDENTS_PATH, list_incidents, versions=VERSIONS)
-    add_route(app, "GET", INCIDENTS_PATH + "/{incident}", get_incident, versions=VERSIONS)
-    add_route(app, "PUT", INCIDENTS_PATH + "/{incident}", put_incident, versions=VERSIONS)
-    add_route(app, "DELETE", INCIDENTS_PATH + "/{incident}", delete_incident, versions=VERSIONS)
+    # A well-formed api-version the provider does not serve: ARM's NoRegisteredProviderFound.
+    unserved = provider_version_error("incidents")
+    add_route(app, "GET", INCIDENTS_PATH, list_incidents, versions=VERSIONS, version_error=unserved)
+    add_route(app, "GET", INCIDENTS_PATH + "/{incident}", get_incident, versions=VERSIONS, version_error=unserved)
+    add_route(app, "PUT", INCIDENTS_PATH + "/{incident}", put_incident, versions=VERSIONS, version_error=unserved)
+    add_route(app, "DELETE", INCIDENTS_PATH + "/{incident}", delete_incident, versions=VERSIONS, version_error=unserved)

@@ -128,9 +128,23 @@ async def test_resource_graph_finds_exactly_the_services_in_scope(
     refs = await found(twin, **settings)
     assert [r.id for r in refs] == sorted(expected, key=str.lower)
     assert len(graph_requests(twin)) == 2  # which subscriptions Graph sees, then the services
-    # The fallback never ran.
+    # The fallback never ran; ARM's list was asked only about a subscription where Graph showed
+    # no service in the configured groups (it cannot tell "none" from "none you may read").
     _, body = twin.control("GET", "/_twin/log?service=arm")
-    assert not [e for e in body["entries"] if e["path"].endswith("/providers/Microsoft.ApiManagement/service")]
+    listed = [e["path"] for e in body["entries"] if e["path"].endswith("/providers/Microsoft.ApiManagement/service")]
+    assert listed == [f"/subscriptions/{s}/providers/Microsoft.ApiManagement/service" for s in empty_in_graph(settings)]
+
+
+def empty_in_graph(settings: dict[str, str]) -> list[str]:
+    """The configured subscriptions without a service in the configured groups (tags are
+    filtered after the query, so they do not empty a subscription)."""
+    subscriptions = settings.get("APIMR_SUBSCRIPTION_IDS", f"{PROD},{DEV}").split(",")
+    groups = {g.strip().lower() for g in settings.get("APIMR_RESOURCE_GROUPS", "").split(",") if g.strip()}
+    return [
+        s
+        for s in subscriptions
+        if not any(i.split("/")[2] == s and (not groups or i.split("/")[4].lower() in groups) for i in ALL)
+    ]
 
 
 @pytest.mark.parametrize(("settings", "expected"), SCOPES)

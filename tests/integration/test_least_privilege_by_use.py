@@ -6,12 +6,13 @@ key-ledger vault (the data role that file's closing comment names). Every remedi
 needs a write action succeeds; then, for each action of the role, the same run with that
 one action taken out of the role fails with Azure's 403 naming exactly that action.
 
-Reads surface differently, as they would in Azure: without Microsoft.ResourceGraph/resources/
-read or .../resourceGroups/read Resource Graph leaves the subscription out and the scan
-stops with the inventory error; without Microsoft.ApiManagement/service/read the instance is
-missing from the inventory (Resource Graph does not return what the caller cannot read);
-without service/*/read, listSecrets or diagnosticSettings/read the scan marks the part it
-could not read UNREAD with the 403 naming the action.
+Reads surface as they would in Azure: without Microsoft.ResourceGraph/resources/read or
+Microsoft.Resources/subscriptions/read Resource Graph leaves the subscription out and the scan
+stops with the inventory error naming both; without Microsoft.ApiManagement/service/read
+Resource Graph leaves the instance out, and ARM's list (asked because Graph showed the
+subscription empty) refuses naming the action; without service/*/read, listSecrets or
+diagnosticSettings/read the scan marks the part it could not read UNREAD with the 403 naming
+the action.
 """
 
 from __future__ import annotations
@@ -212,21 +213,7 @@ def test_without_one_action_the_remediation_that_needs_it_fails_naming_it(
     assert f"'{action}'" in text, text
 
 
-def read_cases() -> list[Any]:
-    cases: list[Any] = []
-    for action in READS:
-        marks = ()
-        if action == "Microsoft.Resources/subscriptions/resourceGroups/read":
-            # The product's visibility query asks Resource Graph for the subscription or its
-            # groups; the twin shows a subscription row to whoever holds a role in it (as ARM's
-            # subscription list does), so this run cannot show the action is needed. Strict:
-            # if the twin ever models more, this test says so.
-            marks = (pytest.mark.xfail(strict=True, reason="the twin cannot show resourceGroups/read is needed"),)
-        cases.append(pytest.param(action, marks=marks, id=action))
-    return cases
-
-
-@pytest.mark.parametrize("action", read_cases())
+@pytest.mark.parametrize("action", READS)
 @pytest.mark.usefixtures("as_least_privilege")
 def test_without_one_read_action_the_scan_fails_and_says_why(
     twin: TwinHandle, monkeypatch: pytest.MonkeyPatch, backend: tuple[int, trustme.CA], action: str
@@ -237,16 +224,20 @@ def test_without_one_read_action_the_scan_fails_and_says_why(
     ids = seed(twin, ["KEY-004"], backend[0], tuple(a for a in READS + WRITES if a != action))
     set_vault_url(twin, monkeypatch)
     code, report, text = scan_json("--fail-on", "critical")
-    if action == "Microsoft.ResourceGraph/resources/read":
+    if action in ("Microsoft.ResourceGraph/resources/read", "Microsoft.Resources/subscriptions/read"):
+        # Resource Graph leaves the subscription's row out: the inventory says so and names both.
         assert code == 2, text
         assert "Resource Graph cannot see subscription(s)" in text, text
+        assert f"'{action}'" in text, text
+        return
+    if action == "Microsoft.ApiManagement/service/read":
+        # Resource Graph leaves the instance out; ARM's list, asked because Graph showed none,
+        # refuses with the action.
+        assert code == 2, text
+        assert f"403 AuthorizationFailed (needs '{action}')" in text, text
         return
     assert report is not None, text
     found = {i["id"].lower(): i for i in report["instances"]}
-    if action == "Microsoft.ApiManagement/service/read":
-        # Resource Graph does not return what the caller cannot read: the instance is missing.
-        assert ids["KEY-004"].lower() not in found, text
-        return
     instance = found[ids["KEY-004"].lower()]
     assert code == 1, text  # a partial read fails the gate
     assert any("403 AuthorizationFailed" in u for u in instance["unreadable"]), instance["unreadable"]

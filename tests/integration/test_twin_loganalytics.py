@@ -150,5 +150,9 @@ def test_arm_serves_the_workspace_resource_with_its_customer_id(twin: TwinHandle
     assert answer.headers["ETag"]
     missing = twin.arm("GET", f"{path}/workspaces/nope?api-version=2023-09-01")
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "ResourceNotFound")
+    # ARM answers a well-formed version the provider does not serve with NoRegisteredProviderFound
+    # (Azure/azure-cli#28496 quotes it), a malformed one with InvalidApiVersionParameter.
     unknown_version = twin.arm("GET", f"{path}/workspaces/law-apim?api-version=2019-01-01")
-    assert unknown_version.json()["error"]["code"] == "InvalidApiVersionParameter"
+    assert unknown_version.json()["error"]["code"] == "NoRegisteredProviderFound"
+    malformed = twin.arm("GET", f"{path}/workspaces/law-apim?api-version=latest")
+    assert malformed.json()["error"]["code"] == "InvalidApiVersionParameter"
