@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -329,6 +330,10 @@ def main() -> int:
     banner("done" if not failures else "FAILED")
     for failure in failures:
         print(f"  {failure}")
+    if failures:
+        print(f"  The twin's state, certificates and Azurite's log are kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)  # Azurite's data and a CA: nothing to keep
     if not failures:
         print("  Everything the policy allows was fixed through the queue (the secret once the operator")
         print("  granted the new identity the vault), an operator's change was undone through Event Grid,")
