@@ -1,148 +1,132 @@
-// apim-remediator: the Function App, its system-assigned identity and its own storage.
-// Deploy into a resource group:
-//   az deployment group create -g <rg> -f infra/main.bicep -p subscriptionIds=<id,...>
-// This template grants what the app needs on its own resources (its storage, by identity).
-// Its rights on the APIM instances in scope come from infra/subscription-role.bicep, one
-// deployment per subscription, with exactly the actions the handlers name.
+// apim-remediator, the whole deployment: `azd up` (azure.yaml) or
+//   az deployment sub create -l <region> -f infra/main.bicep -p environmentName=<name> location=<region>
+// Creates the resource group and the app's own resources (modules/app.bicep), and in every
+// subscription in scope the product's custom role and its assignment to the app's identity
+// (subscription-role.bicep: the same file the twin loads for the run-under-the-role tests, so
+// what is deployed is what was proven). Event Grid is wired after the code is deployed
+// (events.bicep, azure.yaml's postdeploy hook): Event Grid validates a function destination
+// when the subscription is created, and the function exists only then.
+targetScope = 'subscription'
 
-@description('Region for every resource.')
-param location string = resourceGroup().location
+@minLength(1)
+@maxLength(40)
+@description('azd environment name: names the resource group and tags every resource.')
+param environmentName string
 
-@description('Short name prefix (3-11 lowercase letters and digits).')
+@minLength(1)
+@description('Region for the app and its resources.')
+param location string
+
+@description('Resource group of the app; default rg-<environmentName>.')
+param resourceGroupName string = 'rg-${environmentName}'
+
+@description('Short name prefix for resources (3-11 lowercase letters and digits).')
 @minLength(3)
 @maxLength(11)
 param prefix string = 'apimrem'
 
-@description('Comma-separated subscription ids the remediator may act on (APIMR_SUBSCRIPTION_IDS).')
-param subscriptionIds string
+@description('Subscriptions the remediator watches and may act on (APIMR_SUBSCRIPTION_IDS); default: this one.')
+param scopeSubscriptionIds array = [subscription().subscriptionId]
+
+@description('Grant the write actions remediation needs; false (the default) deploys a detect-only identity.')
+param allowRemediation bool = false
+
+@description('Comma-separated resource groups to look in (APIMR_RESOURCE_GROUPS); empty: all.')
+param resourceGroups string = ''
+
+@description('name=value,... tags an APIM instance must carry to be in scope (APIMR_TAG_SELECTOR).')
+param tagSelector string = ''
+
+@description('Policy file inside the deployed package (APIMR_POLICY_FILE); empty: the shipped baseline (every rule detect).')
+param policyFile string = ''
 
 @description('When the sweep fans out: six-field NCRONTAB, seconds first (APIMR_SWEEP_SCHEDULE).')
 param sweepSchedule string = '0 0 */6 * * *'
 
-var suffix = uniqueString(resourceGroup().id)
-var storageName = take('${prefix}${suffix}', 24)
+@description('The HTTP API\'s token audience (APIMR_API_AUDIENCE), e.g. api://apim-remediator; empty: the API refuses every request.')
+param apiAudience string = ''
 
-resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
-  name: storageName
+@description('The Entra tenant whose tokens the HTTP API accepts (APIMR_API_TENANT_ID).')
+param apiTenantId string = tenant().tenantId
+
+@allowed(['DEBUG', 'INFO', 'WARNING', 'ERROR'])
+param logLevel string = 'INFO'
+
+@description('Log Analytics workspaces (resource ids) the runtime rules query outside the subscriptions in scope: Log Analytics Reader there. Inside them the custom role already grants the query.')
+param logAnalyticsWorkspaceIds array = []
+
+@description('Workspace (resource id) with Microsoft Sentinel where incidents are raised: Microsoft Sentinel Responder there. Empty: no Sentinel sink.')
+param sentinelWorkspaceId string = ''
+
+var tags = { 'azd-env-name': environmentName }
+var logAnalyticsReader = '73c42c96-874c-492b-b04d-ab87d138a893'
+var sentinelResponder = '3e150937-b8fe-4cfb-8069-0eaf05ecd056'
+
+resource group 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: resourceGroupName
   location: location
-  kind: 'StorageV2'
-  sku: { name: 'Standard_LRS' }
-  properties: {
-    minimumTlsVersion: 'TLS1_2'
-    allowBlobPublicAccess: false
-    // Identity only: no account keys, no connection strings.
-    allowSharedKeyAccess: false
-    supportsHttpsTrafficOnly: true
+  tags: tags
+}
+
+module app 'modules/app.bicep' = {
+  name: 'apimr-app'
+  scope: group
+  params: {
+    location: location
+    tags: tags
+    prefix: prefix
+    subscriptionIds: join(scopeSubscriptionIds, ',')
+    resourceGroups: resourceGroups
+    tagSelector: tagSelector
+    policyFile: policyFile
+    sweepSchedule: sweepSchedule
+    apiAudience: apiAudience
+    apiTenantId: apiTenantId
+    logLevel: logLevel
   }
 }
 
-resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01' = {
-  parent: storage
-  name: 'default'
-}
-
-resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
-  parent: blobService
-  name: 'app-package'
-}
-
-resource logs 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
-  name: '${prefix}-logs-${suffix}'
-  location: location
-  properties: {
-    sku: { name: 'PerGB2018' }
-    retentionInDays: 30
-  }
-}
-
-resource insights 'Microsoft.Insights/components@2020-02-02' = {
-  name: '${prefix}-ai-${suffix}'
-  location: location
-  kind: 'web'
-  properties: {
-    Application_Type: 'web'
-    WorkspaceResourceId: logs.id
-    DisableLocalAuth: true
-  }
-}
-
-resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
-  name: '${prefix}-plan-${suffix}'
-  location: location
-  kind: 'functionapp'
-  sku: { tier: 'FlexConsumption', name: 'FC1' }
-  properties: { reserved: true }
-}
-
-resource app 'Microsoft.Web/sites@2024-04-01' = {
-  name: '${prefix}-func-${suffix}'
-  location: location
-  kind: 'functionapp,linux'
-  identity: { type: 'SystemAssigned' }
-  properties: {
-    serverFarmId: plan.id
-    httpsOnly: true
-    functionAppConfig: {
-      deployment: {
-        storage: {
-          type: 'blobContainer'
-          value: '${storage.properties.primaryEndpoints.blob}app-package'
-          authentication: { type: 'SystemAssignedIdentity' }
-        }
-      }
-      runtime: { name: 'python', version: '3.11' }
-      scaleAndConcurrency: { maximumInstanceCount: 40, instanceMemoryMB: 2048 }
-    }
-    siteConfig: {
-      minTlsVersion: '1.2'
-      ftpsState: 'Disabled'
-      appSettings: [
-        { name: 'AzureWebJobsStorage__accountName', value: storage.name }
-        { name: 'AzureWebJobsStorage__credential', value: 'managedidentity' }
-        { name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING', value: 'Authorization=AAD' }
-        { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: insights.properties.ConnectionString }
-        { name: 'APIMR_CLOUD', value: 'AzureCloud' }
-        { name: 'APIMR_SUBSCRIPTION_IDS', value: subscriptionIds }
-        { name: 'APIMR_STORAGE_ACCOUNT', value: storage.name }
-        // The host resolves %APIMR_SWEEP_SCHEDULE% and %APIMR_WORK_QUEUE% in the bindings itself
-        // and will not start those functions without them.
-        { name: 'APIMR_SWEEP_SCHEDULE', value: sweepSchedule }
-        { name: 'APIMR_WORK_QUEUE', value: 'apimr-work' }
-      ]
-    }
-  }
-}
-
-// Built-in role ids.
-var roles = {
-  storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
-  storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
-  storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
-  monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
-}
-
-resource storageRoles 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
-  for role in [roles.storageBlobDataOwner, roles.storageQueueDataContributor, roles.storageTableDataContributor]: {
-    name: guid(storage.id, app.id, role)
-    scope: storage
-    properties: {
-      principalId: app.identity.principalId
-      principalType: 'ServicePrincipal'
-      roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', role)
+// The custom role, one definition and one assignment per subscription in scope.
+module scopeRoles 'subscription-role.bicep' = [
+  for sub in scopeSubscriptionIds: {
+    name: 'apimr-role-${uniqueString(sub, environmentName)}'
+    scope: subscription(sub)
+    params: {
+      principalId: app.outputs.identityPrincipalId
+      allowRemediation: allowRemediation
     }
   }
 ]
 
-resource insightsRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(insights.id, app.id, roles.monitoringMetricsPublisher)
-  scope: insights
-  properties: {
-    principalId: app.identity.principalId
-    principalType: 'ServicePrincipal'
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.monitoringMetricsPublisher)
+module workspaceReaders 'modules/workspace-role.bicep' = [
+  for id in logAnalyticsWorkspaceIds: {
+    name: 'apimr-logs-${uniqueString(id, environmentName)}'
+    scope: resourceGroup(split(id, '/')[2], split(id, '/')[4])
+    params: {
+      workspaceName: last(split(id, '/'))
+      roleId: logAnalyticsReader
+      principalId: app.outputs.identityPrincipalId
+    }
+  }
+]
+
+module sentinel 'modules/workspace-role.bicep' = if (!empty(sentinelWorkspaceId)) {
+  name: 'apimr-sentinel-${uniqueString(sentinelWorkspaceId, environmentName)}'
+  scope: resourceGroup(split(sentinelWorkspaceId, '/')[2], split(sentinelWorkspaceId, '/')[4])
+  params: {
+    workspaceName: last(split(sentinelWorkspaceId, '/'))
+    roleId: sentinelResponder
+    principalId: app.outputs.identityPrincipalId
   }
 }
 
-output functionAppName string = app.name
-output principalId string = app.identity.principalId
-output storageAccountName string = storage.name
+// azd turns outputs into environment values (the postdeploy hook reads them).
+output AZURE_LOCATION string = location
+output AZURE_RESOURCE_GROUP string = group.name
+output FUNCTION_APP_ID string = app.outputs.functionAppId
+output FUNCTION_APP_NAME string = app.outputs.functionAppName
+output IDENTITY_PRINCIPAL_ID string = app.outputs.identityPrincipalId
+output KEY_VAULT_NAME string = app.outputs.keyVaultName
+output KEY_VAULT_URI string = app.outputs.keyVaultUri
+output STORAGE_ACCOUNT_NAME string = app.outputs.storageAccountName
+output SCOPE_SUBSCRIPTION_IDS string = join(scopeSubscriptionIds, ',')

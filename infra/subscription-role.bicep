@@ -1,9 +1,11 @@
 // The product's rights on one subscription in scope: a custom role with exactly the Azure
 // actions handlers/scan.py and handlers/remediate.py name in their docstrings, assigned to
-// the Function App's managed identity. Deploy once per subscription in APIMR_SUBSCRIPTION_IDS:
+// the Function App's managed identity. main.bicep deploys it once per subscription in scope
+// (scopeSubscriptionIds); by hand, for a subscription added later:
 //   az deployment sub create -l <region> -f infra/subscription-role.bicep \
-//     -p principalId=<output principalId of main.bicep> allowRemediation=true
-// With allowRemediation=false the identity can scan but write nothing.
+//     -p principalId=<main.bicep output IDENTITY_PRINCIPAL_ID> allowRemediation=true
+// With allowRemediation=false the identity can scan but write nothing. The twin loads this
+// same file for the least-privilege tests, so what is deployed is what was proven.
 targetScope = 'subscription'
 
 @description('Object id of the Function App\'s system-assigned identity (main.bicep output principalId).')

@@ -319,7 +319,7 @@ def test_the_app_context_is_built_once_per_process(monkeypatch: pytest.MonkeyPat
 
 def test_the_deployment_sets_every_setting_a_binding_names() -> None:
     # The host resolves %SETTING% in a binding itself: a missing app setting stops the function.
-    bicep = (ROOT / "infra" / "main.bicep").read_text()
+    bicep = (ROOT / "infra" / "modules" / "app.bicep").read_text()  # main.bicep deploys the app from it
     named = {name for fn in indexed() for raw in fn.get_raw_bindings() for name in SETTING_REF.findall(raw)}
     assert sorted(n for n in named if f"name: '{n}'" not in bicep) == []
 
