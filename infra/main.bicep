@@ -107,6 +107,9 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         // The host resolves %APIMR_SWEEP_SCHEDULE% and %APIMR_WORK_QUEUE% in the bindings itself
         // and will not start those functions without them.
         { name: 'APIMR_SWEEP_SCHEDULE', value: sweepSchedule }
+        // The backup timers tick every 15 minutes; the policy decides when a job is due.
+        { name: 'APIMR_BACKUP_SCHEDULE', value: '0 */15 * * * *' }
+        { name: 'APIMR_RESTORE_TEST_SCHEDULE', value: '0 7-59/15 * * * *' }
         { name: 'APIMR_WORK_QUEUE', value: 'apimr-work' }
       ]
     }
