@@ -803,6 +803,11 @@ def test_backup_writes_a_blob_and_restore_brings_the_configuration_back(twin: An
         backup_name="nightly",
         access_type="SystemAssignedManagedIdentity",
     )
+    # Without a data role on the account the identity cannot write: the LRO fails as Azure's does.
+    with pytest.raises(HttpResponseError, match="AuthorizationPermissionMismatch"):
+        apim.api_management_service.begin_backup(RG, "apim-bk", params, polling_interval=0).result()
+    account_id = twin.server.state.extra["storage_ids"][account]
+    twin.grant("Storage Blob Data Contributor", account_id, {"managed_identity_of": "apim-bk"})
     backed_up = apim.api_management_service.begin_backup(RG, "apim-bk", params, polling_interval=0).result()
     assert backed_up.name == "apim-bk"
     document = json.loads(blobs.get_blob_client(container, "nightly").download_blob().readall())
