@@ -104,7 +104,8 @@ class Inventory(Protocol):
 
 
 class ScopePolicy(Protocol):
-    backups: BackupPolicy
+    @property
+    def backups(self) -> BackupPolicy: ...
 
     def in_scope(self, subscription_id: str, resource_group: str, tags: dict[str, str]) -> bool: ...
 

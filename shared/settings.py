@@ -516,7 +516,8 @@ def _backup(r: _Reader, cloud: CloudProfile) -> BackupSettings | None:
     if not _CONTAINER.match(container) or container.endswith("-"):
         r.problem(
             "BACKUP_CONTAINER",
-            f"must be a blob container name (3-63 lowercase letters, digits and single hyphens), got {shown(container)}",
+            "must be a blob container name (3-63 lowercase letters, digits and single hyphens), "
+            f"got {shown(container)}",
         )
     blob_url = r.https_url("BACKUP_BLOB_ENDPOINT", required=False)
     if blob_url is None:

@@ -182,7 +182,8 @@ async def test_backup_writes_a_blob_and_a_test_restore_brings_it_back(twin: Twin
     # Consumption has no backup: reported, not failed.
     assert by_id[ids["bk-cons"].lower()].outcome is BackupOutcome.UNSUPPORTED
     blob = by_id[src.lower()].blob
-    assert blob is not None and re.fullmatch(r"bk-src-[0-9a-f]{6}/\d{8}T\d{6}Z\.apimbackup", blob)
+    assert blob is not None
+    assert re.fullmatch(r"bk-src-[0-9a-f]{6}/\d{8}T\d{6}Z\.apimbackup", blob)
     container = blobs(twin, world["container"])
     document = json.loads(container.download_blob(blob).readall())  # the real backup, written by "APIM"
     assert any(r["path"] == "/apis/orders/operations/list-orders" for r in document["resources"])
@@ -197,7 +198,8 @@ async def test_backup_writes_a_blob_and_a_test_restore_brings_it_back(twin: Twin
     tested = await run_restore_tests(RestoreTestRequest(max_wait=30), context.backup_deps())
     [outcome] = tested.sources
     assert outcome.outcome is RestoreOutcome.PASSED, outcome
-    assert outcome.target_id == ids["bk-dst"] and outcome.recovery_s is not None
+    assert outcome.target_id == ids["bk-dst"]
+    assert outcome.recovery_s is not None
     restored = twin.arm("GET", f"{ids['bk-dst']}/apis/orders/operations?api-version=2024-05-01").json()
     assert sorted(o["name"] for o in restored["value"]) == ["create-order", "list-orders"]
     assert await bak_findings(context, src) == []
@@ -233,8 +235,10 @@ async def test_a_run_left_mid_lro_resumes_from_its_token_and_finishes(twin: Twin
     first = await run_backups(BackupRequest(instance_ids=(src,), max_wait=0), context.backup_deps())
     assert first.instances[0].outcome is BackupOutcome.RUNNING
     [running] = await BackupStore(context.factory.table_service_async()).runs(src)
-    assert running.status.value == "running" and running.continuation
-    assert "Authorization" not in running.continuation and "canary" not in running.continuation
+    assert running.status.value == "running"
+    assert running.continuation
+    assert "Authorization" not in running.continuation
+    assert "canary" not in running.continuation
     # The worker that started it is gone; a fresh process (new context) picks it up.
     async_context = AppContext.load(world["env"])
     try:
@@ -243,7 +247,8 @@ async def test_a_run_left_mid_lro_resumes_from_its_token_and_finishes(twin: Twin
     finally:
         await async_context.aclose()
     assert second.instances[0].outcome is BackupOutcome.SUCCEEDED
-    assert second.instances[0].run_id == running.run_id and second.instances[0].duration_s is not None
+    assert second.instances[0].run_id == running.run_id
+    assert second.instances[0].duration_s is not None
     starts = [e for e in arm_log(twin) if e["method"] == "POST" and e["path"].lower().endswith("/backup")]
     assert len(starts) == 1  # resumed, not started again
 
@@ -259,9 +264,11 @@ async def test_an_lro_that_ends_failed_or_canceled_is_a_recorded_failure(
     )
     result = await run_backups(BackupRequest(instance_ids=(src,), max_wait=30), context.backup_deps())
     [item] = result.instances
-    assert item.outcome is BackupOutcome.FAILED and item.error_code
+    assert item.outcome is BackupOutcome.FAILED
+    assert item.error_code
     [run] = await BackupStore(context.factory.table_service_async()).runs(src)
-    assert run.status.value == "failed" and run.error_code == item.error_code
+    assert run.status.value == "failed"
+    assert run.error_code == item.error_code
     [finding] = [f for f in await bak_findings(context, src) if f.rule_id == "BAK-001"]
     assert "last attempt failed" in finding.message
 
@@ -289,7 +296,8 @@ async def test_across_tiers_or_without_the_tag_is_refused_before_any_restore(
             ).sources
         finally:
             await other.aclose()
-        assert outcome.outcome is RestoreOutcome.REFUSED and outcome.error_code == code, outcome
+        assert outcome.outcome is RestoreOutcome.REFUSED, outcome
+        assert outcome.error_code == code, outcome
     assert not [e for e in arm_log(twin) if e["path"].lower().endswith("/restore")]
     with pytest.raises(RestoreRefused):
         await run_restore_tests(

@@ -257,7 +257,7 @@ async def list_operations(request: web.Request) -> web.StreamResponse:
         )
         for r in state.store.children(api.id, "operations")
     ]
-    fields = {
+    fields: dict[str, tuple[str, ...]] = {
         "name": _ALL_OPS,
         "displayName": _ALL_OPS,
         "method": _ALL_OPS,
