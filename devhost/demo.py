@@ -54,6 +54,7 @@ ARM_EVENTS = [
 ]
 API = "api-version=2024-05-01"
 VAULT = "kv-apim-keys-prod"
+BACKUP_ACCOUNT = "apimbackups"  # estates/demo.yaml storage_accounts
 VAULT_ID = f"/subscriptions/{SUB}/resourceGroups/rg-apim-prod/providers/Microsoft.KeyVault/vaults/{VAULT}"
 MOVED_NV = "payments-api-key"
 
@@ -117,6 +118,12 @@ def app_settings(twin: TwinServer, policy: Path = POLICY) -> dict[str, str]:
         APIMR_POLICY_FILE=str(policy),
         APIMR_WORK_QUEUE="apimr-work",
         APIMR_SWEEP_SCHEDULE="0 0 */6 * * *",
+        APIMR_BACKUP_SCHEDULE="0 */15 * * * *",
+        APIMR_RESTORE_TEST_SCHEDULE="0 7-59/15 * * * *",
+        # Backups go to the estate's storage account (Azurite); no job has run yet, so
+        # BAK-001 and BAK-002 are open on both instances after the first sweep.
+        APIMR_BACKUP_STORAGE_ACCOUNT=BACKUP_ACCOUNT,
+        APIMR_BACKUP_BLOB_ENDPOINT=twin.state.extra["storage"][BACKUP_ACCOUNT]["blob_url"],
         APIMR_API_AUDIENCE=API_AUDIENCE,
         APIMR_API_TENANT_ID=twin.state.tenant_id,
         FUNCTIONS_WORKER_RUNTIME="python",
@@ -166,14 +173,19 @@ async def sweep_tick(host: DevHost, context: AppContext) -> list[str]:
     work = [i for i in host.invocations if i.function == "work"]
     say(f"sweep -> {len(work)} work message(s), all handled in {time.monotonic() - began:.1f} s")
     journal = Journal(context.factory.table_service_async())
+    problems: list[str] = []
     for ref in await context.source().discover():
         entries = await journal.history(ref.id)
         fixed = sorted({rule for e in entries if e.phase is Phase.VERIFIED for rule in e.rule_id.split("+")})
         summary = await context.findings().summary(ref.id)
         left = summary.open_total if summary is not None else "?"
         say(f"{ref.name}: fixed and verified {', '.join(fixed) or 'nothing (compliant)'}; {left} finding(s) left")
+        backups = sorted(f.rule_id for f in await context.findings().findings(ref.id) if f.rule_id.startswith("BAK-"))
+        say(f"{ref.name}: {', '.join(backups) or 'no BAK finding'} open until the backup and restore-test jobs run")
+        if backups != ["BAK-001", "BAK-002"]:
+            problems.append(f"{ref.name}: BAK-001 and BAK-002 should be open before any backup, got {backups}")
     failed = [i for i in work if i.outcome != "Succeeded"]
-    return [f"a work message failed: {failed[0].error}"] if failed or not work else []
+    return [f"a work message failed: {failed[0].error}"] if failed or not work else problems
 
 
 def named_value(arm: Arm, token: str) -> dict[str, Any]:

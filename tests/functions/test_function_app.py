@@ -202,9 +202,13 @@ def test_the_sweep_schedule_in_the_sample_loads() -> None:
     from shared.settings import load_settings
 
     settings = load_settings(sample_values())
-    [timer] = [b for fn in indexed() for b in bindings(fn) if b["type"] == "timerTrigger"]
-    assert resolve(timer["schedule"]) == settings.sweep_schedule
-    assert len(settings.sweep_schedule.split()) == 6
+    timers = {fn.get_function_name(): b for fn in indexed() for b in bindings(fn) if b["type"] == "timerTrigger"}
+    assert set(timers) == {"sweep", "backup", "restore_test"}
+    assert resolve(timers["sweep"]["schedule"]) == settings.sweep_schedule
+    assert resolve(timers["backup"]["schedule"]) == settings.backup_schedule
+    assert resolve(timers["restore_test"]["schedule"]) == settings.restore_test_schedule
+    for schedule in (settings.sweep_schedule, settings.backup_schedule, settings.restore_test_schedule):
+        assert len(schedule.split()) == 6
 
 
 class FakeContext:
