@@ -337,18 +337,21 @@ def backup_status(runs: Iterable[BackupRun]) -> dict[str, Any]:
                 f"; and {more} more" if more > 0 else ""
             )
         else:
-            summary = f"{latest_test.error_code or 'failed'}: {latest_test.error or ''}".strip()
+            summary = _reason(latest_test)
     return {
         "last_backup_at": good.finished_at if good else None,
         "last_backup_blob": good.blob if good else None,
-        "last_attempt_failed": (
-            f"{failed_attempt.error_code or 'failed'}: {failed_attempt.error or ''}".strip() if failed_attempt else None
-        ),
+        "last_attempt_failed": _reason(failed_attempt) if failed_attempt else None,
         "last_restore_test_at": latest_test.finished_at if latest_test else None,
         "last_restore_test_passed": (latest_test.status is RunStatus.PASSED) if latest_test else None,
         "last_restore_test_summary": summary,
         "last_passing_restore_test_at": passing.finished_at if passing else None,
     }
+
+
+def _reason(run: BackupRun) -> str:
+    code = run.error_code or "failed"
+    return f"{code}: {run.error}" if run.error else code
 
 
 # -- retention -------------------------------------------------------------------------------

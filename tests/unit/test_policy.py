@@ -669,3 +669,34 @@ def test_every_default_fits_its_own_parameter_schema() -> None:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     assert param.minimum is None or value >= param.minimum, (rule_id, param.name)
                     assert param.maximum is None or value <= param.maximum, (rule_id, param.name)
+
+
+# -- backups -----------------------------------------------------------------------------------
+
+SRC = "/subscriptions/3f2a1b0c-0000-4000-8000-000000000101/resourceGroups/rg/providers/Microsoft.ApiManagement/service/src"
+DST = "/subscriptions/3f2a1b0c-0000-4000-8000-000000000101/resourceGroups/rg/providers/Microsoft.ApiManagement/service/dst"
+
+
+def test_backups_section_reads_cadence_retention_and_targets() -> None:
+    policy = load(
+        "version: 1\nbackups:\n  every_hours: 12\n  retention: {keep_last: 3, max_age_days: 10}\n"
+        f"  restore_tests:\n    every_days: 2\n    targets:\n      {SRC}: {DST}\n"
+    )
+    assert (policy.backups.every_hours, policy.backups.keep_last, policy.backups.max_age_days) == (12, 3, 10)
+    assert policy.backups.restore_test_every_days == 2
+    assert policy.backups.restore_target_of(SRC.upper()) == DST
+    assert policy.backups.restore_target_of(DST) is None
+
+
+def test_backups_section_errors_name_the_place() -> None:
+    assert problems(
+        "version: 1\nbackups:\n  every_hours: 0\n  retention: {keep_last: 1, max_age_days: 31}\n"
+        f"  restore_tests:\n    targets:\n      {SRC}: {SRC}\n      /not/an/id: {DST}\n"
+    ) == [
+        "policy.yaml:3: backups.every_hours: expected an integer >= 1 and <= 720, got 0",
+        "policy.yaml:4: backups.retention.max_age_days: expected an integer >= 1 and <= 30, got 31",
+        f"policy.yaml:7: backups.restore_tests.targets.{SRC}: a source cannot be its own restore-test target "
+        "(a restore overwrites it)",
+        "policy.yaml:8: backups.restore_tests.targets./not/an/id: expected an APIM service resource id as the key "
+        "(the backup source)",
+    ]
