@@ -673,8 +673,10 @@ def test_every_default_fits_its_own_parameter_schema() -> None:
 
 # -- backups -----------------------------------------------------------------------------------
 
-SRC = "/subscriptions/3f2a1b0c-0000-4000-8000-000000000101/resourceGroups/rg/providers/Microsoft.ApiManagement/service/src"
-DST = "/subscriptions/3f2a1b0c-0000-4000-8000-000000000101/resourceGroups/rg/providers/Microsoft.ApiManagement/service/dst"
+_APIM = "/subscriptions/3f2a1b0c-0000-4000-8000-000000000101/resourceGroups/rg/providers/Microsoft.ApiManagement"
+_APIM += "/service"
+SRC = f"{_APIM}/src"
+DST = f"{_APIM}/dst"
 
 
 def test_backups_section_reads_cadence_retention_and_targets() -> None:
