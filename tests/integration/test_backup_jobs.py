@@ -303,3 +303,28 @@ async def test_across_tiers_or_without_the_tag_is_refused_before_any_restore(
         await run_restore_tests(
             RestoreTestRequest(source_ids=(ids["bk-src"],), target_id=ids["bk-dev"]), context.backup_deps()
         )
+
+
+def test_the_http_api_backs_up_with_operate_and_test_restores_with_admin(
+    twin: TwinHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.integration.test_api import ADMIN, API_ENV_KEYS, AUDIENCE, OPERATE, ApiServer, call, path_of, poll, token
+
+    for key in API_ENV_KEYS:
+        monkeypatch.setenv(key, twin.env[key])
+    ids = seed_estate(twin)
+    env = env_for(twin, tmp_path, ids, f"bk-{uuid.uuid4().hex[:10]}")
+    env.update(APIMR_API_AUDIENCE=AUDIENCE, APIMR_API_TENANT_ID=twin.tenant_id)
+    source = path_of(ids["bk-src"])
+    with ApiServer(env) as server:
+        started = call(server, "POST", f"{source}/backups", token(twin, OPERATE))
+        assert started.status_code == 202, started.text
+        done = poll(server, started.headers["Location"], token(twin, OPERATE))
+        assert done["status"] == "succeeded", done
+        assert [i["outcome"] for i in done["result"]["instances"]] == ["succeeded"]
+        denied = call(server, "POST", f"{source}/restore-tests", token(twin, OPERATE))
+        assert denied.status_code == 403
+        started = call(server, "POST", f"{source}/restore-tests", token(twin, ADMIN))
+        assert started.status_code == 202, started.text
+        done = poll(server, started.headers["Location"], token(twin, ADMIN))
+        assert [s["outcome"] for s in done["result"]["sources"]] == ["passed"], done
