@@ -330,7 +330,8 @@ async def restore_test_now(ref: InstanceRef, jobs: BackupJobDeps) -> dict[str, A
 
 
 def _plain(item: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(item), default=str))
+    plain: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(item), default=str))
+    return plain
 
 
 # -- operations ----------------------------------------------------------------------------------
