@@ -157,10 +157,19 @@ class AzureBackupApi:
         params = await self._parameters(facts, blob, with_key=True)
         operations = self.factory.apim_async(sub).api_management_service
         start = operations.begin_backup if kind is RunKind.BACKUP else operations.begin_restore
+        what = f"starting the {kind.value.replace('_', ' ')} of {facts.id}"
         try:
             poller = await start(rg, name, params, polling_interval=self.poll_interval)
+        except HttpResponseError as error:
+            translated = translate(error, what)
+            # ARM's refusal says what is missing (e.g. the action a 403 lacks); the request
+            # body (which may hold an access key) is never part of it.
+            detail = getattr(getattr(error, "error", None), "message", None)
+            if detail:
+                raise type(translated)(f"{translated}: {str(detail)[:400]}") from error
+            raise translated from error
         except AzureError as error:
-            raise translate(error, f"starting the {kind.value.replace('_', ' ')} of {facts.id}") from error
+            raise translate(error, what) from error
         finally:
             del params  # may hold the access key
         return poller.continuation_token()

@@ -328,3 +328,43 @@ def test_the_http_api_backs_up_with_operate_and_test_restores_with_admin(
         assert started.status_code == 202, started.text
         done = poll(server, started.headers["Location"], token(twin, ADMIN))
         assert [s["outcome"] for s in done["result"]["sources"]] == ["passed"], done
+
+
+async def test_a_worker_killed_mid_lro_is_resumed_by_the_next_tick(twin: TwinHandle, world: dict[str, Any]) -> None:
+    """The CLI is killed (SIGKILL: no cleanup) once its backup is running; the next tick
+    resumes it from the stored continuation token and finishes it."""
+    import asyncio
+    import signal
+    import sys
+
+    ids, context = world["ids"], world["context"]
+    src = ids["bk-src"]
+    twin.control("PUT", "/_twin/lro", json={"polls": 100000})
+    command = [str(Path(sys.executable).with_name("apim-remediator")), "backup", "--instance", src, "--max-wait", "120"]
+    worker = await asyncio.create_subprocess_exec(
+        *command, env=world["env"], stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    store = BackupStore(context.factory.table_service_async())
+    try:
+        for _ in range(300):
+            runs = await store.runs(src)
+            if runs and runs[0].status.value == "running":
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the backup never reached `running`")
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(worker.wait(), timeout=30)
+    assert worker.returncode == -signal.SIGKILL
+    [left] = await store.runs(src)
+    assert left.status.value == "running"
+    assert left.continuation
+    twin.control("PUT", "/_twin/lro", json={"polls": 1})
+    result = await run_backups(BackupRequest(instance_ids=(src,), max_wait=30), context.backup_deps())
+    [item] = result.instances
+    assert item.outcome is BackupOutcome.SUCCEEDED
+    assert item.run_id == left.run_id
+    assert item.duration_s is not None
+    starts = [e for e in arm_log(twin) if e["method"] == "POST" and e["path"].lower().endswith("/backup")]
+    assert len(starts) == 1
