@@ -281,9 +281,8 @@ def test_the_scan_with_the_whole_role_reads_everything(
 def test_the_backup_jobs_run_with_only_the_role_and_need_each_of_their_actions(
     twin: TwinHandle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, missing: str | None
 ) -> None:
-    from tests.integration.test_backup_jobs import ACCOUNT
+    from tests.integration.test_backup_jobs import ACCOUNT, policy_text, seed_estate
     from tests.integration.test_backup_jobs import RG as BACKUP_RG
-    from tests.integration.test_backup_jobs import policy_text, seed_estate
 
     ids = seed_estate(twin)
     role = f"APIM Remediator jobs under test {uuid.uuid4().hex[:6]}"
