@@ -1027,3 +1027,64 @@ def test_policy_xml_with_documented_elements_and_free_content_is_accepted(twin: 
         "</inbound><backend><base /></backend><outbound /><on-error /></policies>"
     )
     apim.policy.create_or_update(RG, "apim-polxml", "policy", PolicyContract(value=good, format="xml"))
+
+
+# -- API operations and users (what a backup manifest reads) ------------------------------------------------
+
+
+def test_api_operations_as_the_spec_has_them(twin: Any, apim: ApiManagementClient) -> None:
+    """apimapis.json (2024-05-01): ApiOperation_CreateOrUpdate answers 201 then 200, requires
+    displayName, method and urlTemplate; ListByApi pages; Delete needs If-Match; an estate
+    seeds operations under `apis[].operations`."""
+    from azure.mgmt.apimanagement.models import OperationContract
+
+    seed_service(
+        twin,
+        "apim-ops",
+        apis=[{"id": "orders", "path": "orders", "operations": [{"id": "list", "method": "GET", "urlTemplate": "/o"}]}],
+    )
+    assert [o.name for o in apim.api_operation.list_by_api(RG, "apim-ops", "orders")] == ["list"]
+    created = apim.api_operation.create_or_update(
+        RG, "apim-ops", "orders", "create", OperationContract(display_name="Create", method="POST", url_template="/o")
+    )
+    assert created.method == "POST"
+    again = twin.arm(
+        "PUT",
+        service_id("apim-ops") + "/apis/orders/operations/create?api-version=2024-05-01",
+        json={"properties": {"displayName": "Create", "method": "POST", "urlTemplate": "/o"}},
+    )
+    assert again.status_code == 200
+    missing = twin.arm(
+        "PUT",
+        service_id("apim-ops") + "/apis/orders/operations/bad?api-version=2024-05-01",
+        json={"properties": {"displayName": "Bad", "method": "GET"}},
+    )
+    assert missing.status_code == 400
+    assert "urlTemplate" in missing.json()["error"]["message"]
+    apim.api_operation.delete(RG, "apim-ops", "orders", "create", "*")
+    assert [o.name for o in apim.api_operation.list_by_api(RG, "apim-ops", "orders")] == ["list"]
+    with pytest.raises(ResourceNotFoundError):
+        apim.api_operation.get(RG, "apim-ops", "orders", "create")
+
+
+def test_users_as_the_spec_has_them(twin: Any, apim: ApiManagementClient) -> None:
+    """apimusers.json (2024-05-01): User_CreateOrUpdate requires email, firstName, lastName; a
+    password is accepted and never returned."""
+    from azure.mgmt.apimanagement.models import UserCreateParameters
+
+    seed_service(
+        twin, "apim-users", users=[{"id": "ada", "email": "ada@example.com", "firstName": "Ada", "lastName": "L"}]
+    )
+    apim.user.create_or_update(
+        RG,
+        "apim-users",
+        "bob",
+        UserCreateParameters(email="bob@example.com", first_name="Bob", last_name="B", password="canary-pw-1"),
+    )
+    listed = twin.arm("GET", service_id("apim-users") + "/users?api-version=2024-05-01")
+    assert sorted(u["name"] for u in listed.json()["value"]) == ["ada", "bob"]
+    assert "canary-pw-1" not in listed.text
+    bad = twin.arm(
+        "PUT", service_id("apim-users") + "/users/eve?api-version=2024-05-01", json={"properties": {"email": "e@x.y"}}
+    )
+    assert bad.status_code == 400
