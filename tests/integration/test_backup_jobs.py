@@ -368,3 +368,43 @@ async def test_a_worker_killed_mid_lro_is_resumed_by_the_next_tick(twin: TwinHan
     assert item.duration_s is not None
     starts = [e for e in arm_log(twin) if e["method"] == "POST" and e["path"].lower().endswith("/backup")]
     assert len(starts) == 1
+
+
+async def test_an_access_key_is_read_from_key_vault_and_never_kept(
+    twin: TwinHandle, world: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = world["ids"]
+    key = twin.server.state.extra["storage"][ACCOUNT]["account_key"]
+    twin.seed(
+        {
+            "subscriptions": [
+                {
+                    "id": twin.subscription_id,
+                    "resource_groups": [
+                        {
+                            "name": RG,
+                            "location": "westeurope",
+                            "key_vaults": [{"name": "kv-bk-keys", "secrets": [{"name": "backup-key", "value": key}]}],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    env = dict(world["env"])
+    env.update(
+        APIMR_BACKUP_ACCESS="AccessKey",
+        APIMR_BACKUP_ACCESS_KEY_SECRET=f"{twin.urls['vault:kv-bk-keys']}/secrets/backup-key",
+    )
+    context = AppContext.load(env)
+    try:
+        result = await run_backups(BackupRequest(instance_ids=(ids["bk-src"],), max_wait=30), context.backup_deps())
+        runs = await BackupStore(context.factory.table_service_async()).runs(ids["bk-src"])
+    finally:
+        await context.aclose()
+    assert result.instances[0].outcome is BackupOutcome.SUCCEEDED, result
+    backups = [e for e in arm_log(twin) if e["path"].lower().endswith("/backup")]
+    assert len(backups) == 1
+    assert key not in caplog.text
+    assert key not in repr(runs)
+    assert key not in repr(result)
