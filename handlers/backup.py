@@ -213,8 +213,9 @@ class _Job:
     async def _one(self, ref: InstanceRef) -> InstanceBackup:
         runs = await self.records.runs(ref.id)
         backups = [r for r in runs if r.kind is RunKind.BACKUP]
-        for run in [r for r in backups if r.status.is_open]:
-            return await self.settle(run, runs)
+        unfinished = [r for r in backups if r.status.is_open]
+        if unfinished:
+            return await self.settle(unfinished[0], runs)
         policy = self.deps.policy.backups
         now = self.deps.clock()
         newest = max((r.started_at for r in backups), default=None)

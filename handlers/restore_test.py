@@ -172,8 +172,9 @@ class _Job:
         policy = self.deps.policy.backups
         runs = await self.records.runs(ref.id)
         tests = [r for r in runs if r.kind is RunKind.RESTORE_TEST]
-        for run in [r for r in tests if r.status.is_open]:
-            return await self.settle(run, runs)
+        unfinished = [r for r in tests if r.status.is_open]
+        if unfinished:
+            return await self.settle(unfinished[0], runs)
         target_id = policy.restore_target_of(ref.id)
         if target_id is None:
             return RestoreTestOutcome(ref.id, RestoreOutcome.NO_TARGET)

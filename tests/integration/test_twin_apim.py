@@ -824,6 +824,10 @@ def test_backup_writes_a_blob_and_restore_brings_the_configuration_back(twin: An
     # Protocol settings are not part of a backup: the change made after it survives the restore.
     assert apim.api_management_service.get(RG, "apim-bk").custom_properties[HTTP2] == "true"
     assert events(twin, "Microsoft.Resources.ResourceActionSuccess")
+    # Learn: a backup expires after 30 days ("Cannot restore: backup expired").
+    twin.control("POST", "/_twin/clock/advance", {"days": 31})
+    with pytest.raises(HttpResponseError, match="backup expired"):
+        apim.api_management_service.begin_restore(RG, "apim-bk", params, polling_interval=0).result()
 
 
 def test_backup_is_refused_or_fails_as_azure_does(twin: Any, apim: ApiManagementClient) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -155,6 +156,17 @@ def _identity_may(state: TwinState, principal_id: str, body: dict[str, Any], act
     return rbac.allowed(state, principal_id, action, scope, data=True)
 
 
+BACKUP_LIFETIME = timedelta(days=30)
+
+
+def _expired(state: TwinState, document: dict[str, Any]) -> bool:
+    try:
+        taken = datetime.fromisoformat(str(document.get("takenAt")).replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return _now(state) - taken > BACKUP_LIFETIME
+
+
 class _Skip(Exception):
     """No storage call: the identity may not (the failure is already set)."""
 
@@ -246,6 +258,11 @@ async def restore_service(request: web.Request) -> web.StreamResponse:
         pass
     if document is not None and (not isinstance(document, dict) or document.get("format") != BACKUP_FORMAT):
         failure, document = ("InvalidBackup", f"'{blob}' is not an API Management backup."), None
+    if document is not None and _expired(state, document):
+        # Learn: "Each backup expires after 30 days. If you attempt to restore a backup after the
+        # 30-day expiration period has expired, the restore will fail with a Cannot restore:
+        # backup expired message." [unverified: the error code]
+        failure, document = ("BackupExpired", "Cannot restore: backup expired"), None
     if document is not None and document["service"]["sku"]["name"] != service.body["sku"]["name"]:
         raise ServiceError(
             400,
