@@ -340,7 +340,8 @@ async def backups(host: DevHost, context: AppContext, arm: Arm) -> list[str]:
     problems: list[str] = []
     refs = await context.source().discover()
     for ref in refs:
-        [run, *_] = await store.runs(ref.id) or [None]
+        runs = await store.runs(ref.id)
+        run = runs[0] if runs else None
         if run is None or run.status.value != "succeeded":
             problems.append(f"{ref.name}: no successful backup ({run})")
             continue
