@@ -603,6 +603,14 @@ def test_the_docs_example_loads() -> None:
     assert [e.rule for e in policy.exemptions] == ["NET-001", "*"]
     assert policy.max_writes_per_run == 20
     assert policy.tag_exemptions is True
+    assert policy.backups.keep_last == 7
+    assert policy.backups.restore_target_of(
+        "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-apim-prod/providers/"
+        "Microsoft.ApiManagement/service/apim-prod"
+    ) == (
+        "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-apim-dr/providers/"
+        "Microsoft.ApiManagement/service/apim-restore-test"
+    )
 
 
 # -- parameter formats: a value the rule could not use is refused at load time ---------------
