@@ -166,8 +166,14 @@ async def select_instances(instance_ids: Sequence[str], inventory: Inventory, po
     """The instances in scope (settings and policy), narrowed to `instance_ids` when given;
     an id given but not in scope is refused (PermanentError)."""
     refs = [r for r in await inventory.discover() if policy.in_scope(r.subscription_id, r.resource_group, dict(r.tags))]
+    return narrow(refs, instance_ids)
+
+
+def narrow(refs: Sequence[InstanceRef], instance_ids: Sequence[str]) -> list[InstanceRef]:
+    """`refs` narrowed to `instance_ids` (all of them when none is given); an id not among
+    them is refused (PermanentError)."""
     if not instance_ids:
-        return refs
+        return list(refs)
     by_id = {r.id.lower(): r for r in refs}
     missing = [i for i in instance_ids if i.lower().rstrip("/") not in by_id]
     if missing:

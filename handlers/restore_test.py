@@ -14,8 +14,9 @@ Restoring overwrites the target, so a target must be designated twice: the polic
 `apim-remediator-restore-target-for` naming the source's resource id. A target the request
 names that the policy does not map to the source is refused before any call to Azure; a
 target without the tag, or of another tier than the backup (Azure restores only into the
-same tier), is refused after reading it, before any restore is sent. Refusals are recorded
-as failed test-restores (`error_code` RestoreRefused / TierMismatch).
+same tier), is refused after reading it, before any restore is sent; so is a target outside
+the configured scope. Refusals are recorded as failed test-restores (`error_code`
+RestoreRefused / TierMismatch).
 
 Azure actions:
     Microsoft.ApiManagement/service/restore/action
@@ -41,6 +42,7 @@ from handlers.backup import (
     BackupJobDeps,
     BackupRecords,
     log_failure,
+    narrow,
     select_instances,
 )
 from shared.backup import (
@@ -135,10 +137,11 @@ async def run_restore_tests(request: RestoreTestRequest, deps: BackupJobDeps) ->
     if deps.azure is None or deps.blobs is None or deps.records is None:
         LOG.info("backups are not configured (APIMR_BACKUP_STORAGE_ACCOUNT is not set)", extra={"event": "backup.off"})
         return RestoreTestResult(request.correlation_id, ())
-    refs = await select_instances(request.source_ids, deps.inventory, deps.policy)
+    everything = await select_instances((), deps.inventory, deps.policy)
+    refs = narrow(everything, request.source_ids)
     if not request.source_ids:
         refs = [r for r in refs if policy.restore_target_of(r.id) is not None]
-    job = _Job(request, deps, deps.records, deps.azure, deps.blobs)
+    job = _Job(request, deps, deps.records, deps.azure, deps.blobs, frozenset(r.id.lower() for r in everything))
     return RestoreTestResult(request.correlation_id, tuple([await job.one(ref) for ref in refs]))
 
 
@@ -150,6 +153,7 @@ class _Job:
 
     azure: BackupAzure
     blobs: BackupBlobs
+    in_scope: frozenset[str]  # lowercase ids of the instances the settings and policy admit
 
     async def one(self, ref: InstanceRef) -> RestoreTestOutcome:
         try:
@@ -203,6 +207,14 @@ class _Job:
             target_id=target_id,
             correlation_id=self.request.correlation_id,
         )
+        if target_id.lower().rstrip("/") not in self.in_scope:
+            return await self.fail(
+                run,
+                "RestoreRefused",
+                f"{target_id} is outside the configured scope (settings and policy): the product writes only "
+                "in scope; nothing was restored",
+                refused=True,
+            )
         manifest = await self.manifest(backup.blob)
         if isinstance(manifest, str):
             return await self.fail(run, "ManifestUnreadable", manifest)

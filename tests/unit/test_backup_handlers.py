@@ -164,3 +164,13 @@ async def test_a_target_without_the_tag_is_refused_before_any_restore() -> None:
     assert not [c for c in fakes.calls if c[0] == "begin"]
     failed = [r for r in fakes.saved.values() if r.kind is RunKind.RESTORE_TEST]
     assert [replace(r, run_id="").status for r in failed] == [RunStatus.FAILED]
+
+
+async def test_a_target_outside_the_scope_is_refused_without_reading_it() -> None:
+    fakes = Fakes({"a": "Premium"})
+    await run_backups(BackupRequest(instance_ids=(sid("a"),)), deps(fakes))
+    fakes.calls.clear()
+    [outcome] = (await run_restore_tests(RestoreTestRequest(), deps(fakes, {"a": "elsewhere"}))).sources
+    assert outcome.outcome is RestoreOutcome.REFUSED
+    assert "outside the configured scope" in (outcome.error or "")
+    assert [c[0] for c in fakes.calls] == ["discover"]
