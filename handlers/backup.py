@@ -242,8 +242,12 @@ class _Job:
         if not self.container_ready:
             await self.blobs.ensure_container()
             self.container_ready = True
-        content, not_in_backup = await self.azure.content(facts.id)
         blob = backup_blob_name(facts.name, now)
+        if any(r.blob == blob for r in runs):
+            # Blob names have whole seconds: a second backup in the same second would overwrite
+            # the first one's blob, so it waits for the next tick.
+            return InstanceBackup(facts.id, BackupOutcome.NOT_DUE, blob=blob)
+        content, not_in_backup = await self.azure.content(facts.id)
         run = BackupRun(
             instance_id=facts.id,
             run_id=new_run_id(now),

@@ -408,3 +408,39 @@ async def test_an_access_key_is_read_from_key_vault_and_never_kept(
     assert key not in caplog.text
     assert key not in repr(runs)
     assert key not in repr(result)
+
+
+async def test_retention_prunes_by_count_but_keeps_the_newest_verified_backup(
+    twin: TwinHandle, world: dict[str, Any]
+) -> None:
+    """keep_last: 2 (policy_text). Backup 1 is verified by a test-restore; after backups 2, 3
+    and 4, backup 2 is pruned (blob and manifest), backup 1 stays as the newest verified one."""
+    import asyncio
+
+    ids, context = world["ids"], world["context"]
+    src = ids["bk-src"]
+    container = blobs(twin, world["container"])
+    made: list[str] = []
+    for n in range(4):
+        if n:
+            await asyncio.sleep(1.05)  # blob names carry whole seconds
+        result = await run_backups(BackupRequest(instance_ids=(src,), force=True, max_wait=30), context.backup_deps())
+        [item] = result.instances
+        assert item.outcome is BackupOutcome.SUCCEEDED, item
+        assert item.blob is not None
+        made.append(item.blob)
+        if n == 0:
+            [tested] = (await run_restore_tests(RestoreTestRequest(max_wait=30), context.backup_deps())).sources
+            assert tested.outcome is RestoreOutcome.PASSED, tested
+        if n == 3:
+            assert item.pruned == (made[1],)
+    present = {b.name for b in container.list_blobs(name_starts_with=made[0].split("/")[0] + "/")}
+    assert present == {made[0], manifest_blob_name(made[0]), *made[2:], *(manifest_blob_name(b) for b in made[2:])}
+    runs = {
+        r.blob: r
+        for r in await BackupStore(context.factory.table_service_async()).runs(src)
+        if r.kind.value == "backup"
+    }
+    assert runs[made[1]].pruned
+    assert runs[made[0]].verified
+    assert not runs[made[0]].pruned
