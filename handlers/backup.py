@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shared.backup import (
     BackupRun,
@@ -48,11 +48,15 @@ from shared.backup import (
     retention_victims,
     supports_backup,
 )
-from shared.backup_azure import LroOutcome, ServiceFacts
 from shared.backup_store import new_run_id
 from shared.errors import PermanentError, TransientError
 from shared.inventory import InstanceRef
 from shared.policy import BackupPolicy
+
+if TYPE_CHECKING:
+    # Types only: the Azure side (the SDK's models) is imported when the composition root
+    # builds it, not when function_app.py indexes the timers.
+    from shared.backup_azure import LroOutcome, ServiceFacts
 
 LOG = logging.getLogger("apim_remediator.backup")
 # A tick waits this long for an LRO at most, well inside the host's 10-minute timeout.
