@@ -18,9 +18,11 @@ import json
 import azure.functions as func
 
 from handlers.asgi import AsgiApp, LazyAsgiApp
+from handlers.backup import BackupRequest, run_backups
 from handlers.context import AppContext
 from handlers.events import GridEvent, handle_event, parse_data
 from handlers.health import check_health
+from handlers.restore_test import RestoreTestRequest, run_restore_tests
 from handlers.sweep import SweepRequest
 from handlers.sweep import sweep as run_sweep
 from handlers.work import QueueDelivery, handle_poison, handle_work
@@ -102,3 +104,15 @@ async def poison(msg: func.QueueMessage) -> None:
 @app.event_grid_trigger(arg_name="event")
 async def events(event: func.EventGridEvent) -> None:
     await handle_event(_grid_event(event), app_context().events_deps())
+
+
+@app.function_name("backup")
+@app.timer_trigger(schedule="%APIMR_BACKUP_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=True)
+async def backup(timer: func.TimerRequest) -> None:
+    await run_backups(BackupRequest(), app_context().backup_deps())
+
+
+@app.function_name("restore_test")
+@app.timer_trigger(schedule="%APIMR_RESTORE_TEST_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=True)
+async def restore_test(timer: func.TimerRequest) -> None:
+    await run_restore_tests(RestoreTestRequest(), app_context().backup_deps())

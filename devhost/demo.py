@@ -36,6 +36,7 @@ from azure.identity import ClientSecretCredential
 
 from devhost.host import DevHost, storage_settings_for
 from handlers.context import AppContext
+from shared.backup_store import BackupStore
 from shared.journal import Journal, Phase
 from twin.server import TwinServer
 
@@ -44,6 +45,7 @@ ESTATE = ROOT / "estates" / "demo.yaml"
 POLICY = Path(__file__).resolve().parent / "demo-policy.yaml"
 SUB = "6a0e2f31-0000-4000-8000-0000000de001"
 PROD = f"/subscriptions/{SUB}/resourceGroups/rg-apim-prod/providers/Microsoft.ApiManagement/service/apim-contoso-prod"
+INTERNAL = PROD.replace("apim-contoso-prod", "apim-contoso-internal")
 API_AUDIENCE = "api://apim-remediator"
 OPERATOR = ("0b5e0c1a-0000-4000-8000-00000000d3e2", "twin-demo-secret-operator")  # Remediator.Admin
 READER = ("0b5e0c1a-0000-4000-8000-00000000d3e3", "twin-demo-secret-reader")  # Remediator.Read
@@ -55,6 +57,10 @@ ARM_EVENTS = [
 ]
 API = "api-version=2024-05-01"
 VAULT = "kv-apim-keys-prod"
+BACKUP_ACCOUNT = "apimbackups"  # estates/demo.yaml storage_accounts
+BACKUP_ID = (
+    f"/subscriptions/{SUB}/resourceGroups/rg-apim-prod/providers/Microsoft.Storage/storageAccounts/{BACKUP_ACCOUNT}"
+)
 VAULT_ID = f"/subscriptions/{SUB}/resourceGroups/rg-apim-prod/providers/Microsoft.KeyVault/vaults/{VAULT}"
 MOVED_NV = "payments-api-key"
 
@@ -118,6 +124,12 @@ def app_settings(twin: TwinServer, policy: Path = POLICY) -> dict[str, str]:
         APIMR_POLICY_FILE=str(policy),
         APIMR_WORK_QUEUE="apimr-work",
         APIMR_SWEEP_SCHEDULE="0 0 */6 * * *",
+        APIMR_BACKUP_SCHEDULE="0 */15 * * * *",
+        APIMR_RESTORE_TEST_SCHEDULE="0 7-59/15 * * * *",
+        # Backups go to the estate's storage account (Azurite); no job has run yet, so
+        # BAK-001 and BAK-002 are open on both instances after the first sweep.
+        APIMR_BACKUP_STORAGE_ACCOUNT=BACKUP_ACCOUNT,
+        APIMR_BACKUP_BLOB_ENDPOINT=twin.state.extra["storage"][BACKUP_ACCOUNT]["blob_url"],
         APIMR_API_AUDIENCE=API_AUDIENCE,
         APIMR_API_TENANT_ID=twin.state.tenant_id,
         FUNCTIONS_WORKER_RUNTIME="python",
@@ -154,6 +166,7 @@ async def demo(twin: TwinServer) -> list[str]:
             failures += await operator_grants_the_vault(arm, authority, tenant)
             failures += await event_fix(host, arm, authority, tenant)
             failures += await http_api(host, arm, authority, tenant)
+            failures += await backups(host, context, arm)
         finally:
             await context.aclose()
     return failures
@@ -167,14 +180,19 @@ async def sweep_tick(host: DevHost, context: AppContext) -> list[str]:
     work = [i for i in host.invocations if i.function == "work"]
     say(f"sweep -> {len(work)} work message(s), all handled in {time.monotonic() - began:.1f} s")
     journal = Journal(context.factory.table_service_async())
+    problems: list[str] = []
     for ref in await context.source().discover():
         entries = await journal.history(ref.id)
         fixed = sorted({rule for e in entries if e.phase is Phase.VERIFIED for rule in e.rule_id.split("+")})
         summary = await context.findings().summary(ref.id)
         left = summary.open_total if summary is not None else "?"
         say(f"{ref.name}: fixed and verified {', '.join(fixed) or 'nothing (compliant)'}; {left} finding(s) left")
+        backups = sorted(f.rule_id for f in await context.findings().findings(ref.id) if f.rule_id.startswith("BAK-"))
+        say(f"{ref.name}: {', '.join(backups) or 'no BAK finding'} open until the backup and restore-test jobs run")
+        if backups != ["BAK-001", "BAK-002"]:
+            problems.append(f"{ref.name}: BAK-001 and BAK-002 should be open before any backup, got {backups}")
     failed = [i for i in work if i.outcome != "Succeeded"]
-    return [f"a work message failed: {failed[0].error}"] if failed or not work else []
+    return [f"a work message failed: {failed[0].error}"] if failed or not work else problems
 
 
 def named_value(arm: Arm, token: str) -> dict[str, Any]:
@@ -301,6 +319,48 @@ async def http_api(host: DevHost, arm: Arm, authority: str, tenant: str) -> list
     return failures
 
 
+async def backups(host: DevHost, context: AppContext, arm: Arm) -> list[str]:
+    """The backup timer's tick backs both instances up (native Backup LROs into Azurite, a
+    manifest beside each); the next sweep closes BAK-001. BAK-002 stays open: the demo
+    designates no restore target, so no test-restore can prove a backup comes back."""
+    banner("4. the backup timer ticks; the next sweep closes BAK-001 (BAK-002 waits for a restore target)")
+    grants = [
+        {"principal": {"managed_identity_of": name}, "role": "Storage Blob Data Contributor", "scope": BACKUP_ID}
+        for name in (PROD, INTERNAL)
+    ]
+    async with aiohttp.ClientSession() as session:
+        control = f"{arm.base}/_twin/estate"
+        async with session.post(control, json={"role_assignments": grants}, ssl=_ssl(arm.ca_file)) as answer:
+            if answer.status != 200:
+                return [f"the operator's storage role assignments were refused: {answer.status} {await answer.text()}"]
+    say(f"operator: grants 'Storage Blob Data Contributor' on {BACKUP_ACCOUNT} to both instances' identities")
+    ticked = await host.invoke("backup")
+    if ticked.outcome != "Succeeded":
+        return [f"the backup timer failed: {ticked.error}"]
+    store = BackupStore(context.factory.table_service_async())
+    problems: list[str] = []
+    refs = await context.source().discover()
+    for ref in refs:
+        runs = await store.runs(ref.id)
+        run = runs[0] if runs else None
+        if run is None or run.status.value != "succeeded":
+            problems.append(f"{ref.name}: no successful backup ({run})")
+            continue
+        took = run.duration.total_seconds() if run.duration is not None else 0.0
+        say(f"{ref.name}: backed up to {BACKUP_ACCOUNT}/apim-backups/{run.blob} in {took:.1f} s (+ manifest)")
+    before = len([i for i in host.invocations if i.function == "work"])
+    await host.invoke("sweep")
+    await host.drain(within=180)
+    if len([i for i in host.invocations if i.function == "work"]) <= before:
+        problems.append("the second sweep reconciled nothing")
+    for ref in refs:
+        left = sorted(f.rule_id for f in await context.findings().findings(ref.id) if f.rule_id.startswith("BAK-"))
+        say(f"{ref.name}: after the next sweep, {', '.join(left) or 'no BAK finding'} open")
+        if left != ["BAK-002"]:
+            problems.append(f"{ref.name}: BAK-001 should have closed and BAK-002 stayed open, got {left}")
+    return problems
+
+
 async def poll(http: aiohttp.ClientSession, location: str, token: str) -> dict[str, Any]:
     for _ in range(600):
         async with http.get(location, headers={"Authorization": f"Bearer {token}"}) as answer:
@@ -337,7 +397,8 @@ def main() -> int:
     if not failures:
         print("  Everything the policy allows was fixed through the queue (the secret once the operator")
         print("  granted the new identity the vault), an operator's change was undone through Event Grid,")
-        print("  and the HTTP API planned, applied and refused as its roles say.")
+        print("  the HTTP API planned, applied and refused as its roles say, and the backup timer's")
+        print("  native backups closed BAK-001.")
     return 1 if failures else 0
 
 

@@ -47,11 +47,13 @@ from handlers.manual import (
     RemediationAsk,
     apply,
     authorize,
+    backup_now,
     check_rules,
     instance_findings,
     list_instances,
     locate,
     plan,
+    restore_test_now,
     scan_instance,
     start,
 )
@@ -129,6 +131,7 @@ def _needs(role: Role) -> Callable[[Caller], Awaitable[Caller]]:
 
 Reader = Annotated[Caller, Depends(_needs(Role.READ))]
 Operator = Annotated[Caller, Depends(_needs(Role.OPERATE))]
+Admin = Annotated[Caller, Depends(_needs(Role.ADMIN))]
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -302,6 +305,49 @@ def create_api(get_context: Callable[[], AppContext]) -> FastAPI:
             return JSONResponse(await plan(ref, ask, who, found))
         operation = await start(
             OperationKind.APPLY, ref, who, lambda: apply(ref, ask, who, found), found, request.app.state.background
+        )
+        return accepted(request, operation)
+
+    @api.post(
+        "/api/instances/{subscription_id}/{resource_group}/{name}/backups",
+        status_code=202,
+        summary="Back the instance up now (native Backup LRO, manifest, retention); poll the operation",
+    )
+    async def post_backup(
+        request: Request,
+        who: Operator,
+        subscription_id: SubscriptionId,
+        resource_group: ResourceGroup,
+        name: ServiceName,
+    ) -> JSONResponse:
+        ref, found = await instance(subscription_id, resource_group, name)
+        jobs = app_context().backup_deps()
+        operation = await start(
+            OperationKind.BACKUP, ref, who, lambda: backup_now(ref, jobs), found, request.app.state.background
+        )
+        return accepted(request, operation)
+
+    @api.post(
+        "/api/instances/{subscription_id}/{resource_group}/{name}/restore-tests",
+        status_code=202,
+        summary="Test-restore the latest backup into the designated target (overwrites it: Admin); poll it",
+    )
+    async def post_restore_test(
+        request: Request,
+        who: Admin,
+        subscription_id: SubscriptionId,
+        resource_group: ResourceGroup,
+        name: ServiceName,
+    ) -> JSONResponse:
+        ref, found = await instance(subscription_id, resource_group, name)
+        jobs = app_context().backup_deps()
+        operation = await start(
+            OperationKind.RESTORE_TEST,
+            ref,
+            who,
+            lambda: restore_test_now(ref, jobs),
+            found,
+            request.app.state.background,
         )
         return accepted(request, operation)
 

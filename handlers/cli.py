@@ -70,6 +70,26 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for another worker's lease on the instance",
     )
+    backup_cmd = commands.add_parser(
+        "backup", help="one tick of the backup job: resume running backups, start due ones (BAK-001)"
+    )
+    backup_cmd.add_argument("--instance", action="append", default=[], metavar="ID", help="only this APIM resource id")
+    backup_cmd.add_argument("--force", action="store_true", help="start a backup even when none is due")
+    backup_cmd.add_argument(
+        "--max-wait", type=float, default=240.0, metavar="SECONDS", help="how long to wait for a running backup"
+    )
+    restore_cmd = commands.add_parser(
+        "restore-test",
+        help="one tick of the test-restore job: restore the latest backup into the designated target and verify it",
+    )
+    restore_cmd.add_argument("--source", action="append", default=[], metavar="ID", help="only this source instance")
+    restore_cmd.add_argument(
+        "--target", metavar="ID", help="the target (must be the policy's designated target of the one --source)"
+    )
+    restore_cmd.add_argument("--force", action="store_true", help="start a test-restore even when none is due")
+    restore_cmd.add_argument(
+        "--max-wait", type=float, default=240.0, metavar="SECONDS", help="how long to wait for a running restore"
+    )
     rules_cmd = commands.add_parser("rules", help="list the rule catalogue")
     rules_cmd.add_argument("--format", choices=["table", "markdown"], default="table")
     return parser
@@ -141,6 +161,65 @@ async def _remediate(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if report.writes_failed else 0
 
 
+async def _backup(args: argparse.Namespace, out: TextIO) -> int:
+    from handlers.backup import BackupOutcome, BackupRequest, run_backups
+
+    context = AppContext.load()
+    try:
+        result = await run_backups(
+            BackupRequest(instance_ids=tuple(args.instance), force=args.force, max_wait=args.max_wait),
+            context.backup_deps(),
+        )
+    finally:
+        await context.aclose()
+    if context.settings.backup is None:
+        print("backups are not configured (APIMR_BACKUP_STORAGE_ACCOUNT is not set)", file=out)
+    for item in result.instances:
+        detail = " ".join(
+            part
+            for part in (
+                item.blob or "",
+                f"{item.duration_s:.1f}s" if item.duration_s is not None else "",
+                f"{item.error_code}: {item.error}" if item.error_code else "",
+                f"(tier {item.sku})" if item.outcome is BackupOutcome.UNSUPPORTED else "",
+                f"pruned {len(item.pruned)}" if item.pruned else "",
+            )
+            if part
+        )
+        print(f"{item.outcome.value:<13} {item.instance_id} {detail}".rstrip(), file=out)
+    return 1 if result.failed else 0
+
+
+async def _restore_test(args: argparse.Namespace, out: TextIO) -> int:
+    from handlers.restore_test import RestoreOutcome, RestoreTestRequest, run_restore_tests
+
+    context = AppContext.load()
+    try:
+        result = await run_restore_tests(
+            RestoreTestRequest(
+                source_ids=tuple(args.source), target_id=args.target, force=args.force, max_wait=args.max_wait
+            ),
+            context.backup_deps(),
+        )
+    finally:
+        await context.aclose()
+    if context.settings.backup is None:
+        print("backups are not configured (APIMR_BACKUP_STORAGE_ACCOUNT is not set)", file=out)
+    bad = 0
+    for item in result.sources:
+        bad += item.outcome in (RestoreOutcome.FAILED, RestoreOutcome.REFUSED)
+        recovery = f" recovery {item.recovery_s:.1f}s" if item.recovery_s is not None else ""
+        into = f" -> {item.target_id}" if item.target_id else ""
+        print(f"{item.outcome.value:<11} {item.source_id}{into}{recovery}", file=out)
+        if item.error_code:
+            print(f"  {item.error_code}: {item.error}", file=out)
+        for line in item.differences:
+            print(f"  - {line}", file=out)
+        for line in item.not_restored:
+            print(f"  not in a backup: {line}", file=out)
+    return 1 if bad else 0
+
+
 def _print_report(report: ScanReport, args: argparse.Namespace, out: TextIO) -> int:
     rendered = RENDERERS[args.format](report)
     if args.output:
@@ -162,6 +241,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             return asyncio.run(_remediate(args, out))
         if args.command == "rules":
             return _rules(args, out)
+        if args.command == "backup":
+            return asyncio.run(_backup(args, out))
+        if args.command == "restore-test":
+            return asyncio.run(_restore_test(args, out))
     except RemediatorError as error:
         print(f"apim-remediator: {error}", file=err)
         return 2

@@ -33,6 +33,7 @@ from shared.source import AzureInstanceSource
 from shared.work_queue import AzureWorkQueue
 
 if TYPE_CHECKING:
+    from handlers.backup import BackupJobDeps
     from handlers.manual import ManualDeps
     from shared.entra import TokenValidator
     from shared.operations import OperationsStore
@@ -131,6 +132,24 @@ class AppContext:
 
     def work_deps(self) -> WorkDeps:
         return WorkDeps(reconcile=self.run_reconcile, failures=self.findings(), dead_letters=self.messages())
+
+    def backup_deps(self) -> BackupJobDeps:
+        """The backup and test-restore jobs; without APIMR_BACKUP_STORAGE_ACCOUNT they report
+        that backups are not configured and touch nothing."""
+        from handlers.backup import BackupJobDeps
+        from shared.backup_azure import AzureBackupApi, AzureBackupBlobs
+        from shared.backup_store import BackupStore
+
+        backup = self.settings.backup
+        if backup is None:
+            return BackupJobDeps(inventory=self.source(), policy=self.policy, azure=None, blobs=None, records=None)
+        return BackupJobDeps(
+            inventory=self.source(),
+            policy=self.policy,
+            azure=AzureBackupApi(self.factory, backup),
+            blobs=AzureBackupBlobs(self.factory, backup),
+            records=BackupStore(self.factory.table_service_async()),
+        )
 
     def events_deps(self) -> EventsDeps:
         scope = EventScope(

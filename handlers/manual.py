@@ -18,6 +18,7 @@ Storage Table Data Contributor on the product's account (findings, operations, j
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import uuid
@@ -25,6 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from handlers.backup import BackupJobDeps
 from handlers.reconcile import ReconcileDeps, ReconcileRequest, reconcile
 from handlers.remediate import RemediateRequest, RemediationDeps, RemediationReport, remediate
 from handlers.remediation_report import render_remediation_json
@@ -306,6 +308,30 @@ async def apply(ref: InstanceRef, ask: RemediationAsk, caller: Caller, deps: Man
         assert result.remediation is not None  # no not_before: never coalesced
         return report_json(result.remediation)
     return report_json(await remediate(_request(ref, ask, caller, correlation_id), deps.remediation))
+
+
+# -- backups and test-restores -----------------------------------------------------------------
+
+
+async def backup_now(ref: InstanceRef, jobs: BackupJobDeps) -> dict[str, Any]:
+    """One backup of the instance now (not waiting for `backups.every_hours`)."""
+    from handlers.backup import BackupRequest, run_backups
+
+    result = await run_backups(BackupRequest(instance_ids=(ref.id,), force=True), jobs)
+    return {"correlation_id": result.correlation_id, "instances": [_plain(i) for i in result.instances]}
+
+
+async def restore_test_now(ref: InstanceRef, jobs: BackupJobDeps) -> dict[str, Any]:
+    """One test-restore of the instance's latest backup into its designated target now."""
+    from handlers.restore_test import RestoreTestRequest, run_restore_tests
+
+    result = await run_restore_tests(RestoreTestRequest(source_ids=(ref.id,), force=True), jobs)
+    return {"correlation_id": result.correlation_id, "sources": [_plain(s) for s in result.sources]}
+
+
+def _plain(item: Any) -> dict[str, Any]:
+    plain: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(item), default=str))
+    return plain
 
 
 # -- operations ----------------------------------------------------------------------------------

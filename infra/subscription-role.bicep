@@ -47,6 +47,10 @@ var writeActions = [
   // another subscription needs these two granted there as well.
   'Microsoft.OperationalInsights/workspaces/read'
   'Microsoft.OperationalInsights/workspaces/query/read'
+  // handlers/backup.py and handlers/restore_test.py: native backup into the backup storage
+  // account, and test-restores into the designated restore targets (restore overwrites them).
+  'Microsoft.ApiManagement/service/backup/action'
+  'Microsoft.ApiManagement/service/restore/action'
 ]
 
 var roleName = allowRemediation ? 'APIM Remediator (remediate)' : 'APIM Remediator (detect)'

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from azure.monitor.query.aio import LogsQueryClient as AsyncLogsQueryClient
     from azure.storage.blob import BlobServiceClient
     from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
+    from azure.storage.blob.aio import ContainerClient as AsyncContainerClient
     from azure.storage.queue import QueueClient, QueueServiceClient
     from azure.storage.queue.aio import QueueClient as AsyncQueueClient
     from azure.storage.queue.aio import QueueServiceClient as AsyncQueueServiceClient
@@ -402,6 +403,19 @@ class ClientFactory:
         from azure.storage.blob.aio import BlobServiceClient as AsyncBlobServiceClient
 
         client: AsyncBlobServiceClient = self._storage_client("blob", AsyncBlobServiceClient, is_async=True)
+        return client
+
+    def backup_container_async(self, blob_url: str, container: str) -> AsyncContainerClient:
+        """The backup storage account's container (APIMR_BACKUP_*), reached with the product's
+        own identity: it is not the product's account, so never its connection string."""
+        from azure.storage.blob.aio import ContainerClient as AsyncContainerClient
+
+        kwargs = self._storage_kwargs("blob", is_async=True)
+        client: AsyncContainerClient = self._memo(
+            "backup_container_async",
+            f"{blob_url}/{container}",
+            lambda: AsyncContainerClient(blob_url, container, credential=self.async_credential(), **kwargs),
+        )
         return client
 
     def queue_service(self) -> QueueServiceClient:

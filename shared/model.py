@@ -255,6 +255,20 @@ class KeyHashes:
 
 
 @dataclass(frozen=True)
+class BackupStatus:
+    """What the product's backup records (Table storage, `shared/backup_store.py`) say about
+    one instance: the newest successful backup and the newest test-restore of one."""
+
+    last_backup_at: datetime | None = None  # the newest backup whose LRO ended Succeeded
+    last_backup_blob: str | None = None
+    last_attempt_failed: str | None = None  # the newest attempt's failure, when it failed
+    last_restore_test_at: datetime | None = None  # the newest finished test-restore
+    last_restore_test_passed: bool | None = None
+    last_restore_test_summary: str = ""  # the verdict in one line (differences, or why it failed)
+    last_passing_restore_test_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything the rules know about one APIM instance, read at one time."""
 
@@ -275,6 +289,8 @@ class Snapshot:
     diagnostic_settings: tuple[DiagnosticSetting, ...] = ()
     key_ledger: tuple[TrackedKey, ...] = ()
     key_hashes: tuple[KeyHashes, ...] = ()
+    # The backup and test-restore records (part "backups"); None when not read or not configured.
+    backups: BackupStatus | None = None
     # Parts that could not be read (e.g. "diagnostic_settings: 403 AuthorizationFailed"): rules
     # whose input is missing say nothing rather than guess, and the result is partial.
     unreadable: tuple[str, ...] = ()

@@ -46,6 +46,8 @@ class OperationStatus(StrEnum):
 class OperationKind(StrEnum):
     SCAN = "scan"
     APPLY = "apply"
+    BACKUP = "backup"
+    RESTORE_TEST = "restore_test"
 
 
 @dataclass(frozen=True)

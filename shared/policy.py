@@ -33,7 +33,18 @@ EXEMPT_REASON_TAG = "apim-remediator-exempt-reason"
 DEFAULT_MAX_WRITES_PER_RUN = 20
 FORMAT_VERSION = 1
 
-_TOP_KEYS = ("version", "scope", "defaults", "rules", "exemptions", "limits", "tag_exemptions")
+_TOP_KEYS = ("version", "scope", "defaults", "rules", "exemptions", "limits", "tag_exemptions", "backups")
+_BACKUP_KEYS = ("every_hours", "retention", "restore_tests")
+_RETENTION_KEYS = ("keep_last", "max_age_days")
+_RESTORE_TEST_KEYS = ("every_days", "targets")
+# The tag a restore-test target must carry, naming (by resource id) the source whose backups
+# may overwrite it. The policy's mapping AND this tag must agree before anything is restored.
+RESTORE_TARGET_TAG = "apim-remediator-restore-target-for"
+_APIM_ID = re.compile(
+    r"/subscriptions/[0-9a-fA-F-]{36}/resourceGroups/[-\w._()]{1,90}/providers/Microsoft\.ApiManagement/service/"
+    r"[a-zA-Z](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?",
+    re.IGNORECASE,
+)
 _SCOPE_KEYS = ("subscriptions", "resource_groups", "tags")
 _RULE_KEYS = ("mode", "params")
 _EXEMPTION_KEYS = ("rule", "resource", "reason", "expires")
@@ -142,6 +153,22 @@ def _frozen(values: Mapping[str, ParamValue]) -> Mapping[str, ParamValue]:
 
 
 @dataclass(frozen=True)
+class BackupPolicy:
+    """When backups and test-restores start, how many backups are kept, and which instance
+    each source's backups are test-restored into (docs/policy.md, `backups`)."""
+
+    every_hours: int = 24  # a new backup when the newest started one is older than this
+    keep_last: int = 7  # retention by count ...
+    max_age_days: int = 30  # ... and by age (Azure refuses to restore a backup older than 30 days)
+    restore_test_every_days: int = 7
+    # source instance id (lowercase) -> target instance id (as written)
+    restore_targets: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def restore_target_of(self, source_id: str) -> str | None:
+        return self.restore_targets.get(source_id.lower().rstrip("/"))
+
+
+@dataclass(frozen=True)
 class Policy:
     """A validated policy. `Policy()` is the shipped baseline: every rule detects."""
 
@@ -153,6 +180,7 @@ class Policy:
     scope: Scope = field(default_factory=Scope)
     max_writes_per_run: int = DEFAULT_MAX_WRITES_PER_RUN
     tag_exemptions: bool = True
+    backups: BackupPolicy = field(default_factory=BackupPolicy)
 
     def mode_of(self, rule_id: str) -> Mode:
         """The rule's mode: its own entry, else `defaults.mode`. KeyError for an unknown rule."""
@@ -420,6 +448,9 @@ class _Reader:
                 tag_exemptions = value
             else:
                 self.problem(node, "tag_exemptions", f"expected true or false, got {_raw(node)}")
+        backups = BackupPolicy()
+        if "backups" in entries and not _is_null(entries["backups"][1]):
+            backups = self.backups(entries["backups"][1])
 
         return Policy(
             source=self.source,
@@ -430,7 +461,70 @@ class _Reader:
             scope=scope,
             max_writes_per_run=max_writes,
             tag_exemptions=tag_exemptions,
+            backups=backups,
         )
+
+    def count(self, node: yaml.Node, key: str, low: int, high: int) -> int | None:
+        ok, number = self.scalar(node)
+        if ok and isinstance(number, int) and not isinstance(number, bool) and low <= number <= high:
+            return number
+        self.problem(node, key, f"expected an integer >= {low} and <= {high}, got {_raw(node)}")
+        return None
+
+    def backups(self, node: yaml.Node) -> BackupPolicy:
+        values: dict[str, Any] = {}
+        targets: dict[str, str] = {}
+        for name, _, value in self.mapping(node, "backups", _BACKUP_KEYS):
+            if name == "every_hours":
+                values["every_hours"] = self.count(value, "backups.every_hours", 1, 24 * 30)
+            elif name == "retention" and not _is_null(value):
+                for item, _, item_value in self.mapping(value, "backups.retention", _RETENTION_KEYS):
+                    low, high = (1, 1000) if item == "keep_last" else (1, 30)
+                    values[item] = self.count(item_value, f"backups.retention.{item}", low, high)
+            elif name == "restore_tests" and not _is_null(value):
+                for item, _, item_value in self.mapping(value, "backups.restore_tests", _RESTORE_TEST_KEYS):
+                    if item == "every_days":
+                        values["restore_test_every_days"] = self.count(
+                            item_value, "backups.restore_tests.every_days", 1, 365
+                        )
+                    elif item == "targets" and not _is_null(item_value):
+                        self.restore_targets(item_value, targets)
+        return BackupPolicy(
+            **{k: v for k, v in values.items() if v is not None},
+            restore_targets=MappingProxyType(targets),
+        )
+
+    def restore_targets(self, node: yaml.Node, targets: dict[str, str]) -> None:
+        key = "backups.restore_tests.targets"
+        used: dict[str, str] = {}
+        for source, key_node, value in self.mapping(node, key, None):
+            where = f"{key}.{source}"
+            target = self.string(value, where, "the resource id of the restore-test target")
+            if not _APIM_ID.fullmatch(source.rstrip("/")):
+                self.problem(key_node, where, "expected an APIM service resource id as the key (the backup source)")
+                continue
+            if target is None:
+                continue
+            if not _APIM_ID.fullmatch(target.rstrip("/")):
+                self.problem(value, where, f"expected an APIM service resource id, got {target!r}")
+                continue
+            if target.lower().rstrip("/") == source.lower().rstrip("/"):
+                self.problem(value, where, "a source cannot be its own restore-test target (a restore overwrites it)")
+                continue
+            if target.lower() in used:
+                self.problem(value, where, f"{target} is already the target of {used[target.lower()]}")
+                continue
+            if target.lower().rstrip("/") in targets:
+                self.problem(value, where, "a backup source cannot also be a restore-test target")
+                continue
+            used[target.lower()] = source
+            targets[source.lower().rstrip("/")] = target.rstrip("/")
+        for source in list(targets):
+            if source in used:
+                self.problem(
+                    node, key, f"{source} is both a source and a target; a target is overwritten by every test"
+                )
+                del targets[source]
 
     def mode(self, node: yaml.Node, key: str, allowed: tuple[Mode, ...]) -> Mode | None:
         # The raw text, not the constructed value: YAML 1.1 reads a plain `off` as false.

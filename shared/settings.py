@@ -41,6 +41,15 @@ _CRON_ITEM = r"(?:\*|[0-9A-Za-z]+(?:-[0-9A-Za-z]+)?)(?:/[0-9]+)?"
 _CRON_FIELD = re.compile(rf"^{_CRON_ITEM}(?:,{_CRON_ITEM})*$")
 DEFAULT_SWEEP_SCHEDULE = "0 0 */6 * * *"
 DEFAULT_WORK_QUEUE = "apimr-work"
+# The backup timers tick often: a tick resumes running LROs from their continuation tokens
+# and starts a new backup / test-restore only when the policy says one is due
+# (backups.every_hours, backups.restore_tests.every_days).
+DEFAULT_BACKUP_SCHEDULE = "0 */15 * * * *"
+DEFAULT_RESTORE_TEST_SCHEDULE = "0 7-59/15 * * * *"
+DEFAULT_BACKUP_CONTAINER = "apim-backups"
+# Blob container names: 3-63 lowercase letters, digits and single hyphens, starting with a
+# letter or digit.
+_CONTAINER = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?!-)){2,62}$")
 
 
 # Parameter names whose value is a credential wherever they appear (SAS signatures, keys,
@@ -219,6 +228,29 @@ class ApiSettings:
     tenant_id: str  # the tenant whose tokens are accepted (issuer and JWKS)
 
 
+class BackupAccess(StrEnum):
+    """How APIM reaches the backup storage account (the Backup/Restore body's accessType)."""
+
+    # The instance's own managed identity: system-assigned when it has one, else its
+    # user-assigned identity (the one APIMR_BACKUP_IDENTITY_CLIENT_ID names, or its only one).
+    MANAGED_IDENTITY = "ManagedIdentity"
+    SYSTEM_ASSIGNED = "SystemAssignedManagedIdentity"
+    USER_ASSIGNED = "UserAssignedManagedIdentity"
+    ACCESS_KEY = "AccessKey"  # only when the operator insists; the key is read from Key Vault
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    """Where native APIM backups go and how APIM authenticates to that storage account."""
+
+    storage_account: str  # the name APIM's Backup/Restore body takes
+    blob_url: str  # the account's blob endpoint (the product writes manifests and prunes there)
+    container: str = DEFAULT_BACKUP_CONTAINER
+    access: BackupAccess = BackupAccess.MANAGED_IDENTITY
+    identity_client_id: str | None = None  # a user-assigned identity's client id
+    access_key_secret: str | None = None  # a Key Vault secret URL holding the account key (AccessKey)
+
+
 DEFAULT_POLICY_FILE = str(Path(__file__).resolve().parent / "baseline.yaml")
 
 
@@ -243,6 +275,9 @@ class Settings:
         return self.work_queue + POISON_SUFFIX
 
     api: ApiSettings | None = None  # None: the HTTP API refuses every request (not configured)
+    backup: BackupSettings | None = None  # None: backups are not configured (BAK rules stay silent)
+    backup_schedule: str = DEFAULT_BACKUP_SCHEDULE  # NCRONTAB, read by the host (`backup` timer)
+    restore_test_schedule: str = DEFAULT_RESTORE_TEST_SCHEDULE  # NCRONTAB (`restore_test` timer)
 
     def describe(self) -> dict[str, object]:
         """A secret-free view for logs."""
@@ -446,20 +481,81 @@ def _scope(r: _Reader) -> ScopeSettings:
 def _sweep_schedule(r: _Reader) -> str:
     """The timer's schedule: the Functions host reads it itself (`%APIMR_SWEEP_SCHEDULE%`),
     so a bad value would only show as a timer that never fires; check its shape here."""
-    value = r.raw("SWEEP_SCHEDULE")
+    return _schedule(r, "SWEEP_SCHEDULE", DEFAULT_SWEEP_SCHEDULE, "every six hours")
+
+
+def _schedule(r: _Reader, key: str, default: str, meaning: str) -> str:
+    value = r.raw(key)
     if value is None:
-        return DEFAULT_SWEEP_SCHEDULE
+        return default
     fields = value.split()
     if len(fields) != 6 or not all(_CRON_FIELD.match(f) for f in fields):
         r.problem(
-            "SWEEP_SCHEDULE",
-            "must be a six-field NCRONTAB expression, seconds first "
-            f"(e.g. {DEFAULT_SWEEP_SCHEDULE!r}: every six hours), got {shown(value)}",
+            key,
+            f"must be a six-field NCRONTAB expression, seconds first (e.g. {default!r}: {meaning}), got {shown(value)}",
         )
-        return DEFAULT_SWEEP_SCHEDULE
+        return default
     if fields[0] in ("*", "*/1"):
-        r.problem("SWEEP_SCHEDULE", f"fires every second (seconds field {fields[0]!r}); got {shown(value)}")
+        r.problem(key, f"fires every second (seconds field {fields[0]!r}); got {shown(value)}")
     return " ".join(fields)
+
+
+def _backup(r: _Reader, cloud: CloudProfile) -> BackupSettings | None:
+    """Backups are configured by naming the storage account; everything else has defaults."""
+    account = r.raw("BACKUP_STORAGE_ACCOUNT")
+    dependents = ("BACKUP_CONTAINER", "BACKUP_BLOB_ENDPOINT", "BACKUP_ACCESS", "BACKUP_IDENTITY_CLIENT_ID")
+    if account is None:
+        for key in (*dependents, "BACKUP_ACCESS_KEY_SECRET"):
+            if r.raw(key) is not None:
+                r.problem(key, f"is only read with {PREFIX}BACKUP_STORAGE_ACCOUNT (backups are not configured)")
+        return None
+    if not _ACCOUNT.match(account):
+        r.problem("BACKUP_STORAGE_ACCOUNT", f"must be 3-24 lowercase letters and digits, got {shown(account)}")
+        return None
+    container = r.raw("BACKUP_CONTAINER") or DEFAULT_BACKUP_CONTAINER
+    if not _CONTAINER.match(container) or container.endswith("-"):
+        r.problem(
+            "BACKUP_CONTAINER",
+            "must be a blob container name (3-63 lowercase letters, digits and single hyphens), "
+            f"got {shown(container)}",
+        )
+    blob_url = r.https_url("BACKUP_BLOB_ENDPOINT", required=False)
+    if blob_url is None:
+        if not cloud.storage_suffix:
+            r.problem(
+                "BACKUP_STORAGE_ACCOUNT",
+                f"needs {PREFIX}BACKUP_BLOB_ENDPOINT (or {PREFIX}STORAGE_ENDPOINT_SUFFIX) with a Custom cloud",
+            )
+            return None
+        blob_url = f"https://{account}.blob.{cloud.storage_suffix}"
+    raw_access = r.raw("BACKUP_ACCESS") or BackupAccess.MANAGED_IDENTITY.value
+    access = {a.value.lower(): a for a in BackupAccess}.get(raw_access.lower())
+    if access is None:
+        r.problem(
+            "BACKUP_ACCESS", f"unknown access {shown(raw_access)}; allowed: {', '.join(a.value for a in BackupAccess)}"
+        )
+        access = BackupAccess.MANAGED_IDENTITY
+    client_id = r.raw("BACKUP_IDENTITY_CLIENT_ID")
+    if client_id is not None and not _GUID.match(client_id):
+        r.problem("BACKUP_IDENTITY_CLIENT_ID", f"must be a client id (GUID), got {shown(client_id)}")
+    if client_id is None and access is BackupAccess.USER_ASSIGNED:
+        r.problem("BACKUP_IDENTITY_CLIENT_ID", f"is required with {PREFIX}BACKUP_ACCESS={access.value}")
+    key_secret = r.https_url("BACKUP_ACCESS_KEY_SECRET", required=access is BackupAccess.ACCESS_KEY)
+    if key_secret is not None and access is not BackupAccess.ACCESS_KEY:
+        r.problem("BACKUP_ACCESS_KEY_SECRET", f"is only read with {PREFIX}BACKUP_ACCESS=AccessKey; remove it")
+    if key_secret is not None and "/secrets/" not in key_secret:
+        r.problem(
+            "BACKUP_ACCESS_KEY_SECRET",
+            f"must be a Key Vault secret URL (https://<vault>/secrets/<name>), got {shown(key_secret)}",
+        )
+    return BackupSettings(
+        storage_account=account,
+        blob_url=blob_url,
+        container=container,
+        access=access,
+        identity_client_id=client_id,
+        access_key_secret=key_secret if access is BackupAccess.ACCESS_KEY else None,
+    )
 
 
 def _work_queue(r: _Reader) -> str:
@@ -524,6 +620,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level = "INFO"
     sweep_schedule = _sweep_schedule(r)
     work_queue = _work_queue(r)
+    backup = _backup(r, cloud)
+    backup_schedule = _schedule(r, "BACKUP_SCHEDULE", DEFAULT_BACKUP_SCHEDULE, "every 15 minutes")
+    restore_test_schedule = _schedule(
+        r, "RESTORE_TEST_SCHEDULE", DEFAULT_RESTORE_TEST_SCHEDULE, "every 15 minutes from :07"
+    )
     if r.problems:
         raise SettingsError(r.problems)
     return Settings(
@@ -541,6 +642,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sweep_schedule=sweep_schedule,
         work_queue=work_queue,
         api=api,
+        backup=backup,
+        backup_schedule=backup_schedule,
+        restore_test_schedule=restore_test_schedule,
     )
 
 
@@ -572,5 +676,13 @@ SETTING_NAMES: tuple[str, ...] = tuple(
         "WORK_QUEUE",
         "API_AUDIENCE",
         "API_TENANT_ID",
+        "BACKUP_STORAGE_ACCOUNT",
+        "BACKUP_CONTAINER",
+        "BACKUP_BLOB_ENDPOINT",
+        "BACKUP_ACCESS",
+        "BACKUP_IDENTITY_CLIENT_ID",
+        "BACKUP_ACCESS_KEY_SECRET",
+        "BACKUP_SCHEDULE",
+        "RESTORE_TEST_SCHEDULE",
     )
 )

@@ -7,6 +7,7 @@ never see SDK exception types.
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from azure.core.exceptions import (
@@ -19,7 +20,8 @@ from azure.core.exceptions import (
 )
 
 from shared.azure import ClientFactory
-from shared.errors import PermanentError, TransientError
+from shared.backup_store import BackupStore
+from shared.errors import PermanentError, RemediatorError, TransientError
 from shared.inventory import InstanceRef, describe_failure, discover
 from shared.model import Snapshot
 from shared.settings import Settings
@@ -61,7 +63,7 @@ class AzureInstanceSource:
 
     async def read(self, ref: InstanceRef) -> Snapshot:
         try:
-            return await read_snapshot(
+            snapshot = await read_snapshot(
                 self.factory,
                 ref,
                 key_vault_url=self.settings.key_vault_url,
@@ -70,3 +72,15 @@ class AzureInstanceSource:
             )
         except AzureError as error:
             raise translate(error, f"reading {ref.id}") from error
+        return await self._with_backups(snapshot)
+
+    async def _with_backups(self, snapshot: Snapshot) -> Snapshot:
+        """The backup records (BAK rules) from the product's own table, not from ARM."""
+        if self.settings.backup is None:
+            note = "backups: not configured (APIMR_BACKUP_STORAGE_ACCOUNT is not set)"
+            return replace(snapshot, not_configured=tuple(sorted((*snapshot.not_configured, note))))
+        try:
+            status = await BackupStore(self.factory.table_service_async()).status(snapshot.service.id)
+        except RemediatorError as error:
+            return replace(snapshot, unreadable=tuple(sorted((*snapshot.unreadable, f"backups: {error}"))))
+        return replace(snapshot, backups=status)

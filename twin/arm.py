@@ -103,7 +103,7 @@ def start_operation(
     state = state_of(request)
     op_id = uuid.uuid4().hex
     fault = request.get(LRO_FAIL)
-    outcome = "Failed" if fault is not None else "Succeeded"
+    outcome = "Succeeded" if fault is None else ("Canceled" if fault.action == "lro_cancel" else "Failed")
     error = (
         {
             "code": getattr(fault, "code", "OperationFailed"),

@@ -134,6 +134,19 @@ def apply_estate(state: TwinState, data: dict[str, Any], *, source: str = "estat
             raise EstateError(f"{source}.storage_accounts[{i}].name: 3-24 lowercase letters and digits")
         if name not in accounts:
             accounts.append(name)
+        # The account's ARM id, for Azure RBAC on its data (an APIM identity writing backups).
+        account_id = item.get("id")
+        if account_id is not None:
+            if not isinstance(account_id, str) or not re.fullmatch(
+                r"/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Storage/storageAccounts/" + name,
+                account_id,
+                re.IGNORECASE,
+            ):
+                raise EstateError(
+                    f"{source}.storage_accounts[{i}].id: the account's resource id "
+                    f"(/subscriptions/.../resourceGroups/.../providers/Microsoft.Storage/storageAccounts/{name})"
+                )
+            state.extra.setdefault("storage_ids", {})[name] = account_id
     seeders = _SEEDERS
     for i, sub in enumerate(_expect(data.get("subscriptions", []), list, f"{source}.subscriptions")):
         where = f"{source}.subscriptions[{i}]"

@@ -222,6 +222,17 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         // and will not start those functions without them.
         { name: 'APIMR_SWEEP_SCHEDULE', value: sweepSchedule }
         { name: 'APIMR_WORK_QUEUE', value: workQueue }
+        // Native APIM backups go to the app's own account, container apim-backups, reached by each
+        // instance's managed identity (which needs Storage Blob Data Contributor there).
+        { name: 'APIMR_BACKUP_STORAGE_ACCOUNT', value: storage.name }
+        { name: 'APIMR_BACKUP_CONTAINER', value: backupContainer }
+        { name: 'APIMR_BACKUP_BLOB_ENDPOINT', value: '' }
+        { name: 'APIMR_BACKUP_ACCESS', value: 'ManagedIdentity' }
+        { name: 'APIMR_BACKUP_IDENTITY_CLIENT_ID', value: '' }
+        { name: 'APIMR_BACKUP_ACCESS_KEY_SECRET', value: '' }
+        // The backup timers tick every 15 minutes; the policy decides when a job is due.
+        { name: 'APIMR_BACKUP_SCHEDULE', value: '0 */15 * * * *' }
+        { name: 'APIMR_RESTORE_TEST_SCHEDULE', value: '0 7-59/15 * * * *' }
         { name: 'APIMR_API_AUDIENCE', value: apiAudience }
         { name: 'APIMR_API_TENANT_ID', value: apiTenantId }
       ]

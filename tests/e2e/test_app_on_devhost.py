@@ -44,6 +44,8 @@ def app_values(twin: TwinHandle, tmp_path: Path, **extra: str) -> dict[str, str]
         FUNCTIONS_WORKER_RUNTIME="python",
         APIMR_WORK_QUEUE=f"work-{uuid.uuid4().hex[:12]}",
         APIMR_SWEEP_SCHEDULE="0 0 0 1 1 *",  # once a year: the tests tick it through the admin endpoint
+        APIMR_BACKUP_SCHEDULE="0 0 0 1 1 *",
+        APIMR_RESTORE_TEST_SCHEDULE="0 0 0 1 1 *",
         APIMR_RETRY_TOTAL="0",
         **extra,
     )

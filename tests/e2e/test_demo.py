@@ -25,6 +25,11 @@ def test_demo_runs_the_app_end_to_end() -> None:
     for step in ("1. a sweep tick", "2. an operator turns TLS 1.0 back on", "3. the HTTP API", "=== done ==="):
         assert step in out
     assert re.search(r"sweep -> 2 work message\(s\)", out)
+    assert "apim-contoso-prod: BAK-001, BAK-002 open until the backup and restore-test jobs run" in out
+    assert re.search(
+        r"apim-contoso-prod: backed up to apimbackups/apim-backups/apim-contoso-prod/\d{8}T\d{6}Z\.apimbackup", out
+    )
+    assert "apim-contoso-prod: after the next sweep, BAK-002 open" in out
     prod = next(line for line in out.splitlines() if "apim-contoso-prod: fixed and verified" in line)
     for fixed in ("TLS-001", "MGMT-001", "ID-001", "ID-002", "ID-003", "API-001"):
         assert fixed in prod, fixed

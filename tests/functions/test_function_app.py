@@ -202,9 +202,13 @@ def test_the_sweep_schedule_in_the_sample_loads() -> None:
     from shared.settings import load_settings
 
     settings = load_settings(sample_values())
-    [timer] = [b for fn in indexed() for b in bindings(fn) if b["type"] == "timerTrigger"]
-    assert resolve(timer["schedule"]) == settings.sweep_schedule
-    assert len(settings.sweep_schedule.split()) == 6
+    timers = {fn.get_function_name(): b for fn in indexed() for b in bindings(fn) if b["type"] == "timerTrigger"}
+    assert set(timers) == {"sweep", "backup", "restore_test"}
+    assert resolve(timers["sweep"]["schedule"]) == settings.sweep_schedule
+    assert resolve(timers["backup"]["schedule"]) == settings.backup_schedule
+    assert resolve(timers["restore_test"]["schedule"]) == settings.restore_test_schedule
+    for schedule in (settings.sweep_schedule, settings.backup_schedule, settings.restore_test_schedule):
+        assert len(schedule.split()) == 6
 
 
 class FakeContext:
@@ -232,6 +236,14 @@ class FakeContext:
     def events_deps(self) -> Any:
         return self.event_fakes.deps()
 
+    def backup_deps(self) -> Any:
+        from tests.unit.test_backup_handlers import Fakes as BackupFakes
+        from tests.unit.test_backup_handlers import deps
+
+        if not hasattr(self, "backup_fakes"):
+            self.backup_fakes = BackupFakes({"a": "Premium", "t": "Premium"})
+        return deps(self.backup_fakes, {"a": "t"})
+
 
 @pytest.fixture
 def fake_context(monkeypatch: pytest.MonkeyPatch) -> FakeContext:
@@ -245,6 +257,19 @@ async def test_the_timer_reaches_the_sweep(fake_context: FakeContext) -> None:
     from tests.unit.test_work_and_sweep import service
 
     assert [m.instance_id for m in fake_context.sweep_fakes.sent] == [service("a"), service("b")]
+
+
+async def test_the_backup_timers_reach_their_jobs(fake_context: FakeContext) -> None:
+    from shared.backup import RunKind
+
+    await function("backup")(TimerRequest(past_due=False))
+    begun = [c for c in fake_context.backup_fakes.calls if c[0] == "begin"]
+    assert [(c[1], c[2].rsplit("/", 1)[1]) for c in begun] == [(RunKind.BACKUP, "a"), (RunKind.BACKUP, "t")]
+    await function("restore_test")(TimerRequest(past_due=False))
+    # The target carries no designation tag in the fakes: refused, recorded, no restore begun.
+    assert not [c for c in fake_context.backup_fakes.calls if c[0] == "begin" and c[1] is RunKind.RESTORE_TEST]
+    tests = [r for r in fake_context.backup_fakes.saved.values() if r.kind is RunKind.RESTORE_TEST]
+    assert [r.error_code for r in tests] == ["RestoreRefused"]
 
 
 async def test_a_queue_message_reaches_work(fake_context: FakeContext) -> None:

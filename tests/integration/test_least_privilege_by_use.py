@@ -65,6 +65,11 @@ USED_BY: dict[str, str] = {
     "Microsoft.OperationalInsights/workspaces/read": "KEY-001",
     "Microsoft.OperationalInsights/workspaces/query/read": "KEY-001",
 }
+# The write actions only the backup jobs use (tests/integration/test_backup_jobs.py).
+USED_BY_JOBS: dict[str, str] = {
+    "Microsoft.ApiManagement/service/backup/action": "backup",
+    "Microsoft.ApiManagement/service/restore/action": "restore-test",
+}
 FIXABLE = sorted(set(USED_BY.values()) | {"NET-001", "TLS-002", "TLS-003", "MGMT-002", "MGMT-003", "ID-001"})
 
 
@@ -172,8 +177,9 @@ def remediate(service_id: str, rule: str) -> tuple[int, str]:
 
 
 def test_every_write_action_of_the_role_is_used_by_a_remediation() -> None:
-    """writeActions (with the two reads only KEY-001's evidence needs) is exactly USED_BY."""
-    assert set(WRITES) == set(USED_BY)
+    """writeActions (with the two reads only KEY-001's evidence needs) is exactly USED_BY, with
+    the two actions of the backup jobs."""
+    assert set(WRITES) == set(USED_BY) | set(USED_BY_JOBS)
 
 
 @pytest.mark.usefixtures("as_least_privilege")
@@ -259,3 +265,44 @@ def test_the_scan_with_the_whole_role_reads_everything(
     [instance] = [i for i in report["instances"] if i["id"].lower() == ids["KEY-004"].lower()]
     assert not instance["unreadable"]
     assert "KEY-004" in {f["rule"] for f in instance["findings"]}
+
+
+@pytest.mark.parametrize("missing", [None, *sorted(USED_BY_JOBS)])
+@pytest.mark.usefixtures("as_least_privilege")
+def test_the_backup_jobs_run_with_only_the_role_and_need_each_of_their_actions(
+    twin: TwinHandle, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, missing: str | None
+) -> None:
+    from tests.integration.test_backup_jobs import ACCOUNT, policy_text, seed_estate
+    from tests.integration.test_backup_jobs import RG as BACKUP_RG
+
+    ids = seed_estate(twin)
+    role = f"APIM Remediator jobs under test {uuid.uuid4().hex[:6]}"
+    twin.seed(
+        {
+            "principals": [PRINCIPAL],
+            "custom_roles": [{"name": role, "actions": [a for a in READS + WRITES if a != missing]}],
+            "role_assignments": [
+                {"principal": PRINCIPAL["name"], "role": role, "scope": f"/subscriptions/{twin.subscription_id}"}
+            ],
+        }
+    )
+    path = tmp_path / "backup-policy.yaml"
+    path.write_text(policy_text(ids))
+    monkeypatch.setenv("APIMR_POLICY_FILE", str(path))
+    monkeypatch.setenv("APIMR_RESOURCE_GROUPS", BACKUP_RG)
+    monkeypatch.setenv("APIMR_BACKUP_STORAGE_ACCOUNT", ACCOUNT)
+    monkeypatch.setenv("APIMR_BACKUP_BLOB_ENDPOINT", twin.server.state.extra["storage"][ACCOUNT]["blob_url"])
+    monkeypatch.setenv("APIMR_BACKUP_CONTAINER", f"lp-{uuid.uuid4().hex[:10]}")
+    code, text = run("backup", "--instance", ids["bk-src"], "--force", "--max-wait", "30")
+    if missing == "Microsoft.ApiManagement/service/backup/action":
+        assert code == 1, text
+        assert f"'{missing}'" in text, text
+        return
+    assert code == 0, text
+    code, text = run("restore-test", "--source", ids["bk-src"], "--force", "--max-wait", "30")
+    if missing == "Microsoft.ApiManagement/service/restore/action":
+        assert code == 1, text
+        assert f"'{missing}'" in text, text
+        return
+    assert code == 0, text
+    assert text.startswith("passed"), text

@@ -76,6 +76,7 @@ def test_a_key_ledger_not_configured_is_reported_as_such_and_does_not_fail() -> 
     [instance] = body["instances"]
     assert instance["unreadable"] == []
     assert instance["not_configured"] == [
+        "backups: not configured (APIMR_BACKUP_STORAGE_ACCOUNT is not set)",
         "key_hashes: not configured (APIMR_KEY_VAULT_URL is not set)",
         "key_ledger: not configured (APIMR_KEY_VAULT_URL is not set)",
     ]

@@ -803,6 +803,11 @@ def test_backup_writes_a_blob_and_restore_brings_the_configuration_back(twin: An
         backup_name="nightly",
         access_type="SystemAssignedManagedIdentity",
     )
+    # Without a data role on the account the identity cannot write: the LRO fails as Azure's does.
+    with pytest.raises(HttpResponseError, match="AuthorizationPermissionMismatch"):
+        apim.api_management_service.begin_backup(RG, "apim-bk", params, polling_interval=0).result()
+    account_id = twin.server.state.extra["storage_ids"][account]
+    twin.grant("Storage Blob Data Contributor", account_id, {"managed_identity_of": "apim-bk"})
     backed_up = apim.api_management_service.begin_backup(RG, "apim-bk", params, polling_interval=0).result()
     assert backed_up.name == "apim-bk"
     document = json.loads(blobs.get_blob_client(container, "nightly").download_blob().readall())
@@ -819,6 +824,10 @@ def test_backup_writes_a_blob_and_restore_brings_the_configuration_back(twin: An
     # Protocol settings are not part of a backup: the change made after it survives the restore.
     assert apim.api_management_service.get(RG, "apim-bk").custom_properties[HTTP2] == "true"
     assert events(twin, "Microsoft.Resources.ResourceActionSuccess")
+    # Learn: a backup expires after 30 days ("Cannot restore: backup expired").
+    twin.control("POST", "/_twin/clock/advance", {"days": 31})
+    with pytest.raises(HttpResponseError, match="backup expired"):
+        apim.api_management_service.begin_restore(RG, "apim-bk", params, polling_interval=0).result()
 
 
 def test_backup_is_refused_or_fails_as_azure_does(twin: Any, apim: ApiManagementClient) -> None:
@@ -1022,3 +1031,64 @@ def test_policy_xml_with_documented_elements_and_free_content_is_accepted(twin: 
         "</inbound><backend><base /></backend><outbound /><on-error /></policies>"
     )
     apim.policy.create_or_update(RG, "apim-polxml", "policy", PolicyContract(value=good, format="xml"))
+
+
+# -- API operations and users (what a backup manifest reads) ------------------------------------------------
+
+
+def test_api_operations_as_the_spec_has_them(twin: Any, apim: ApiManagementClient) -> None:
+    """apimapis.json (2024-05-01): ApiOperation_CreateOrUpdate answers 201 then 200, requires
+    displayName, method and urlTemplate; ListByApi pages; Delete needs If-Match; an estate
+    seeds operations under `apis[].operations`."""
+    from azure.mgmt.apimanagement.models import OperationContract
+
+    seed_service(
+        twin,
+        "apim-ops",
+        apis=[{"id": "orders", "path": "orders", "operations": [{"id": "list", "method": "GET", "urlTemplate": "/o"}]}],
+    )
+    assert [o.name for o in apim.api_operation.list_by_api(RG, "apim-ops", "orders")] == ["list"]
+    created = apim.api_operation.create_or_update(
+        RG, "apim-ops", "orders", "create", OperationContract(display_name="Create", method="POST", url_template="/o")
+    )
+    assert created.method == "POST"
+    again = twin.arm(
+        "PUT",
+        service_id("apim-ops") + "/apis/orders/operations/create?api-version=2024-05-01",
+        json={"properties": {"displayName": "Create", "method": "POST", "urlTemplate": "/o"}},
+    )
+    assert again.status_code == 200
+    missing = twin.arm(
+        "PUT",
+        service_id("apim-ops") + "/apis/orders/operations/bad?api-version=2024-05-01",
+        json={"properties": {"displayName": "Bad", "method": "GET"}},
+    )
+    assert missing.status_code == 400
+    assert "urlTemplate" in missing.json()["error"]["message"]
+    apim.api_operation.delete(RG, "apim-ops", "orders", "create", "*")
+    assert [o.name for o in apim.api_operation.list_by_api(RG, "apim-ops", "orders")] == ["list"]
+    with pytest.raises(ResourceNotFoundError):
+        apim.api_operation.get(RG, "apim-ops", "orders", "create")
+
+
+def test_users_as_the_spec_has_them(twin: Any, apim: ApiManagementClient) -> None:
+    """apimusers.json (2024-05-01): User_CreateOrUpdate requires email, firstName, lastName; a
+    password is accepted and never returned."""
+    from azure.mgmt.apimanagement.models import UserCreateParameters
+
+    seed_service(
+        twin, "apim-users", users=[{"id": "ada", "email": "ada@example.com", "firstName": "Ada", "lastName": "L"}]
+    )
+    apim.user.create_or_update(
+        RG,
+        "apim-users",
+        "bob",
+        UserCreateParameters(email="bob@example.com", first_name="Bob", last_name="B", password="canary-pw-1"),
+    )
+    listed = twin.arm("GET", service_id("apim-users") + "/users?api-version=2024-05-01")
+    assert sorted(u["name"] for u in listed.json()["value"]) == ["ada", "bob"]
+    assert "canary-pw-1" not in listed.text
+    bad = twin.arm(
+        "PUT", service_id("apim-users") + "/users/eve?api-version=2024-05-01", json={"properties": {"email": "e@x.y"}}
+    )
+    assert bad.status_code == 400

@@ -24,9 +24,18 @@ def test_scan_docstring_matches_the_read_role() -> None:
     assert set(ACTION.findall(handlers.scan.__doc__ or "")) == bicep_list("readActions")
 
 
-def test_remediate_docstring_matches_the_write_role() -> None:
+def test_remediate_and_backup_docstrings_match_the_write_role() -> None:
+    import handlers.backup
+    import handlers.restore_test
+
     named = set(ACTION.findall(handlers.remediate.__doc__ or ""))
-    assert named == bicep_list("writeActions")
+    jobs = set(ACTION.findall(handlers.backup.__doc__ or "")) | set(ACTION.findall(handlers.restore_test.__doc__ or ""))
+    read = bicep_list("readActions")
+    assert named | (jobs - read) == bicep_list("writeActions")
+    assert {
+        "Microsoft.ApiManagement/service/backup/action",
+        "Microsoft.ApiManagement/service/restore/action",
+    } <= jobs - read
 
 
 def test_the_sweep_needs_only_reads_the_read_role_grants() -> None:

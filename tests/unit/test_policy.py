@@ -78,7 +78,7 @@ def problems(text: str, today: date = TODAY) -> list[str]:
 
 
 QUOTE = " (YAML reads it as a non-string: quote it)"
-TOP_KEYS = "version, scope, defaults, rules, exemptions, limits, tag_exemptions"
+TOP_KEYS = "version, scope, defaults, rules, exemptions, limits, tag_exemptions, backups"
 
 
 def known() -> str:
@@ -603,6 +603,14 @@ def test_the_docs_example_loads() -> None:
     assert [e.rule for e in policy.exemptions] == ["NET-001", "*"]
     assert policy.max_writes_per_run == 20
     assert policy.tag_exemptions is True
+    assert policy.backups.keep_last == 7
+    assert policy.backups.restore_target_of(
+        "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-apim-prod/providers/"
+        "Microsoft.ApiManagement/service/apim-prod"
+    ) == (
+        "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-apim-dr/providers/"
+        "Microsoft.ApiManagement/service/apim-restore-test"
+    )
 
 
 # -- parameter formats: a value the rule could not use is refused at load time ---------------
@@ -669,3 +677,36 @@ def test_every_default_fits_its_own_parameter_schema() -> None:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     assert param.minimum is None or value >= param.minimum, (rule_id, param.name)
                     assert param.maximum is None or value <= param.maximum, (rule_id, param.name)
+
+
+# -- backups -----------------------------------------------------------------------------------
+
+_APIM = "/subscriptions/3f2a1b0c-0000-4000-8000-000000000101/resourceGroups/rg/providers/Microsoft.ApiManagement"
+_APIM += "/service"
+SRC = f"{_APIM}/src"
+DST = f"{_APIM}/dst"
+
+
+def test_backups_section_reads_cadence_retention_and_targets() -> None:
+    policy = load(
+        "version: 1\nbackups:\n  every_hours: 12\n  retention: {keep_last: 3, max_age_days: 10}\n"
+        f"  restore_tests:\n    every_days: 2\n    targets:\n      {SRC}: {DST}\n"
+    )
+    assert (policy.backups.every_hours, policy.backups.keep_last, policy.backups.max_age_days) == (12, 3, 10)
+    assert policy.backups.restore_test_every_days == 2
+    assert policy.backups.restore_target_of(SRC.upper()) == DST
+    assert policy.backups.restore_target_of(DST) is None
+
+
+def test_backups_section_errors_name_the_place() -> None:
+    assert problems(
+        "version: 1\nbackups:\n  every_hours: 0\n  retention: {keep_last: 1, max_age_days: 31}\n"
+        f"  restore_tests:\n    targets:\n      {SRC}: {SRC}\n      /not/an/id: {DST}\n"
+    ) == [
+        "policy.yaml:3: backups.every_hours: expected an integer >= 1 and <= 720, got 0",
+        "policy.yaml:4: backups.retention.max_age_days: expected an integer >= 1 and <= 30, got 31",
+        f"policy.yaml:7: backups.restore_tests.targets.{SRC}: a source cannot be its own restore-test target "
+        "(a restore overwrites it)",
+        "policy.yaml:8: backups.restore_tests.targets./not/an/id: expected an APIM service resource id as the key "
+        "(the backup source)",
+    ]

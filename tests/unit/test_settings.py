@@ -336,3 +336,56 @@ def test_api_settings_come_together_or_not_at_all() -> None:
     ]
     [problem] = problems(base(APIMR_API_AUDIENCE="api://a,api://b", APIMR_API_TENANT_ID=tenant))
     assert problem.startswith("APIMR_API_AUDIENCE: must be one audience")
+
+
+# -- backups ----------------------------------------------------------------------------------
+
+
+def test_backups_are_off_unless_an_account_is_named() -> None:
+    s = load_settings(base())
+    assert s.backup is None
+    assert s.backup_schedule == "0 */15 * * * *"
+    assert problems(base(APIMR_BACKUP_CONTAINER="x-backups")) == [
+        "APIMR_BACKUP_CONTAINER: is only read with APIMR_BACKUP_STORAGE_ACCOUNT (backups are not configured)"
+    ]
+
+
+def test_backup_settings_default_to_the_instance_identity() -> None:
+    from shared.settings import BackupAccess
+
+    s = load_settings(base(APIMR_BACKUP_STORAGE_ACCOUNT="apimbackups"))
+    assert s.backup is not None
+    assert s.backup.blob_url == "https://apimbackups.blob.core.windows.net"
+    assert s.backup.container == "apim-backups"
+    assert s.backup.access is BackupAccess.MANAGED_IDENTITY
+    assert s.backup.access_key_secret is None
+
+
+def test_backup_settings_name_every_problem() -> None:
+    found = problems(
+        base(
+            APIMR_BACKUP_STORAGE_ACCOUNT="apimbackups",
+            APIMR_BACKUP_CONTAINER="No_Such--name",
+            APIMR_BACKUP_ACCESS="AccessKey",
+            APIMR_RESTORE_TEST_SCHEDULE="every sunday",
+        )
+    )
+    assert any(p.startswith("APIMR_BACKUP_CONTAINER: must be a blob container name") for p in found)
+    assert "APIMR_BACKUP_ACCESS_KEY_SECRET: is required (an https:// URL)" in found
+    assert any(p.startswith("APIMR_RESTORE_TEST_SCHEDULE: must be a six-field NCRONTAB") for p in found)
+    user = problems(base(APIMR_BACKUP_STORAGE_ACCOUNT="apimbackups", APIMR_BACKUP_ACCESS="UserAssignedManagedIdentity"))
+    assert user == ["APIMR_BACKUP_IDENTITY_CLIENT_ID: is required with APIMR_BACKUP_ACCESS=UserAssignedManagedIdentity"]
+
+
+def test_an_access_key_is_a_key_vault_reference_never_a_value() -> None:
+    found = problems(
+        base(
+            APIMR_BACKUP_STORAGE_ACCOUNT="apimbackups",
+            APIMR_BACKUP_ACCESS="AccessKey",
+            APIMR_BACKUP_ACCESS_KEY_SECRET="https://kv.vault.azure.net/keys/x",
+        )
+    )
+    assert found == [
+        "APIMR_BACKUP_ACCESS_KEY_SECRET: must be a Key Vault secret URL (https://<vault>/secrets/<name>), "
+        "got 'https://kv.vault.azure.net/keys/x'"
+    ]

@@ -23,13 +23,17 @@ from aiohttp import web
 from twin import arm
 from twin.apim.apis import (
     delete_api,
+    delete_operation,
     delete_policy,
     get_api,
+    get_operation,
     get_policy,
     list_apis,
+    list_operations,
     list_policies,
     patch_api,
     put_api,
+    put_operation,
     put_policy,
     validate_policy_xml,
 )
@@ -183,6 +187,10 @@ def setup(app: web.Application) -> None:
     route("PUT", SVC + "/apis/{api}", put_api)
     route("PATCH", SVC + "/apis/{api}", patch_api)
     route("DELETE", SVC + "/apis/{api}", delete_api)
+    route("GET", SVC + "/apis/{api}/operations", list_operations)
+    route("GET", SVC + "/apis/{api}/operations/{op}", get_operation)
+    route("PUT", SVC + "/apis/{api}/operations/{op}", put_operation)
+    route("DELETE", SVC + "/apis/{api}/operations/{op}", delete_operation)
 
     for prefix in (SVC, SVC + "/apis/{api}", SVC + "/products/{product}"):
         route("GET", prefix + "/policies", list_policies)

@@ -210,6 +210,101 @@ async def delete_api(request: web.Request) -> web.StreamResponse:
     return arm.start_operation(request, resource_id=resource_id, status_parent=service.id, on_complete=finish)
 
 
+# -- operations (apimapis.json: ApiOperation_ListByApi / Get / CreateOrUpdate 200|201 / Delete 200|204) ----
+
+OPERATION_TYPE = "Microsoft.ApiManagement/service/apis/operations"
+
+
+def _operation_props(given: dict[str, Any]) -> dict[str, Any]:
+    """OperationContractProperties: displayName, method and urlTemplate are required."""
+    props: dict[str, Any] = {"templateParameters": [], "responses": []}
+    props["displayName"] = _str(given.get("displayName"), "properties.displayName", min_len=1, max_len=300)
+    props["method"] = _str(given.get("method"), "properties.method", min_len=1)
+    props["urlTemplate"] = _str(given.get("urlTemplate"), "properties.urlTemplate", min_len=1, max_len=1000)
+    for field in ("description", "templateParameters", "request", "responses", "policies"):
+        if field in given:
+            props[field] = given[field]
+    return props
+
+
+def store_operation(state: TwinState, api: Resource, name: str, props: dict[str, Any]) -> Resource:
+    resource_id = f"{api.id}/operations/{name}"
+    existing = state.store.get(resource_id)
+    body = {
+        "id": existing.id if existing else resource_id,
+        "type": OPERATION_TYPE,
+        "name": existing.body["name"] if existing else name,
+        "properties": props,
+    }
+    return state.store.put(resource_id, body)
+
+
+async def list_operations(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    service = _service(request)
+    api_id = params(request)["api"]
+    api = _child(state, service, f"apis/{api_id}", "API", api_id)
+    rows = [
+        (
+            {
+                "name": r.body["name"],
+                "displayName": str(r.body["properties"].get("displayName") or ""),
+                "method": str(r.body["properties"].get("method") or ""),
+                "urlTemplate": str(r.body["properties"].get("urlTemplate") or ""),
+                "description": str(r.body["properties"].get("description") or ""),
+            },
+            r.body,
+        )
+        for r in state.store.children(api.id, "operations")
+    ]
+    fields: dict[str, tuple[str, ...]] = {
+        "name": _ALL_OPS,
+        "displayName": _ALL_OPS,
+        "method": _ALL_OPS,
+        "urlTemplate": _ALL_OPS,
+        "description": _ALL_OPS,
+    }
+    return _list(request, _filtered(request, rows, fields))
+
+
+async def get_operation(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    service = _service(request)
+    p = params(request)
+    api = _child(state, service, f"apis/{p['api']}", "API", p["api"])
+    found = state.store.get(f"{api.id}/operations/{p['op']}")
+    if found is None:
+        raise _not_found("Operation", p["op"])
+    return _with_etag(found.body, found)
+
+
+async def put_operation(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    service = _service(request)
+    p = params(request)
+    api = _child(state, service, f"apis/{p['api']}", "API", p["api"])
+    name = _entity_name(p["op"], "operationId")
+    existing = state.store.get(f"{api.id}/operations/{name}")
+    _check_if_match(request, existing, required=False)
+    resource = store_operation(state, api, name, _operation_props(_props(await read_json(request))))
+    _emit(state, write_context(request), resource.id, "write")
+    return _with_etag(resource.body, resource, status=201 if existing is None else 200)
+
+
+async def delete_operation(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    service = _service(request)
+    p = params(request)
+    api = _child(state, service, f"apis/{p['api']}", "API", p["api"])
+    found = state.store.get(f"{api.id}/operations/{p['op']}")
+    _check_if_match(request, found, required=True)
+    if found is None:
+        return web.Response(status=204)
+    state.store.delete(found.id)
+    _emit(state, write_context(request), found.id, "delete")
+    return web.Response(status=200)
+
+
 # -- policies ----------------------------------------------------------------------------------------------
 
 

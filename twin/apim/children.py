@@ -25,7 +25,9 @@ from twin.apim.common import (
     _enum,
     _filtered,
     _invalid,
+    _iso,
     _list,
+    _now,
     _props,
     _secret,
     _service,
@@ -283,6 +285,26 @@ def _product(
     return props, None
 
 
+def _user(
+    state: TwinState, service: Resource, name: str, given: dict[str, Any], current: dict[str, Any] | None, patch: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """UserCreateParameterProperties (apimusers.json): email, firstName, lastName required on
+    create; a password is accepted and never stored or returned, as APIM never returns it."""
+    props = (
+        dict(current or {}) if patch else {"state": "active", "identities": [], "registrationDate": _iso(_now(state))}
+    )
+    for field, max_len in (("email", 254), ("firstName", 100), ("lastName", 100)):
+        if field in given or not patch:
+            props[field] = _str(given.get(field), f"properties.{field}", min_len=1, max_len=max_len)
+    if "state" in given:
+        props["state"] = _enum(
+            given["state"], ("active", "blocked", "pending", "deleted"), "properties.state", case_sensitive=True
+        )
+    if "note" in given:
+        props["note"] = given["note"]
+    return props, None
+
+
 COLLECTIONS: dict[str, Collection] = {
     "identityproviders": Collection(
         "identityProviders",
@@ -297,6 +319,7 @@ COLLECTIONS: dict[str, Collection] = {
         "diagnostics", "Diagnostic", "Microsoft.ApiManagement/service/diagnostics", _diagnostic, names=DIAGNOSTIC_IDS
     ),
     "products": Collection("products", "Product", "Microsoft.ApiManagement/service/products", _product),
+    "users": Collection("users", "User", "Microsoft.ApiManagement/service/users", _user),
 }
 _COLLECTION_FILTER_FIELDS: dict[str, tuple[str, ...]] = {
     "name": _ALL_OPS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twin.apim.apis import _api_props, _policy_body, store_api, validate_policy_xml
+from twin.apim.apis import _api_props, _operation_props, _policy_body, store_api, store_operation, validate_policy_xml
 from twin.apim.children import COLLECTIONS, _product_apis, upsert_child
 from twin.apim.common import (
     _ENTITY_ID,
@@ -54,6 +54,7 @@ _SEED_KEYS = {
     "loggers",
     "policies",
     "products",
+    "users",
     "created_at",
 }
 
@@ -125,6 +126,7 @@ def _seed_service(state: TwinState, ctx: SeedContext, item: dict[str, Any], wher
         ("loggers", _seed_collection("loggers")),
         ("diagnostics", _seed_collection("diagnostics")),
         ("backends", _seed_collection("backends")),
+        ("users", _seed_collection("users")),
         ("identity_providers", _seed_identity_providers),
         ("named_values", _seed_named_values),
         ("subscriptions", _seed_subscriptions),
@@ -201,10 +203,15 @@ def _seed_apis(state: TwinState, service: Resource, value: Any, where: str) -> N
         given = {
             "displayName": name,
             "path": name,
-            **{k: v for k, v in entry.items() if k not in ("id", "name", "products")},
+            **{k: v for k, v in entry.items() if k not in ("id", "name", "products", "operations")},
         }
         props = _seed_call(f"{where}[{j}]", _api_props, given, None, patch=False)
         api = store_api(state, service, name, props)
+        for k, operation in enumerate(_seed_list(entry.get("operations") or [], f"{where}[{j}].operations")):
+            op_name = _seed_id(operation, f"{where}[{j}].operations[{k}]")
+            op_given = {"displayName": op_name, **{x: v for x, v in operation.items() if x not in ("id", "name")}}
+            op_props = _seed_call(f"{where}[{j}].operations[{k}]", _operation_props, op_given)
+            store_operation(state, api, op_name, op_props)
         for pid in entry.get("products") or []:
             product = state.store.get(f"{service.id}/products/{pid}")
             if product is None:
