@@ -45,6 +45,8 @@ class AppContext:
     settings: Settings
     policy: Policy
     factory: ClientFactory
+    # Where incidents and their outbox live (tests give each their own table).
+    incidents_table: str = "incidents"
     # The product identity's object id, read once from its own token (own_object_id).
     _object_id: str | None = field(default=None, init=False, repr=False)
     # The API's token validator holds the authority's signing keys (cached): one per process.
@@ -150,7 +152,9 @@ class AppContext:
                 )
             )
         return IncidentReporter(
-            IncidentStore(self.factory.table_service_async()), sinks, max_new_per_batch=config.max_new_per_sweep
+            IncidentStore(self.factory.table_service_async(), self.incidents_table),
+            sinks,
+            max_new_per_batch=config.max_new_per_sweep,
         )
 
     def run_incidents(self) -> RunIncidents:
