@@ -970,7 +970,8 @@ def sentinel_properties(incident: Incident, *, owner: Any = None, labels: Sequen
         footer += f"\n\nResolution: {incident.note}"
     room = SENTINEL_DESCRIPTION_MAX - len(footer)
     if len(description) > room:
-        description = description[: max(0, room - 40)] + "\n\n(truncated; see apim-remediator incidents)"
+        marker = "\n\n(truncated; see apim-remediator incidents)"
+        description = description[: max(0, room - len(marker))] + marker
     names = {str(label.get("labelName")) for label in labels if isinstance(label, dict)}
     kept = [
         {"labelName": str(label["labelName"])} for label in labels if isinstance(label, dict) and label.get("labelName")
