@@ -190,7 +190,10 @@ def resolution_note(incident: Incident, report: RemediationReport) -> str:
     pending = [r for r in targets if r.status is Status.PENDING]
     if pending:
         return f"apim-remediator's fix is being applied by Azure (run {report.correlation_id}); a later run verifies it"
-    return f"no longer seen by run {report.correlation_id} (fixed outside apim-remediator)"
+    return (
+        f"no longer seen by run {report.correlation_id}: fixed since the previous run "
+        "(by a manual remediation or outside apim-remediator)"
+    )
 
 
 @dataclass(frozen=True)

@@ -543,6 +543,12 @@ class DeliveryReport:
 
 
 @dataclass(frozen=True)
+class _Pass:
+    slots: frozenset[tuple[str, str]]  # (sink, incident) rows another run held
+    skipped: int
+
+
+@dataclass(frozen=True)
 class SinkState:
     """What the CLI shows per incident and sink."""
 
@@ -847,18 +853,34 @@ class IncidentReporter:
             )
         return out
 
-    async def deliver_pending(self, *, limit: int = 100) -> DeliveryReport:
+    async def deliver_pending(self, *, limit: int = 100, passes: int = 3, pause: float = 0.5) -> DeliveryReport:
         """Deliver undelivered changes, oldest version first per incident and sink.
 
         A sink that fails is not tried again in this call (it is down; its rows wait for
         the next run); a later version of an incident is never delivered before an earlier
-        one to the same sink. State-based sinks get only an incident's latest version."""
-        by_name = {s.name: s for s in self.sinks}
-        rows = [r for r in await self.store.pending() if r.sink in by_name]
+        one to the same sink. State-based sinks get only an incident's latest version.
+
+        Every run delivers, so two runs often meet on the same row: the one that claims it
+        delivers it, the other waits for it (`pause`) and reads the outbox again, up to
+        `passes` times, so a version written right behind the claimed one is not left to
+        the next run."""
         delivered: list[str] = []
         failed: list[str] = []
         skipped = 0
         down: set[str] = set()
+        for attempt in range(passes):
+            if attempt:
+                await asyncio.sleep(pause)
+            blocked = await self._deliver_pass(limit, down, delivered, failed)
+            skipped += blocked.skipped
+            if not blocked.slots:
+                break
+        return DeliveryReport(tuple(delivered), tuple(failed), skipped)
+
+    async def _deliver_pass(self, limit: int, down: set[str], delivered: list[str], failed: list[str]) -> _Pass:
+        by_name = {s.name: s for s in self.sinks}
+        rows = [r for r in await self.store.pending() if r.sink in by_name and r.sink not in down]
+        skipped = 0
         blocked: set[tuple[str, str]] = set()
         latest: dict[tuple[str, str], int] = {}
         for row in rows:
@@ -917,7 +939,7 @@ class IncidentReporter:
                     "delivery_id": claimed.change.delivery_id,
                 },
             )
-        return DeliveryReport(tuple(delivered), tuple(failed), skipped)
+        return _Pass(frozenset(blocked), skipped)
 
 
 # -- Sentinel -----------------------------------------------------------------------------------
@@ -1171,6 +1193,10 @@ def payload(change: IncidentChange, fmt: WebhookFormat) -> dict[str, Any]:
     }
 
 
+class NoAnswer(OSError):
+    """A webhook request that got no HTTP answer; the text names the kind of failure only."""
+
+
 class HttpPost(Protocol):
     """One POST; returns the status code, raises OSError/asyncio.TimeoutError on no answer."""
 
@@ -1230,6 +1256,8 @@ class WebhookSink:
                 headers[SIGNATURE_HEADER] = signature(key, stamp, body)
             try:
                 status = await self.post(self.url, body, headers, self.timeout)
+            except NoAnswer as error:
+                last = f"no answer from {self.host} ({error})"
             except (OSError, TimeoutError) as error:
                 last = f"no answer from {self.host} ({type(error).__name__})"
                 continue
@@ -1256,8 +1284,12 @@ def aiohttp_post(ssl_context: Any) -> HttpPost:
             ):
                 await response.read()
                 return response.status
+        except TimeoutError:
+            raise NoAnswer(f"no answer within {seconds:g} s") from None
         except aiohttp.ClientError as error:
-            raise OSError(type(error).__name__) from None
+            # The class says what happened (refused, reset, TLS); aiohttp's text can carry the URL.
+            cause = type(getattr(error, "os_error", None) or error).__name__
+            raise NoAnswer(f"{type(error).__name__}: {cause}") from None
 
     return post
 

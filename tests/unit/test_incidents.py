@@ -151,7 +151,9 @@ def test_resolution_note_says_who_fixed_it() -> None:
     assert resolution_note(incident(), report((), (fixed,))).startswith(
         "fixed by apim-remediator in run run-1 (TLS-001: set Tls10 to False)"
     )
-    assert resolution_note(incident(), report(())) == "no longer seen by run run-1 (fixed outside apim-remediator)"
+    assert resolution_note(incident(), report(())).startswith(
+        "no longer seen by run run-1: fixed since the previous run"
+    )
     exempt = finding("TLS-001", exempt=True)
     assert resolution_note(incident(), report((exempt,))).startswith("now exempt (migration window)")
 
@@ -370,3 +372,29 @@ def test_a_loopback_http_webhook_is_allowed_for_local_receivers() -> None:
         )
     )
     assert settings.incidents.webhook_host == "127.0.0.1"
+
+
+# -- least privilege, written twice ---------------------------------------------------------------
+
+
+def test_the_sentinel_actions_named_are_what_the_deployed_role_grants() -> None:
+    """handlers/incidents.py and the Sentinel sink name their Azure actions;
+    infra/sentinel-role.bicep assigns "Microsoft Sentinel Responder", whose definition (the
+    twin carries Azure's) must grant each of them."""
+    import re
+    from pathlib import Path
+
+    import handlers.incidents
+    import shared.incidents
+    from twin.rbac import BUILTIN_ROLES, permits
+
+    named = set(re.findall(r"Microsoft\.SecurityInsights/[A-Za-z/]+", handlers.incidents.__doc__ or ""))
+    assert named == set(
+        re.findall(r"Microsoft\.SecurityInsights/[A-Za-z/]+", shared.incidents.SentinelSink.__doc__ or "")
+    )
+    assert named == {"Microsoft.SecurityInsights/incidents/read", "Microsoft.SecurityInsights/incidents/write"}
+    bicep = (Path(__file__).resolve().parents[2] / "infra" / "sentinel-role.bicep").read_text()
+    [role_id] = re.findall(r"var sentinelResponder = '([0-9a-f-]{36})'", bicep)
+    [role] = [r for r in BUILTIN_ROLES if r.id == role_id]
+    assert role.name == "Microsoft Sentinel Responder"
+    assert all(permits(role, action) for action in named)
