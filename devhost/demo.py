@@ -393,8 +393,8 @@ async def incidents(
         + ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
     )
     changes: dict[str, int] = {}
-    for delivery in channel.received:
-        changes[delivery["change"]] = changes.get(delivery["change"], 0) + 1
+    for posted in channel.received:
+        changes[posted["change"]] = changes.get(posted["change"], 0) + 1
     say(
         f"webhook: {len(channel.received)} signed deliveries verified ("
         + ", ".join(f"{n} {change}" for change, n in sorted(changes.items()))
