@@ -45,12 +45,15 @@ from shared.rules import REGISTRY
 
 WORK_FAMILY = "WORK"
 RUN_FAMILY = "RUN"
+_RULE_FAMILIES = frozenset(rule.family for rule in REGISTRY.values())
 
 
 class IncidentsPort(IncidentApi, Protocol):
     async def open_incidents(self, instance_id: str | None = None) -> list[Incident]: ...
 
     async def deliver_pending(self, *, limit: int = 100) -> DeliveryReport: ...
+
+    async def waiting_in_summary(self) -> tuple[str, ...]: ...
 
 
 def _name(resource_id: str) -> str:
@@ -214,6 +217,14 @@ class RunIncidents:
                 continue
             if incident.kind in (ProblemKind.FINDING, ProblemKind.RUN, ProblemKind.WORK):
                 await self.reporter.resolve(incident.fingerprint, resolution_note(incident, report), run_id=run_id)
+        # Problems of this instance waiting in the summary incident (over a sweep's limit)
+        # that this run no longer shows leave it.
+        prefix = f":{report.instance_id.lower()}"
+        for waiting in await self.reporter.waiting_in_summary():
+            family, _, resource = waiting.partition(":")
+            ours = family in _RULE_FAMILIES or family == RUN_FAMILY  # not a backup's or a rotation's
+            if ours and waiting not in current and f":{resource}".startswith(prefix):
+                await self.reporter.resolve(waiting, f"no longer seen by run {run_id}", run_id=run_id)
         return await self.reporter.deliver_pending()
 
 

@@ -1028,8 +1028,8 @@ class SentinelSink:
     409 (stale ETag) and the sink reads the incident again, keeps their owner and labels,
     and retries.
 
-    Shapes: Azure/azure-rest-api-specs, specification/securityinsights/resource-manager/
-    Microsoft.SecurityInsights/stable/2024-09-01/Incidents.json (Incidents_CreateOrUpdate
+    Shapes: Azure/azure-rest-api-specs, specification/securityinsights (resource-manager,
+    stable/2024-09-01/Incidents.json: Incidents_CreateOrUpdate
     answers 200/201; `etag` on the resource; classification and classificationComment).
 
     Azure actions (on the workspace; "Microsoft Sentinel Responder" grants them):

@@ -73,10 +73,10 @@ class Recorder:
         return state
 
 
-def backup_problem(resource: str, severity: Severity = Severity.HIGH) -> Problem:
+def backup_problem(resource: str, severity: Severity = Severity.HIGH, family: str = "BACKUP") -> Problem:
     return Problem(
-        kind=ProblemKind.BACKUP,
-        family="BACKUP",
+        kind=ProblemKind.BACKUP if family == "BACKUP" else ProblemKind.FINDING,
+        family=family,
         resource_id=resource,
         title="Backup of apim-one failed",
         severity=severity,
@@ -153,8 +153,8 @@ async def test_over_the_limit_problems_wait_in_one_summary_incident(twin: TwinHa
     reporter = IncidentReporter(store, [sink], max_new_per_batch=2)
     names = [SERVICE.format(sub=twin.subscription_id, name=f"apim-{i}-{uuid.uuid4().hex[:6]}") for i in range(5)]
     for name in names:
-        await reporter.raise_problem(backup_problem(name), run_id="sweep-1-run", batch_id="sweep-1")
-    opened = [i for i in await store.incidents() if i.kind is ProblemKind.BACKUP]
+        await reporter.raise_problem(backup_problem(name, family="TLS"), run_id="sweep-1-run", batch_id="sweep-1")
+    opened = [i for i in await store.incidents() if i.kind is ProblemKind.FINDING]
     assert len(opened) == 2
     summary = await store.get(SUMMARY_FINGERPRINT)
     assert summary is not None
@@ -164,18 +164,27 @@ async def test_over_the_limit_problems_wait_in_one_summary_incident(twin: TwinHa
 
     # The next sweep has room for two more; the repeated ones are updates, not new.
     for name in names:
-        await reporter.raise_problem(backup_problem(name), run_id="sweep-2-run", batch_id="sweep-2")
-    assert len([i for i in await store.incidents() if i.kind is ProblemKind.BACKUP]) == 4
+        await reporter.raise_problem(backup_problem(name, family="TLS"), run_id="sweep-2-run", batch_id="sweep-2")
+    assert len([i for i in await store.incidents() if i.kind is ProblemKind.FINDING]) == 4
     summary = await store.get(SUMMARY_FINGERPRINT)
     assert summary is not None
     assert len(summary.members) == 1
 
-    # The last one goes away before it got an incident: the summary has nothing left, resolved.
-    waiting = summary.members[0]
-    assert await reporter.resolve(waiting, "gone") is None
+    # The last one goes away before it got an incident: a reconcile of its instance that no
+    # longer shows it takes it out; the summary has nothing left and is resolved.
+    [waiting] = summary.members
+    instance = next(n for n in names if fingerprint_of("TLS", n) == waiting)
+    await RunIncidents(reporter).after_reconcile(
+        RemediationReport(instance, dry_run=False, correlation_id="run-9"),
+        FindingChanges(instance),
+        run_id="run-9",
+        batch_id="sweep-3",
+    )
     summary = await store.get(SUMMARY_FINGERPRINT)
     assert summary is not None
     assert summary.status is IncidentStatus.RESOLVED
+    assert summary.members == ()
+    assert await reporter.waiting_in_summary() == ()
 
 
 @dataclass
