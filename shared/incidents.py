@@ -621,6 +621,7 @@ class IncidentReporter:
         joins the summary incident instead and that is returned."""
         title = redact(problem.title)[:250]
         description = redact(problem.description)
+        charged = False  # a slot of the batch's limit, taken once even when a write is retried
         for _ in range(8):
             existing = await self.store.get(problem.fingerprint)
             now = self.clock()
@@ -654,12 +655,10 @@ class IncidentReporter:
                     return await self._commit(updated, kind, run_id, create=False)
                 except Conflict:
                     continue
-            if (
-                batch_id
-                and problem.kind is not ProblemKind.SUMMARY
-                and not await self.store.take_slot(batch_id, self.max_new_per_batch)
-            ):
-                return await self._overflow(problem, run_id=run_id)
+            if batch_id and problem.kind is not ProblemKind.SUMMARY and not charged:
+                if not await self.store.take_slot(batch_id, self.max_new_per_batch):
+                    return await self._overflow(problem, run_id=run_id)
+                charged = True
             opened = Incident(
                 fingerprint=problem.fingerprint,
                 kind=problem.kind,
@@ -1219,6 +1218,7 @@ class WebhookSink:
     name = "webhook"
     kinds = STATE_CHANGES
     state_based = False
+    KEY_TTL = 300.0
 
     def __init__(
         self,
@@ -1240,6 +1240,17 @@ class WebhookSink:
         self.attempts = attempts
         self.backoff = backoff
         self.clock = clock
+        self._cached: tuple[bytes, float] | None = None
+
+    async def _key(self) -> bytes | None:
+        """The HMAC key, read from Key Vault at most every `KEY_TTL` seconds (a rotated key
+        is used within minutes, without a restart)."""
+        if self.secret is None:
+            return None
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[1] > self.KEY_TTL:
+            self._cached = (await self.secret(), now)
+        return self._cached[0]
 
     @property
     def host(self) -> str:
@@ -1247,9 +1258,7 @@ class WebhookSink:
 
     async def deliver(self, change: IncidentChange, state: dict[str, str]) -> dict[str, str]:
         body = json.dumps(payload(change, self.fmt), separators=(",", ":")).encode("utf-8")
-        key: bytes | None = None
-        if self.secret is not None:
-            key = await self.secret()
+        key = await self._key()
         last = ""
         for attempt in range(self.attempts):
             if attempt:
@@ -1262,6 +1271,7 @@ class WebhookSink:
                 status = await self.post(self.url, body, headers, self.timeout)
             except NoAnswer as error:
                 last = f"no answer from {self.host} ({error})"
+                continue
             except (OSError, TimeoutError) as error:
                 last = f"no answer from {self.host} ({type(error).__name__})"
                 continue

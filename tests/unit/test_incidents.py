@@ -23,6 +23,7 @@ from shared.incidents import (
     Incident,
     IncidentChange,
     IncidentStatus,
+    NoAnswer,
     Problem,
     ProblemKind,
     WebhookFormat,
@@ -299,10 +300,17 @@ def test_webhook_does_not_hammer_a_client_error_and_never_names_the_url() -> Non
 
 
 def test_webhook_gives_up_after_its_attempts() -> None:
-    post = Post(TimeoutError(), TimeoutError(), TimeoutError())
+    post = Post(TimeoutError(), NoAnswer("ClientConnectorError: ConnectionRefusedError"), TimeoutError())
     with pytest.raises(TransientError, match=r"no answer from hooks\.example"):
         asyncio.run(sink(post).deliver(change(), {}))
     assert len(post.calls) == 3
+
+
+def test_webhook_names_the_kind_of_failure_it_got() -> None:
+    post = Post(NoAnswer("ClientConnectorError: ConnectionRefusedError"))
+    with pytest.raises(TransientError) as info:
+        asyncio.run(sink(post, attempts=1).deliver(change(), {}))
+    assert "no answer from hooks.example (ClientConnectorError: ConnectionRefusedError)" in str(info.value)
 
 
 def test_teams_and_slack_bodies_are_what_is_signed() -> None:
