@@ -74,7 +74,8 @@ class IncidentStep(Protocol):
 
 
 class LogSink:
-    """One structured log event per new, changed or resolved finding (until incidents land)."""
+    """One structured log event per new, changed or resolved finding (incidents are the
+    separate `IncidentStep`)."""
 
     def __init__(self, logger: logging.Logger = LOG) -> None:
         self.logger = logger
