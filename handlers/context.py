@@ -178,7 +178,13 @@ class AppContext:
         return self._object_id
 
     def sweep_deps(self) -> SweepDeps:
-        return SweepDeps(inventory=self.source(), policy=self.policy, queue=self.work_queue(), ledger=self.messages())
+        return SweepDeps(
+            inventory=self.source(),
+            policy=self.policy,
+            queue=self.work_queue(),
+            ledger=self.messages(),
+            incidents=self.incidents(),
+        )
 
     def work_deps(self) -> WorkDeps:
         return WorkDeps(

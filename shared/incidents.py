@@ -68,6 +68,8 @@ SUMMARY_FINGERPRINT = "SUMMARY:new-incident-limit"
 MAX_TEXT = 30_000  # a Table string property holds 32K UTF-16 characters
 MAX_MEMBERS = 200
 CLAIM_SECONDS = 300  # a claimed outbox row is left alone by other workers this long
+OUTBOX_RETENTION = timedelta(days=30)  # delivered outbox rows are kept this long (the CLI shows them)
+BUDGET_RETENTION = timedelta(days=2)  # a sweep's new-incident count outlives the sweep by far
 _FAMILY = re.compile(r"^[A-Z][A-Z0-9-]{0,31}$")
 _BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
@@ -440,6 +442,33 @@ class IncidentStore(TableStore):
             except AzureError as exc:
                 raise storage_error(exc, what=self._what, operation="charge the new-incident budget") from exc
         raise TransientError("the new-incident budget kept changing under this run; try again")
+
+    async def purge(self, *, delivered_before: datetime, budgets_before: datetime, limit: int = 1000) -> int:
+        """Delete outbox rows delivered before `delivered_before` and new-incident budget
+        rows last written before `budgets_before` (Table storage has no TTL). Incidents and
+        undelivered rows are never purged. Returns how many rows went."""
+        table = await self._client()
+        gone = 0
+        queries = (
+            (
+                "RowKey ge @lo and RowKey lt @hi and delivered eq true and delivered_at lt @before",
+                {"lo": "out-", "hi": "out.", "before": delivered_before},
+            ),
+            ("PartitionKey eq @pk and Timestamp lt @before", {"pk": BUDGET_PARTITION, "before": budgets_before}),
+        )
+        try:
+            for query, parameters in queries:
+                async for entity in table.query_entities(query, parameters=parameters):
+                    if gone >= limit:
+                        return gone
+                    try:
+                        await table.delete_entity(entity["PartitionKey"], entity["RowKey"])
+                    except ResourceNotFoundError:
+                        continue  # another sweep purged it first
+                    gone += 1
+        except AzureError as exc:
+            raise storage_error(exc, what=self._what, operation="purge delivered outbox rows") from exc
+        return gone
 
     # -- outbox --
 
@@ -825,6 +854,12 @@ class IncidentReporter:
             except Conflict:
                 continue
         raise TransientError(f"incident {fingerprint} kept changing under this run; try again")
+
+    async def purge(self, *, now: datetime | None = None) -> int:
+        """Housekeeping for the sweep: delivered outbox rows after `OUTBOX_RETENTION`, budget
+        rows after `BUDGET_RETENTION`."""
+        at = now or self.clock()
+        return await self.store.purge(delivered_before=at - OUTBOX_RETENTION, budgets_before=at - BUDGET_RETENTION)
 
     async def open_incidents(self, instance_id: str | None = None) -> list[Incident]:
         return await self.store.incidents(instance_id=instance_id)

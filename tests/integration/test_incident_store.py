@@ -242,3 +242,26 @@ async def test_a_poison_message_is_an_incident_until_the_instance_reconciles(
     again = await report_work_failure(reporter, instance, "403 AuthorizationFailed", poisoned=False)
     assert again.status is IncidentStatus.NEW
     assert again.fingerprint == incident.fingerprint
+
+
+async def test_the_sweep_purges_what_was_delivered_long_ago_and_keeps_the_rest(
+    twin: TwinHandle, store: IncidentStore
+) -> None:
+    sink = Recorder()
+    waiting = Recorder(name="waiting", down=True)
+    reporter = IncidentReporter(store, [sink, waiting], max_new_per_batch=5)
+    resource = SERVICE.format(sub=twin.subscription_id, name=f"apim-{uuid.uuid4().hex[:6]}")
+    await reporter.raise_problem(backup_problem(resource), run_id="r1", batch_id="sweep-old")
+    await reporter.raise_problem(backup_problem(resource), run_id="r2")
+    await reporter.deliver_pending()
+    fingerprint = fingerprint_of("BACKUP", resource)
+    assert len(await store.outbox_of(fingerprint)) == 4  # two versions, two sinks
+
+    assert await reporter.purge() == 0  # nothing is old yet
+    later = datetime.now(UTC) + timedelta(days=31)
+    assert await reporter.purge(now=later) == 3  # two delivered rows and the sweep's budget row
+    left = await store.outbox_of(fingerprint)
+    assert [(r.sink, r.delivered) for r in left] == [("waiting", False), ("waiting", False)]  # never lost
+    incident = await store.get(fingerprint)
+    assert incident is not None
+    assert incident.count == 2
