@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument(
         "--max-wait", type=float, default=240.0, metavar="SECONDS", help="how long to wait for a running restore"
     )
+    incidents_cmd = commands.add_parser("incidents", help="list open incidents and their delivery state")
+    incidents_cmd.add_argument("--all", action="store_true", help="resolved incidents too")
+    incidents_cmd.add_argument(
+        "--deliver", action="store_true", help="first deliver what the outbox holds (as every run does)"
+    )
+    incidents_cmd.add_argument("--format", choices=["table", "json"], default="table")
     rules_cmd = commands.add_parser("rules", help="list the rule catalogue")
     rules_cmd.add_argument("--format", choices=["table", "markdown"], default="table")
     return parser
@@ -220,6 +226,44 @@ async def _restore_test(args: argparse.Namespace, out: TextIO) -> int:
     return 1 if bad else 0
 
 
+async def _incidents(args: argparse.Namespace, out: TextIO) -> int:
+    import json
+
+    from handlers.incidents import list_incidents, render_incidents
+
+    context = AppContext.load()
+    try:
+        reporter = context.incidents()
+        if args.deliver:
+            delivery = await reporter.deliver_pending()
+            for line in delivery.failed:
+                out.write(f"not delivered: {line}\n")
+        views = await list_incidents(reporter, include_resolved=args.all)
+    finally:
+        await context.aclose()
+    if args.format == "json":
+        rendered = [
+            {
+                **view.incident.to_json(),
+                "delivery": [
+                    {
+                        "sink": s.sink,
+                        "delivered_version": s.delivered_version,
+                        "pending_versions": list(s.pending_versions),
+                        "failed_attempts": s.attempts,
+                        "last_error": s.last_error,
+                    }
+                    for s in view.sinks
+                ],
+            }
+            for view in views
+        ]
+        out.write(json.dumps(rendered, indent=2) + "\n")
+    else:
+        out.write(render_incidents(views))
+    return 0
+
+
 def _print_report(report: ScanReport, args: argparse.Namespace, out: TextIO) -> int:
     rendered = RENDERERS[args.format](report)
     if args.output:
@@ -239,6 +283,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             return asyncio.run(_scan(args, out, err))
         if args.command == "remediate":
             return asyncio.run(_remediate(args, out))
+        if args.command == "incidents":
+            return asyncio.run(_incidents(args, out))
         if args.command == "rules":
             return _rules(args, out)
         if args.command == "backup":

@@ -34,8 +34,10 @@ from shared.work_queue import AzureWorkQueue
 
 if TYPE_CHECKING:
     from handlers.backup import BackupJobDeps
+    from handlers.incidents import RunIncidents
     from handlers.manual import ManualDeps
     from shared.entra import TokenValidator
+    from shared.incidents import IncidentReporter
     from shared.operations import OperationsStore
 
 
@@ -44,6 +46,8 @@ class AppContext:
     settings: Settings
     policy: Policy
     factory: ClientFactory
+    # Where incidents and their outbox live (tests give each their own table).
+    incidents_table: str = "incidents"
     # The product identity's object id, read once from its own token (own_object_id).
     _object_id: str | None = field(default=None, init=False, repr=False)
     # The API's token validator holds the authority's signing keys (cached): one per process.
@@ -110,7 +114,54 @@ class AppContext:
         return self._validator
 
     def reconcile_deps(self) -> ReconcileDeps:
-        return ReconcileDeps(remediation=self.remediation_deps(), findings=self.findings(), sink=LogSink())
+        return ReconcileDeps(
+            remediation=self.remediation_deps(),
+            findings=self.findings(),
+            sink=LogSink(),
+            incidents=self.run_incidents(),
+        )
+
+    def incidents(self) -> IncidentReporter:
+        """The incident reporter with the sinks the settings name (the log is always on)."""
+        from shared.incidents import (
+            IncidentReporter,
+            IncidentSink,
+            IncidentStore,
+            SentinelSink,
+            WebhookFormat,
+            WebhookSink,
+            aiohttp_post,
+            key_vault_secret,
+        )
+
+        config = self.settings.incidents
+        sinks: list[IncidentSink] = []
+        if config.sentinel_workspace:
+            sinks.append(SentinelSink(AzureArm(self.factory), config.sentinel_workspace))
+        if config.webhook_url is not None:
+            secret = None
+            if config.webhook_secret_name and self.settings.key_vault_url:
+                client = self.factory.secrets_async(self.settings.key_vault_url)
+                secret = key_vault_secret(client, config.webhook_secret_name)
+            sinks.append(
+                WebhookSink(
+                    config.webhook_url.reveal(),
+                    aiohttp_post(self.factory.https_context()),
+                    fmt=WebhookFormat(config.webhook_format),
+                    secret=secret,
+                    timeout=config.webhook_timeout,
+                )
+            )
+        return IncidentReporter(
+            IncidentStore(self.factory.table_service_async(), self.incidents_table),
+            sinks,
+            max_new_per_batch=config.max_new_per_sweep,
+        )
+
+    def run_incidents(self) -> RunIncidents:
+        from handlers.incidents import RunIncidents
+
+        return RunIncidents(self.incidents())
 
     def messages(self) -> MessageLedger:
         return MessageLedger(self.factory.table_service_async())
@@ -128,10 +179,21 @@ class AppContext:
         return self._object_id
 
     def sweep_deps(self) -> SweepDeps:
-        return SweepDeps(inventory=self.source(), policy=self.policy, queue=self.work_queue(), ledger=self.messages())
+        return SweepDeps(
+            inventory=self.source(),
+            policy=self.policy,
+            queue=self.work_queue(),
+            ledger=self.messages(),
+            incidents=self.incidents(),
+        )
 
     def work_deps(self) -> WorkDeps:
-        return WorkDeps(reconcile=self.run_reconcile, failures=self.findings(), dead_letters=self.messages())
+        return WorkDeps(
+            reconcile=self.run_reconcile,
+            failures=self.findings(),
+            dead_letters=self.messages(),
+            incidents=self.incidents(),
+        )
 
     def backup_deps(self) -> BackupJobDeps:
         """The backup and test-restore jobs; without APIMR_BACKUP_STORAGE_ACCOUNT they report

@@ -3,7 +3,8 @@
 Read a fresh snapshot (never an event's payload), apply what the policy puts in
 `remediate` mode through the remediation engine (lease, journal, If-Match, verify), store
 what the rescan still shows, and report what changed — new, changed, resolved findings —
-to one sink (a structured log event per change today; incidents plug in here). Running it
+to one sink (a structured log event per change), then open, update or resolve incidents
+for what the run leaves to people (handlers/incidents.py). Running it
 twice changes nothing the second time: a converged instance makes zero writes.
 
 Coalescing: a request names the moment it was made (`not_before`: the queue message's or
@@ -38,6 +39,9 @@ class ReconcileRequest:
     correlation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     # When the work was asked for; an instance reconciled since then is not done again.
     not_before: datetime | None = None
+    # The batch this run belongs to (the sweep id): new incidents are limited per batch.
+    # None: the run is its own batch.
+    batch_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,17 @@ class ChangeSink(Protocol):
     async def report(self, changes: FindingChanges, *, correlation_id: str) -> None: ...
 
 
+class IncidentStep(Protocol):
+    """What a run leaves to people becomes incidents (handlers/incidents.py RunIncidents)."""
+
+    async def after_reconcile(
+        self, report: RemediationReport, changes: FindingChanges, *, run_id: str, batch_id: str | None
+    ) -> object: ...
+
+
 class LogSink:
-    """One structured log event per new, changed or resolved finding (until incidents land)."""
+    """One structured log event per new, changed or resolved finding (incidents are the
+    separate `IncidentStep`)."""
 
     def __init__(self, logger: logging.Logger = LOG) -> None:
         self.logger = logger
@@ -97,6 +110,7 @@ class ReconcileDeps:
     findings: FindingsApi
     sink: ChangeSink
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    incidents: IncidentStep | None = None  # None: findings are only logged
 
 
 async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> ReconcileResult:
@@ -127,6 +141,10 @@ async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> Reconcile
         report.instance_id, report.remaining, seen_at=started, correlation_id=request.correlation_id
     )
     await deps.sink.report(changes, correlation_id=request.correlation_id)
+    if deps.incidents is not None:
+        await deps.incidents.after_reconcile(
+            report, changes, run_id=request.correlation_id, batch_id=request.batch_id or request.correlation_id
+        )
     LOG.info(
         "reconciled %s (%s): %d write(s), %d finding(s) open",
         report.instance_id,

@@ -7,7 +7,8 @@ no other. Each message carries the sweep's time as `requested_at`: an instance r
 after it (by an event, a person, a duplicate message) is not reconciled again.
 
 After the fan-out the sweep also purges event ids older than Event Grid's retry window
-from the message ledger (Table storage has no TTL).
+from the message ledger (Table storage has no TTL), delivers incident changes still in
+the outbox and purges outbox rows delivered more than 30 days ago.
 
 Azure actions (a subset of the read role in infra/subscription-role.bicep):
     Microsoft.Resources/subscriptions/read
@@ -49,6 +50,7 @@ class SweepResult:
     enqueued: tuple[str, ...]  # instance ids, one message each
     outside_policy_scope: tuple[str, ...] = ()
     purged_events: int = 0
+    purged_incident_rows: int = 0
 
 
 class Inventory(Protocol):
@@ -67,6 +69,14 @@ class EventIdPurger(Protocol):
     async def purge(self, *, older_than: datetime, limit: int = ...) -> int: ...
 
 
+class IncidentHousekeeping(Protocol):
+    """The incident outbox's share of the sweep (shared/incidents.py IncidentReporter)."""
+
+    async def deliver_pending(self, *, limit: int = ...) -> object: ...
+
+    async def purge(self, *, now: datetime | None = None) -> int: ...
+
+
 @dataclass(frozen=True)
 class SweepDeps:
     inventory: Inventory
@@ -74,6 +84,7 @@ class SweepDeps:
     queue: WorkQueue
     ledger: EventIdPurger
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    incidents: IncidentHousekeeping | None = None  # deliver what waits, purge what was delivered long ago
 
 
 async def sweep(request: SweepRequest, deps: SweepDeps) -> SweepResult:
@@ -102,10 +113,17 @@ async def sweep(request: SweepRequest, deps: SweepDeps) -> SweepResult:
         extra={"event": "sweep.enqueued", "sweep_id": request.sweep_id, "correlation_id": request.sweep_id},
     )
     purged = await deps.ledger.purge(older_than=requested_at - EVENT_RETENTION)
+    purged_incident_rows = 0
+    if deps.incidents is not None:
+        # Undelivered incident changes wait for the next run of any instance; the sweep is
+        # one, even when nothing is in scope or every work message coalesces.
+        await deps.incidents.deliver_pending()
+        purged_incident_rows = await deps.incidents.purge(now=requested_at)
     return SweepResult(
         sweep_id=request.sweep_id,
         requested_at=requested_at,
         enqueued=tuple(r.id for r in wanted),
         outside_policy_scope=skipped,
         purged_events=purged,
+        purged_incident_rows=purged_incident_rows,
     )

@@ -11,6 +11,8 @@ The queue-triggered function `work` runs `handle_work` for each message on
   again and retries it, up to `maxDequeueCount` times, then poisons it.
 - A permanent failure (`PermanentError`: out of scope, refused, a 403) is recorded on the
   instance's summary, where the operator and the HTTP API see it, and ends the message.
+- A permanent failure and a poison message are also incidents (handlers/incidents.py),
+  resolved by the instance's next successful reconcile.
 - Coalescing: the request's `not_before` is the message's `requested_at`, so an instance
   reconciled after the message was sent (the same instance queued twice in a burst, or
   an event got there first) is not reconciled again.
@@ -28,6 +30,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Protocol
 
+from handlers.incidents import IncidentsPort, report_work_failure
 from handlers.reconcile import ReconcileRequest, ReconcileResult
 from shared.errors import PermanentError, TransientError
 from shared.journal import Trigger
@@ -78,6 +81,7 @@ class WorkDeps:
     failures: FailureLog
     dead_letters: DeadLetters
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    incidents: IncidentsPort | None = None  # a permanent failure or a poison message is an incident
 
 
 def _fields(delivery: QueueDelivery, instance_id: str | None, correlation_id: str = "") -> dict[str, object]:
@@ -124,6 +128,7 @@ async def handle_work(delivery: QueueDelivery, deps: WorkDeps) -> WorkOutcome:
         reason=message.reason,
         correlation_id=message.correlation_id,
         not_before=message.requested_at,
+        batch_id=message.sweep_id or None,
     )
     fields = _fields(delivery, message.instance_id, message.correlation_id)
     try:
@@ -136,6 +141,10 @@ async def handle_work(delivery: QueueDelivery, deps: WorkDeps) -> WorkOutcome:
         await deps.failures.record_failure(
             message.instance_id, str(error), at=deps.clock(), correlation_id=message.correlation_id
         )
+        if deps.incidents is not None:
+            await report_work_failure(
+                deps.incidents, message.instance_id, str(error), poisoned=False, run_id=message.correlation_id
+            )
         return WorkOutcome(WorkStatus.FAILED, message.instance_id, str(error))
     if result.skipped is not None:
         LOG.info("work: %s: %s", message.instance_id, result.skipped, extra={"event": "work.coalesced", **fields})
@@ -181,4 +190,8 @@ async def handle_poison(delivery: QueueDelivery, deps: WorkDeps) -> WorkOutcome:
         )
     )
     await deps.failures.record_failure(message.instance_id, reason, at=at, correlation_id=message.correlation_id)
+    if deps.incidents is not None:
+        await report_work_failure(
+            deps.incidents, message.instance_id, reason, poisoned=True, run_id=message.correlation_id
+        )
     return WorkOutcome(WorkStatus.POISONED, message.instance_id, reason)

@@ -55,12 +55,21 @@ param logLevel string = 'INFO'
 @description('Log Analytics workspaces (resource ids) the runtime rules query outside the subscriptions in scope: Log Analytics Reader there. Inside them the custom role already grants the query.')
 param logAnalyticsWorkspaceIds array = []
 
-@description('Workspace (resource id) with Microsoft Sentinel where incidents are raised: Microsoft Sentinel Responder there. Empty: no Sentinel sink.')
+@description('Workspace (resource id) with Microsoft Sentinel where incidents are raised (APIMR_INCIDENT_SENTINEL_WORKSPACE): Microsoft Sentinel Responder there. Empty: no Sentinel sink.')
 param sentinelWorkspaceId string = ''
+
+@secure()
+@description('Webhook incidents are posted to (APIMR_INCIDENT_WEBHOOK_URL); empty: none.')
+param incidentWebhookUrl string = ''
+
+@allowed(['json', 'teams', 'slack'])
+param incidentWebhookFormat string = 'json'
+
+@description('Secret in the ledger vault holding the json webhook\'s HMAC key (APIMR_INCIDENT_WEBHOOK_SECRET_NAME).')
+param incidentWebhookSecretName string = ''
 
 var tags = { 'azd-env-name': environmentName }
 var logAnalyticsReader = '73c42c96-874c-492b-b04d-ab87d138a893'
-var sentinelResponder = '3e150937-b8fe-4cfb-8069-0eaf05ecd056'
 
 resource group 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: resourceGroupName
@@ -83,6 +92,10 @@ module app 'modules/app.bicep' = {
     apiAudience: apiAudience
     apiTenantId: apiTenantId
     logLevel: logLevel
+    sentinelWorkspaceId: sentinelWorkspaceId
+    incidentWebhookUrl: incidentWebhookUrl
+    incidentWebhookFormat: incidentWebhookFormat
+    incidentWebhookSecretName: incidentWebhookSecretName
   }
 }
 
@@ -110,12 +123,12 @@ module workspaceReaders 'modules/workspace-role.bicep' = [
   }
 ]
 
-module sentinel 'modules/workspace-role.bicep' = if (!empty(sentinelWorkspaceId)) {
+// The same file an operator deploys by hand for a workspace added later.
+module sentinel 'sentinel-role.bicep' = if (!empty(sentinelWorkspaceId)) {
   name: 'apimr-sentinel-${uniqueString(sentinelWorkspaceId, environmentName)}'
   scope: resourceGroup(split(sentinelWorkspaceId, '/')[2], split(sentinelWorkspaceId, '/')[4])
   params: {
     workspaceName: last(split(sentinelWorkspaceId, '/'))
-    roleId: sentinelResponder
     principalId: app.outputs.identityPrincipalId
   }
 }

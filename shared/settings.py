@@ -251,6 +251,33 @@ class BackupSettings:
     access_key_secret: str | None = None  # a Key Vault secret URL holding the account key (AccessKey)
 
 
+WEBHOOK_FORMATS = ("json", "teams", "slack")
+_WORKSPACE_ID = re.compile(
+    r"^/subscriptions/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}/resourceGroups/"
+    r"[-\w._()]{1,90}/providers/Microsoft\.OperationalInsights/workspaces/[A-Za-z0-9][A-Za-z0-9-]{2,62}$",
+    re.IGNORECASE,
+)
+_LOOPBACK = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+@dataclass(frozen=True)
+class IncidentSettings:
+    """Where incidents go besides the structured log (always on)."""
+
+    sentinel_workspace: str | None = None  # a Log Analytics workspace resource id with Sentinel on it
+    webhook_url: Secret | None = None  # Teams and Slack URLs carry their own signature: a secret
+    webhook_format: str = "json"  # json | teams | slack
+    webhook_secret_name: str | None = None  # the HMAC key: a secret in APIMR_KEY_VAULT_URL's vault
+    webhook_timeout: float = 10.0  # seconds per attempt
+    max_new_per_sweep: int = 10  # beyond this, one summary incident
+
+    @property
+    def webhook_host(self) -> str | None:
+        if self.webhook_url is None:
+            return None
+        return urlsplit(self.webhook_url.reveal()).hostname
+
+
 DEFAULT_POLICY_FILE = str(Path(__file__).resolve().parent / "baseline.yaml")
 
 
@@ -278,6 +305,7 @@ class Settings:
     backup: BackupSettings | None = None  # None: backups are not configured (BAK rules stay silent)
     backup_schedule: str = DEFAULT_BACKUP_SCHEDULE  # NCRONTAB, read by the host (`backup` timer)
     restore_test_schedule: str = DEFAULT_RESTORE_TEST_SCHEDULE  # NCRONTAB (`restore_test` timer)
+    incidents: IncidentSettings = field(default_factory=IncidentSettings)
 
     def describe(self) -> dict[str, object]:
         """A secret-free view for logs."""
@@ -590,6 +618,51 @@ def _api(r: _Reader) -> ApiSettings | None:
     return ApiSettings(audience=audience, tenant_id=tenant.lower())
 
 
+def _incidents(r: _Reader, key_vault_url: str | None) -> IncidentSettings:
+    workspace = r.raw("INCIDENT_SENTINEL_WORKSPACE")
+    if workspace is not None and not _WORKSPACE_ID.match(workspace.rstrip("/")):
+        r.problem(
+            "INCIDENT_SENTINEL_WORKSPACE",
+            "must be a Log Analytics workspace resource id (/subscriptions/<id>/resourceGroups/<group>/providers/"
+            f"Microsoft.OperationalInsights/workspaces/<name>), got {shown(workspace)}",
+        )
+        workspace = None
+    url = r.raw("INCIDENT_WEBHOOK_URL")
+    webhook: Secret | None = None
+    if url is not None:
+        # Never echo the URL: Teams Workflows and Slack URLs are credentials themselves.
+        parts = urlsplit(url)
+        loopback = parts.scheme == "http" and (parts.hostname or "") in _LOOPBACK
+        if not parts.netloc or (parts.scheme != "https" and not loopback):
+            r.problem("INCIDENT_WEBHOOK_URL", "must be an https:// URL (http:// only to localhost); value not shown")
+        else:
+            webhook = Secret(url)
+    fmt = (r.raw("INCIDENT_WEBHOOK_FORMAT") or "json").lower()
+    if fmt not in WEBHOOK_FORMATS:
+        r.problem("INCIDENT_WEBHOOK_FORMAT", f"must be one of {', '.join(WEBHOOK_FORMATS)}, got {shown(fmt)}")
+        fmt = "json"
+    secret_name = r.raw("INCIDENT_WEBHOOK_SECRET_NAME")
+    if secret_name is not None and not re.fullmatch(r"[0-9A-Za-z-]{1,127}", secret_name):
+        r.problem("INCIDENT_WEBHOOK_SECRET_NAME", f"must be a Key Vault secret name, got {shown(secret_name)}")
+    if secret_name is not None and key_vault_url is None:
+        r.problem("INCIDENT_WEBHOOK_SECRET_NAME", f"needs {PREFIX}KEY_VAULT_URL (the vault that holds the secret)")
+    if webhook is not None and fmt == "json" and secret_name is None:
+        r.problem(
+            "INCIDENT_WEBHOOK_SECRET_NAME",
+            "is required for a json webhook: the receiver verifies the HMAC-SHA256 signature made with it",
+        )
+    if secret_name is not None and webhook is None and url is None:
+        r.problem("INCIDENT_WEBHOOK_SECRET_NAME", f"is only read with {PREFIX}INCIDENT_WEBHOOK_URL; remove it")
+    return IncidentSettings(
+        sentinel_workspace=workspace.rstrip("/") if workspace else None,
+        webhook_url=webhook,
+        webhook_format=fmt,
+        webhook_secret_name=secret_name,
+        webhook_timeout=r.number("INCIDENT_WEBHOOK_TIMEOUT", 10.0, 1.0, 120.0),
+        max_new_per_sweep=r.integer("INCIDENT_MAX_NEW_PER_SWEEP", 10, 1, 1000),
+    )
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting; raise one SettingsError listing all problems."""
     r = _Reader(os.environ if env is None else env)
@@ -625,6 +698,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     restore_test_schedule = _schedule(
         r, "RESTORE_TEST_SCHEDULE", DEFAULT_RESTORE_TEST_SCHEDULE, "every 15 minutes from :07"
     )
+    incidents = _incidents(r, key_vault_url)
     if r.problems:
         raise SettingsError(r.problems)
     return Settings(
@@ -645,6 +719,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         backup=backup,
         backup_schedule=backup_schedule,
         restore_test_schedule=restore_test_schedule,
+        incidents=incidents,
     )
 
 
@@ -684,5 +759,11 @@ SETTING_NAMES: tuple[str, ...] = tuple(
         "BACKUP_ACCESS_KEY_SECRET",
         "BACKUP_SCHEDULE",
         "RESTORE_TEST_SCHEDULE",
+        "INCIDENT_SENTINEL_WORKSPACE",
+        "INCIDENT_WEBHOOK_URL",
+        "INCIDENT_WEBHOOK_FORMAT",
+        "INCIDENT_WEBHOOK_SECRET_NAME",
+        "INCIDENT_WEBHOOK_TIMEOUT",
+        "INCIDENT_MAX_NEW_PER_SWEEP",
     )
 )

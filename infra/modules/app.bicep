@@ -41,6 +41,19 @@ param apiTenantId string
 @allowed(['DEBUG', 'INFO', 'WARNING', 'ERROR'])
 param logLevel string
 
+@description('Sentinel workspace resource id for incidents (APIMR_INCIDENT_SENTINEL_WORKSPACE); empty: none.')
+param sentinelWorkspaceId string
+
+@secure()
+@description('Incident webhook URL (APIMR_INCIDENT_WEBHOOK_URL); empty: none.')
+param incidentWebhookUrl string
+
+@description('json, teams or slack (APIMR_INCIDENT_WEBHOOK_FORMAT).')
+param incidentWebhookFormat string
+
+@description('Ledger-vault secret holding the json webhook\'s HMAC key (APIMR_INCIDENT_WEBHOOK_SECRET_NAME).')
+param incidentWebhookSecretName string
+
 var suffix = uniqueString(resourceGroup().id)
 var storageName = take('${prefix}${suffix}', 24)
 var workQueue = 'apimr-work'
@@ -222,6 +235,13 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         // and will not start those functions without them.
         { name: 'APIMR_SWEEP_SCHEDULE', value: sweepSchedule }
         { name: 'APIMR_WORK_QUEUE', value: workQueue }
+        // Incidents: always a structured log event; Sentinel and a webhook when named.
+        { name: 'APIMR_INCIDENT_SENTINEL_WORKSPACE', value: sentinelWorkspaceId }
+        { name: 'APIMR_INCIDENT_WEBHOOK_URL', value: incidentWebhookUrl }
+        { name: 'APIMR_INCIDENT_WEBHOOK_FORMAT', value: incidentWebhookFormat }
+        { name: 'APIMR_INCIDENT_WEBHOOK_SECRET_NAME', value: incidentWebhookSecretName }
+        { name: 'APIMR_INCIDENT_WEBHOOK_TIMEOUT', value: '10' }
+        { name: 'APIMR_INCIDENT_MAX_NEW_PER_SWEEP', value: '10' }
         // Native APIM backups go to the app's own account, container apim-backups, reached by each
         // instance's managed identity (which needs Storage Blob Data Contributor there).
         { name: 'APIMR_BACKUP_STORAGE_ACCOUNT', value: storage.name }

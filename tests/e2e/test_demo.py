@@ -44,5 +44,17 @@ def test_demo_runs_the_app_end_to_end() -> None:
     assert "WOULD MGMT-003" in out
     assert "operation succeeded: MGMT-003 fixed" in out
     assert "(Remediator.Read only) -> 403" in out
-    for secret in ("twin-demo-secret-product", "twin-demo-secret-operator", "twin-demo-secret-reader"):
+    # 5. incidents: what was left to people, in Sentinel and on the signed webhook; SEC-001's
+    # refusal (the identity could not read the vault yet) resolved by the run that fixed it.
+    assert "5. a later sweep tick, and the incidents the runs posted" in out
+    sec = next(line for line in out.splitlines() if "SEC-001 Secret named values" in line)
+    assert sec.split()[0] == "RESOLVED"
+    assert "[sentinel delivered, webhook delivered]" in sec
+    assert re.search(r"resolved: fixed by apim-remediator in run [0-9a-f-]{36} \(SEC-001: Move secret", out)
+    assert re.search(r"ACTIVE\s+medium x[2-9] 2 NET findings on apim-contoso-prod", out)  # counted, not duplicated
+    assert re.search(r"Sentinel \(law-platform\): (\d+) incident\(s\): \d+ Active, 2 Closed", out)
+    assert re.search(r"webhook: \d+ signed deliveries verified \(.*\); refused 0, duplicates 0", out)
+    assert "PENDING" not in out
+    for secret in ("twin-demo-secret-product", "twin-demo-secret-operator", "twin-demo-secret-reader",
+                   "demo-incident-webhook-hmac-key", "demo-plaintext-secret-in-apim"):  # fmt: skip
         assert secret not in out + result.stderr

@@ -92,6 +92,27 @@ async def test_sweep_sends_one_message_per_instance_in_scope_and_nothing_else() 
     assert fakes.reconciles == []  # never per-instance work
 
 
+@dataclass
+class Housekeeping:
+    calls: list[str] = field(default_factory=list)
+
+    async def deliver_pending(self, *, limit: int = 100) -> object:
+        self.calls.append("deliver")
+        return None
+
+    async def purge(self, *, now: datetime | None = None) -> int:
+        self.calls.append(f"purge {now}")
+        return 3
+
+
+async def test_sweep_delivers_waiting_incident_changes_then_purges_old_ones() -> None:
+    fakes, incidents = Recorder(refs=(ref("a"),)), Housekeeping()
+    deps = SweepDeps(inventory=fakes, policy=fakes, queue=fakes, ledger=fakes, clock=lambda: AT, incidents=incidents)
+    result = await sweep(SweepRequest(sweep_id="sweep-1"), deps)
+    assert incidents.calls == ["deliver", f"purge {AT}"]
+    assert result.purged_incident_rows == 3
+
+
 def message(**overrides: Any) -> bytes:
     body: dict[str, Any] = json.loads(
         WorkMessage(service("a"), "sweep", "corr-1", AT, TriggerKind.TIMER, "sweep-1").to_json()
