@@ -10,7 +10,7 @@ loop), so building the dependency objects per invocation costs nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from handlers.events import EventScope, EventsDeps
@@ -29,6 +29,7 @@ from shared.locks import InstanceLocks
 from shared.message_ledger import MessageLedger
 from shared.policy import Policy, load_policy
 from shared.settings import Settings, load_settings
+from shared.signals_source import AzureSignalsSource
 from shared.source import AzureInstanceSource
 from shared.work_queue import AzureWorkQueue
 
@@ -109,7 +110,13 @@ class AppContext:
         return self._validator
 
     def reconcile_deps(self) -> ReconcileDeps:
-        return ReconcileDeps(remediation=self.remediation_deps(), findings=self.findings(), sink=LogSink())
+        return ReconcileDeps(
+            remediation=self.remediation_deps(),
+            findings=self.findings(),
+            sink=LogSink(),
+            signals=AzureSignalsSource(self.factory),
+            signals_interval=timedelta(minutes=self.settings.signals_interval_minutes),
+        )
 
     def messages(self) -> MessageLedger:
         return MessageLedger(self.factory.table_service_async())

@@ -237,6 +237,9 @@ class Settings:
     log_level: str = "INFO"
     sweep_schedule: str = DEFAULT_SWEEP_SCHEDULE  # six-field NCRONTAB (seconds first), read by the host
     work_queue: str = DEFAULT_WORK_QUEUE  # one message per instance to reconcile; `<name>-poison` after it
+    # Runtime signals (LOG-004, THR-*) cost Log Analytics queries: a reconcile runs them only
+    # when the instance's last signals run is at least this old (0: never).
+    signals_interval_minutes: int = 15
 
     @property
     def poison_queue(self) -> str:
@@ -524,6 +527,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level = "INFO"
     sweep_schedule = _sweep_schedule(r)
     work_queue = _work_queue(r)
+    signals_interval = r.integer("SIGNALS_INTERVAL_MINUTES", 15, 0, 1440)
     if r.problems:
         raise SettingsError(r.problems)
     return Settings(
@@ -540,6 +544,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         sweep_schedule=sweep_schedule,
         work_queue=work_queue,
+        signals_interval_minutes=signals_interval,
         api=api,
     )
 
@@ -570,6 +575,7 @@ SETTING_NAMES: tuple[str, ...] = tuple(
         "LOG_LEVEL",
         "SWEEP_SCHEDULE",
         "WORK_QUEUE",
+        "SIGNALS_INTERVAL_MINUTES",
         "API_AUDIENCE",
         "API_TENANT_ID",
     )
