@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -64,6 +64,21 @@ class _Workspace:
     @property
     def name(self) -> str:
         return self.resource_id.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """One signal query to run on some workspaces."""
+
+    name: str
+    template: str
+    service_id: str
+    window: int  # minutes
+    span: timedelta  # what Log Analytics scans
+    on: list[_Workspace]
+
+    def query(self, workspace: _Workspace) -> str:
+        return kql.build(self.template, self.service_id, legacy=workspace.legacy, window_minutes=self.window)
 
 
 @dataclass
@@ -135,7 +150,9 @@ class AzureSignalsSource:
         if not snapshot.readable("diagnostic_settings"):
             return RuntimeSignals(
                 table="",
-                missing="the service's diagnostic settings could not be read, so no workspace is known to hold its logs",
+                missing=(
+                    "the service's diagnostic settings could not be read, so no workspace is known to hold its logs"
+                ),
             )
         gateway = [s for s in snapshot.diagnostic_settings if _enabled(s, {"gatewaylogs"})]
         dedicated = [s for s in gateway if _dedicated(s)]
@@ -154,7 +171,7 @@ class AzureSignalsSource:
         )
         customer_ids = await self._customer_ids({w.resource_id.lower(): w for w in [*workspaces, *llm_workspaces]})
         service = snapshot.service.id
-        plan: list[tuple[str, str, Callable[[_Workspace], str], int, timedelta, list[_Workspace]]] = []
+        plan: list[_Ask] = []
 
         def ask(name: str, rule_id: str, template: str, window_key: str, days: int, on: list[_Workspace]) -> None:
             values = merged_params(params, rule_id)
@@ -162,16 +179,7 @@ class AzureSignalsSource:
                 return
             window = int(values[window_key])
             back = int(values["baseline_days"]) if days < 0 else days
-            plan.append(
-                (
-                    name,
-                    template,
-                    lambda w, t=template, m=window: kql.build(t, service, legacy=w.legacy, window_minutes=m),
-                    window,
-                    kql.lookback(window, back),
-                    on,
-                )
-            )
+            plan.append(_Ask(name, template, service, window, kql.lookback(window, back), on))
 
         ask(names.LOG_FLOW, "LOG-004", kql.LOG_FLOW, "silence_minutes", LOOKBACK_DAYS_LOG_FLOW, workspaces)
         ask(names.REQUEST_RATE, "THR-001", kql.REQUEST_RATE, "window_minutes", -1, workspaces)
@@ -181,22 +189,20 @@ class AzureSignalsSource:
         ask(names.API_CALLERS, "THR-005", kql.API_CALLERS, "window_minutes", 0, workspaces)
         ask(names.LLM_TOKENS, "THR-005", kql.LLM_TOKENS, "window_minutes", -1, llm_workspaces)
 
-        answers = await asyncio.gather(
-            *(self._run_on(build, span, on, customer_ids) for _, _, build, _, span, on in plan)
-        )
+        answers = await asyncio.gather(*(self._run_on(item, customer_ids) for item in plan))
         runs: list[QueryRun] = []
         results: dict[str, _Answer] = {}
-        for (name, _, build, window, _, on), answer in zip(plan, answers, strict=True):
+        for item, answer in zip(plan, answers, strict=True):
             runs.append(
                 QueryRun(
-                    name=name,
-                    kql=build(on[0]),
-                    window_minutes=window,
+                    name=item.name,
+                    kql=item.query(item.on[0]),
+                    window_minutes=item.window,
                     workspaces=tuple(answer.workspaces),
                     problem="; ".join(answer.problems) or None,
                 )
             )
-            results[name] = answer
+            results[item.name] = answer
         return self._signals(legacy, workspaces, bool(llm_workspaces), runs, results)
 
     async def _customer_ids(self, workspaces: Mapping[str, _Workspace]) -> dict[str, str | Exception]:
@@ -221,34 +227,34 @@ class AzureSignalsSource:
             )
         return found
 
-    async def _run_on(
-        self,
-        build: Callable[[_Workspace], str],
-        span: timedelta,
-        on: list[_Workspace],
-        customer_ids: Mapping[str, str | Exception],
-    ) -> _Answer:
+    async def _run_on(self, item: _Ask, customer_ids: Mapping[str, str | Exception]) -> _Answer:
         answer = _Answer()
-        for workspace in on:
+        for workspace in item.on:
             customer = customer_ids.get(workspace.resource_id.lower())
             if not isinstance(customer, str):
                 answer.problems.append(str(customer or f"workspace {workspace.name} was not read"))
                 continue
-            problem = await self._query(workspace, customer, build(workspace), span, answer.rows)
+            problem = await self._query(workspace, customer, item.query(workspace), item.span, answer.rows)
             if problem:
                 answer.problems.append(problem)
             else:
                 answer.workspaces.append(workspace.name)
         return answer
 
-    async def _query(self, workspace: _Workspace, customer_id: str, query: str, span: timedelta, rows: list[Row]) -> str | None:
+    async def _query(
+        self, workspace: _Workspace, customer_id: str, query: str, span: timedelta, rows: list[Row]
+    ) -> str | None:
         try:
             result = await self.factory.logs_async().query_workspace(
                 customer_id, query, timespan=span, server_timeout=QUERY_TIMEOUT
             )
         except AzureError as error:
             first_line = (str(error).splitlines() or [""])[0][:200]
-            hint = f"; the identity needs {QUERY_ACTION!r} on the workspace" if "InsufficientAccessError" in str(error) else ""
+            hint = (
+                f"; the identity needs {QUERY_ACTION!r} on the workspace"
+                if "InsufficientAccessError" in str(error)
+                else ""
+            )
             return f"querying workspace {workspace.name} failed ({type(error).__name__}: {first_line}){hint}"
         if result.status != LogsQueryStatus.SUCCESS:
             return f"querying workspace {workspace.name} returned a partial result"

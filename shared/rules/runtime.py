@@ -438,7 +438,9 @@ def llm_jacking(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> li
                         f"{_number(baseline)} (median of the same window over the previous {len(days)} days)."
                     ),
                     path="signals.llm_tokens",
-                    actual=f"{current} tokens; baseline {_number(baseline)} from {list(days)}; {_query_evidence(tokens)}",
+                    actual=(
+                        f"{current} tokens; baseline {_number(baseline)} from {list(days)}; {_query_evidence(tokens)}"
+                    ),
                     expected=f"fewer than {_number(factor)}x the baseline ({_number(factor * baseline)})",
                     entry="tokens",
                 )

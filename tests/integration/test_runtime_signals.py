@@ -47,7 +47,8 @@ def _identity(twin: TwinHandle, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def req(minutes_ago: float, *, repeat: int = 1, ip: str = "10.1.0.1", code: int = 200, sub: str = "orders-mobile",
-        url: str = "https://gw.example/orders/1", api: str = "orders", op: str = "get-order") -> dict[str, Any]:  # fmt: skip
+        url: str = "https://gw.example/orders/1", api: str = "orders", op: str = "get-order",
+        ) -> dict[str, Any]:  # fmt: skip
     return {
         "ago": f"{minutes_ago:g}m",
         "repeat": repeat,
@@ -68,7 +69,7 @@ def normal_traffic(now_requests: int = 60) -> list[dict[str, Any]]:
     for day in range(1, 8):
         rows.append(req(day * DAY + 10, repeat=30))
         rows.append(req(day * DAY + 30, repeat=30, ip="10.1.0.2"))
-    for day in range(0, 8):
+    for day in range(8):
         for hour in (3, 6, 9, 12, 18):
             rows.append(req(day * DAY + hour * 60, repeat=5))
     return rows
@@ -161,7 +162,8 @@ async def test_normal_traffic_with_a_daily_peak_is_quiet(twin: TwinHandle) -> No
     snapshot = await read(twin, service_id)
     signals = signals_of(snapshot)
     assert [r.problem for r in signals.runs] == [None] * len(signals.runs)
-    assert signals.table == "ApiManagementGatewayLogs" and signals.workspaces == ("law",)
+    assert signals.table == "ApiManagementGatewayLogs"
+    assert signals.workspaces == ("law",)
     assert signals.log_rows == 60
     assert [d.value for d in signals.requests_by_day] == [60] * 8  # the peak, every day at this hour
     assert fired(snapshot) == {}
@@ -223,7 +225,8 @@ async def test_thr_003_a_key_used_from_more_than_n_ips_has_leaked(twin: TwinHand
     assert set(found) == {"THR-003"}
     [finding] = found["THR-003"]
     assert finding.entry == "leaked"
-    assert "'leaked'" in finding.message and "11 distinct client IPs" in finding.message
+    assert "'leaked'" in finding.message
+    assert "11 distinct client IPs" in finding.message
     assert "192.0.2." in finding.evidence.actual
     assert not finding.remediable  # detect-only until key rotation lands
 
