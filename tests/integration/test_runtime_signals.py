@@ -12,15 +12,20 @@ windows are deterministic however long the test takes.
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from handlers.reconcile import LogSink, ReconcileDeps, ReconcileRequest, reconcile
 from shared.azure import ClientFactory
+from shared.findings_store import FindingsStore
 from shared.inventory import instance_ref
+from shared.journal import Trigger, TriggerKind
 from shared.model import Finding, Snapshot
 from shared.rules import evaluate_rule
 from shared.settings import load_settings
@@ -29,6 +34,8 @@ from shared.signals_source import AzureSignalsSource
 from shared.snapshot import read_snapshot
 from tests.conftest import TwinHandle
 from tests.e2e.test_scan_estate import compliant, fragment_for
+from tests.integration.test_remediate import product_env
+from tests.integration.test_remediate_engine_safety import deps_for
 
 pytestmark = pytest.mark.integration
 
@@ -376,3 +383,65 @@ async def test_no_setting_no_signals_and_every_rule_silent(twin: TwinHandle) -> 
     assert signals_of(snapshot).missing
     assert signals_of(snapshot).runs == ()
     assert fired(snapshot) == {}
+
+
+# -- reconcile: the signals on their own schedule, stored with the other findings -------------
+
+
+def query_count(twin: TwinHandle) -> int:
+    _, log = twin.control("GET", "/_twin/log")
+    return sum(1 for e in log["entries"] if e["path"].endswith("/query"))
+
+
+async def test_reconcile_runs_the_signals_on_their_interval_and_keeps_their_findings_between_runs(
+    twin: TwinHandle, tmp_path: Path
+) -> None:
+    canary = "CANARY-subscription-key-0123456789"
+    rows = [*normal_traffic(), *(req(10 + i, ip=f"192.0.2.{i}", sub="leaked") for i in range(11))]
+    # A request header holding a key reaches the log table; nothing of it may reach a finding.
+    rows[0] = {**rows[0], "RequestHeaders": {"Ocp-Apim-Subscription-Key": canary}}
+    service_id = seed(twin, rows)
+    factory = ClientFactory(load_settings(product_env(twin, tmp_path, "version: 1\n")))
+    now = {"at": datetime.now(UTC)}
+    try:
+        store = FindingsStore(factory.table_service_async(), f"findings{uuid.uuid4().hex[:10]}")
+        deps = ReconcileDeps(
+            remediation=deps_for(factory, "version: 1\n", "journalsignals"),
+            findings=store,
+            sink=LogSink(),
+            clock=lambda: now["at"],
+            signals=AzureSignalsSource(factory),
+            signals_interval=timedelta(minutes=15),
+        )
+        trigger = Trigger(TriggerKind.TIMER, "sweep test")
+
+        before = query_count(twin)
+        first = await reconcile(ReconcileRequest(service_id, trigger, "sweep"), deps)
+        assert first.changes is not None
+        assert [f.rule_id for f in first.changes.new] == ["THR-003"]
+        assert query_count(twin) - before == 6  # LOG-004 and THR-001..005 (no LLM log here)
+        assert await store.last_signals(service_id) == now["at"]
+        stored = await store.findings(service_id)
+        assert [f.rule_id for f in stored] == ["THR-003"]
+        assert canary not in repr(stored) and canary not in repr(first)
+
+        # Five minutes later: a reconcile that queries nothing and keeps THR-003 open.
+        now["at"] += timedelta(minutes=5)
+        before = query_count(twin)
+        second = await reconcile(ReconcileRequest(service_id, trigger, "event"), deps)
+        assert second.changes is not None and second.changes.empty
+        assert query_count(twin) == before
+        assert [f.rule_id for f in await store.findings(service_id)] == ["THR-003"]
+        summary = await store.summary(service_id)
+        assert summary is not None and summary.open_by_severity["high"] == 1
+
+        # Past the interval: the signals run again (the leak is still in the window).
+        now["at"] += timedelta(minutes=10)
+        before = query_count(twin)
+        third = await reconcile(ReconcileRequest(service_id, trigger, "sweep"), deps)
+        assert third.changes is not None and third.changes.empty
+        assert query_count(twin) - before == 6
+        assert await store.last_signals(service_id) == now["at"]
+    finally:
+        await factory.aclose()
+        factory.close()
