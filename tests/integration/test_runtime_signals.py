@@ -423,23 +423,27 @@ async def test_reconcile_runs_the_signals_on_their_interval_and_keeps_their_find
         assert await store.last_signals(service_id) == now["at"]
         stored = await store.findings(service_id)
         assert [f.rule_id for f in stored] == ["THR-003"]
-        assert canary not in repr(stored) and canary not in repr(first)
+        assert canary not in repr(stored)
+        assert canary not in repr(first)
 
         # Five minutes later: a reconcile that queries nothing and keeps THR-003 open.
         now["at"] += timedelta(minutes=5)
         before = query_count(twin)
         second = await reconcile(ReconcileRequest(service_id, trigger, "event"), deps)
-        assert second.changes is not None and second.changes.empty
+        assert second.changes is not None
+        assert second.changes.empty
         assert query_count(twin) == before
         assert [f.rule_id for f in await store.findings(service_id)] == ["THR-003"]
         summary = await store.summary(service_id)
-        assert summary is not None and summary.open_by_severity["high"] == 1
+        assert summary is not None
+        assert summary.open_by_severity["high"] == 1
 
         # Past the interval: the signals run again (the leak is still in the window).
         now["at"] += timedelta(minutes=10)
         before = query_count(twin)
         third = await reconcile(ReconcileRequest(service_id, trigger, "sweep"), deps)
-        assert third.changes is not None and third.changes.empty
+        assert third.changes is not None
+        assert third.changes.empty
         assert query_count(twin) - before == 6
         assert await store.last_signals(service_id) == now["at"]
     finally:
