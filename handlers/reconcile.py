@@ -13,7 +13,7 @@ event, a person), the work is already done and nothing runs.
 Runtime signals (LOG-004, THR-001..005) run on their own schedule: they cost Log Analytics
 queries, not ARM reads, so a reconcile runs them only when the instance's last signals run
 (kept on its findings summary) is at least `signals_interval` old, over the rescan's
-snapshot. Between runs, the open findings of those rules stay as the last signals run left
+snapshot; never for an event (a configuration change that must be answered in seconds). Between runs, the open findings of those rules stay as the last signals run left
 them: a reconcile that did not look cannot resolve them.
 
 Azure actions: those of handlers/remediate.py (it runs the engine), and for the runtime
@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from handlers.remediate import RemediateRequest, RemediationDeps, RemediationReport, remediate
 from shared.evaluation import evaluate
 from shared.findings_store import FindingChanges, StoredFinding
-from shared.journal import Trigger
+from shared.journal import Trigger, TriggerKind
 from shared.model import Finding, Mode, Snapshot
 from shared.policy import Policy
 from shared.signals import SIGNAL_RULES, RuntimeSignals
@@ -152,7 +152,7 @@ async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> Reconcile
         ),
         deps.remediation,
     )
-    signal_findings, keep, signals_at = await _signals(report, deps, started)
+    signal_findings, keep, signals_at = await _signals(request, report, deps, started)
     changes = await deps.findings.sync(
         report.instance_id,
         [*report.remaining, *signal_findings],
@@ -174,11 +174,16 @@ async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> Reconcile
 
 
 async def _signals(
-    report: RemediationReport, deps: ReconcileDeps, started: datetime
+    request: ReconcileRequest, report: RemediationReport, deps: ReconcileDeps, started: datetime
 ) -> tuple[list[Finding], frozenset[str], datetime | None]:
     """The signal rules' findings when their schedule says so, the rules whose stored findings
-    stay as they are (not evaluated now), and the moment the signals ran (None: not now)."""
+    stay as they are (not evaluated now), and the moment the signals ran (None: not now).
+
+    An event's reconcile never runs them: it is about a configuration change and must answer
+    Event Grid within its ~30 s; the next sweep's reconcile runs them."""
     if deps.signals is None or deps.signals_interval <= timedelta(0) or report.snapshot is None:
+        return [], SIGNAL_RULES, None
+    if request.trigger.kind is TriggerKind.EVENT:
         return [], SIGNAL_RULES, None
     last = await deps.findings.last_signals(report.instance_id)
     if last is not None and started - last < deps.signals_interval:

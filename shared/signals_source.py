@@ -52,6 +52,8 @@ WORKSPACE_API_VERSION = "2023-09-01"
 QUERY_TIMEOUT = 60  # seconds Log Analytics may spend on one query
 QUERY_ACTION = "Microsoft.OperationalInsights/workspaces/query/read"
 LOOKBACK_DAYS_LOG_FLOW = 1  # how far back LOG-004 looks for the newest row
+# What Log Analytics says (SEM0100) about a table the workspace does not have (yet).
+_ABSENT_TABLE = "Failed to resolve table or column expression named"
 
 Row = dict[str, Any]
 
@@ -76,6 +78,12 @@ class _Ask:
     window: int  # minutes
     span: timedelta  # what Log Analytics scans
     on: list[_Workspace]
+
+    def table(self, workspace: _Workspace) -> str:
+        """The table the query reads on `workspace`."""
+        if self.template == kql.LLM_TOKENS:
+            return kql.LLM_TABLE
+        return kql.LEGACY_TABLE if workspace.legacy else kql.GATEWAY_TABLE
 
     def query(self, workspace: _Workspace) -> str:
         return kql.build(self.template, self.service_id, legacy=workspace.legacy, window_minutes=self.window)
@@ -234,7 +242,9 @@ class AzureSignalsSource:
             if not isinstance(customer, str):
                 answer.problems.append(str(customer or f"workspace {workspace.name} was not read"))
                 continue
-            problem = await self._query(workspace, customer, item.query(workspace), item.span, answer.rows)
+            problem = await self._query(
+                workspace, customer, item.query(workspace), item.span, answer.rows, item.table(workspace)
+            )
             if problem:
                 answer.problems.append(problem)
             else:
@@ -242,13 +252,17 @@ class AzureSignalsSource:
         return answer
 
     async def _query(
-        self, workspace: _Workspace, customer_id: str, query: str, span: timedelta, rows: list[Row]
+        self, workspace: _Workspace, customer_id: str, query: str, span: timedelta, rows: list[Row], table_name: str
     ) -> str | None:
         try:
             result = await self.factory.logs_async().query_workspace(
                 customer_id, query, timespan=span, server_timeout=QUERY_TIMEOUT
             )
         except AzureError as error:
+            if f"{_ABSENT_TABLE} '{table_name}'" in str(error):
+                # A workspace creates a resource-specific table with its first row: a table
+                # that does not exist holds no rows (LOG-004 then sees the silence).
+                return None
             first_line = (str(error).splitlines() or [""])[0][:200]
             hint = (
                 f"; the identity needs {QUERY_ACTION!r} on the workspace"

@@ -1303,7 +1303,12 @@ def run_query(
         evaluator.lets[name] = _const(c.type, c.fn({}))
     source = parsed.table
     if source.name not in tables:
-        raise KqlError(f"unknown table '{source.name}' at position {source.pos}")
+        # Log Analytics' own words (SEM0100) follow, so a client can tell a table that does not
+        # exist yet (no row ever arrived) from a broken query.
+        raise KqlError(
+            f"unknown table '{source.name}' at position {source.pos}: "
+            f"Failed to resolve table or column expression named '{source.name}'"
+        )
     schema, rows = _load(source.name, tables[source.name], span, time_column)
     for op in parsed.ops:
         schema, rows = evaluator.apply(op, schema, rows)

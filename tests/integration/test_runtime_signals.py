@@ -449,3 +449,18 @@ async def test_reconcile_runs_the_signals_on_their_interval_and_keeps_their_find
     finally:
         await factory.aclose()
         factory.close()
+
+
+async def test_a_table_the_workspace_does_not_have_yet_holds_no_rows(twin: TwinHandle) -> None:
+    """A workspace creates ApiManagementGatewayLogs with its first row: before that, Log
+    Analytics cannot resolve the table. That is silence (LOG-004), not a blind check."""
+    spec = compliant("no-rows-yet", twin.subscription_id)
+    fragment, ids = fragment_for({"no-rows-yet": spec}, twin.subscription_id)
+    twin.seed(fragment)  # the workspace has no tables at all
+    snapshot = await read(twin, ids["no-rows-yet"])
+    assert [r.problem for r in signals_of(snapshot).runs] == [None] * 6
+    found = fired(snapshot)
+    assert set(found) == {"LOG-004"}
+    [finding] = found["LOG-004"]
+    assert finding.entry == ""
+    assert "newest row: none in the last day" in finding.message

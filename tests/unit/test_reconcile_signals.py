@@ -120,3 +120,15 @@ async def test_an_interval_of_zero_never_runs_the_signals() -> None:
     await run(deps(clock, findings, signals, timedelta(0)))
     assert signals.reads == []
     assert findings.synced[-1]["keep"] == SIGNAL_RULES
+
+
+async def test_an_events_reconcile_never_runs_the_signals() -> None:
+    clock, findings, signals = Clock(), Findings(), Signals()
+    d = deps(clock, findings, signals, timedelta(minutes=15))
+    event = Trigger(TriggerKind.EVENT, "event id")
+    result = await reconcile(ReconcileRequest(SERVICE_ID, event, "Microsoft.Resources.ResourceWriteSuccess"), d)
+    assert result.skipped is None
+    assert signals.reads == []
+    assert findings.synced[-1]["keep"] == SIGNAL_RULES
+    await run(d)  # the sweep's reconcile does
+    assert len(signals.reads) == 1
