@@ -13,8 +13,9 @@ event, a person), the work is already done and nothing runs.
 Runtime signals (LOG-004, THR-001..005) run on their own schedule: they cost Log Analytics
 queries, not ARM reads, so a reconcile runs them only when the instance's last signals run
 (kept on its findings summary) is at least `signals_interval` old, over the rescan's
-snapshot; never for an event (a configuration change that must be answered in seconds). Between runs, the open findings of those rules stay as the last signals run left
-them: a reconcile that did not look cannot resolve them.
+snapshot; never for an event (a configuration change that must be answered in seconds).
+Between runs, the open findings of those rules stay as the last signals run left them: a
+reconcile that did not look cannot resolve them.
 
 Azure actions: those of handlers/remediate.py (it runs the engine), and for the runtime
 signals Microsoft.OperationalInsights/workspaces/read and
