@@ -446,6 +446,15 @@ async def test_reconcile_runs_the_signals_on_their_interval_and_keeps_their_find
         assert third.changes.empty
         assert query_count(twin) - before == 6
         assert await store.last_signals(service_id) == now["at"]
+
+        # Two hours on, the leak has stopped and so has all traffic: the next signals run
+        # resolves THR-003, and LOG-004 sees the silence.
+        twin.control("POST", "/_twin/clock/advance", {"seconds": 7200})
+        now["at"] += timedelta(minutes=20)
+        fourth = await reconcile(ReconcileRequest(service_id, trigger, "sweep"), deps)
+        assert fourth.changes is not None
+        assert [f.rule_id for f in fourth.changes.resolved] == ["THR-003"]
+        assert [f.rule_id for f in fourth.changes.new] == ["LOG-004"]
     finally:
         await factory.aclose()
         factory.close()
