@@ -10,7 +10,7 @@ loop), so building the dependency objects per invocation costs nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from handlers.events import EventScope, EventsDeps
@@ -29,6 +29,7 @@ from shared.locks import InstanceLocks
 from shared.message_ledger import MessageLedger
 from shared.policy import Policy, load_policy
 from shared.settings import Settings, load_settings
+from shared.signals_source import AzureSignalsSource
 from shared.source import AzureInstanceSource
 from shared.work_queue import AzureWorkQueue
 
@@ -119,6 +120,8 @@ class AppContext:
             findings=self.findings(),
             sink=LogSink(),
             incidents=self.run_incidents(),
+            signals=AzureSignalsSource(self.factory),
+            signals_interval=timedelta(minutes=self.settings.signals_interval_minutes),
         )
 
     def incidents(self) -> IncidentReporter:

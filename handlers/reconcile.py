@@ -11,22 +11,35 @@ Coalescing: a request names the moment it was made (`not_before`: the queue mess
 event's time). If the instance was reconciled after that moment (by another message, an
 event, a person), the work is already done and nothing runs.
 
-Azure actions: those of handlers/remediate.py (it runs the engine).
+Runtime signals (LOG-004, THR-001..005) run on their own schedule: they cost Log Analytics
+queries, not ARM reads, so a reconcile runs them only when the instance's last signals run
+(kept on its findings summary) is at least `signals_interval` old, over the rescan's
+snapshot; never for an event (a configuration change that must be answered in seconds).
+Between runs, the open findings of those rules stay as the last signals run left them: a
+reconcile that did not look cannot resolve them.
+
+Azure actions: those of handlers/remediate.py (it runs the engine), and for the runtime
+signals Microsoft.OperationalInsights/workspaces/read and
+Microsoft.OperationalInsights/workspaces/query/read on the workspaces the instances' diagnostic
+settings send gateway logs to.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from handlers.remediate import RemediateRequest, RemediationDeps, RemediationReport, remediate
+from shared.evaluation import evaluate
 from shared.findings_store import FindingChanges, StoredFinding
-from shared.journal import Trigger
-from shared.model import Finding
+from shared.journal import Trigger, TriggerKind
+from shared.model import Finding, Mode, Snapshot
+from shared.policy import Policy
+from shared.signals import SIGNAL_RULES, RuntimeSignals
 
 LOG = logging.getLogger("apim_remediator.reconcile")
 
@@ -55,10 +68,25 @@ class ReconcileResult:
 
 class FindingsApi(Protocol):
     async def sync(
-        self, instance_id: str, findings: Sequence[Finding], *, seen_at: datetime, correlation_id: str = ""
+        self,
+        instance_id: str,
+        findings: Sequence[Finding],
+        *,
+        seen_at: datetime,
+        correlation_id: str = "",
+        keep_rules: frozenset[str] = frozenset(),
+        signals_at: datetime | None = None,
     ) -> FindingChanges: ...
 
     async def last_reconciled(self, instance_id: str) -> datetime | None: ...
+
+    async def last_signals(self, instance_id: str) -> datetime | None: ...
+
+
+class SignalsApi(Protocol):
+    async def read(self, snapshot: Snapshot, params: Mapping[str, Mapping[str, Any]]) -> RuntimeSignals:
+        """The runtime signals the rules in `params` need; a failed query is recorded, not raised."""
+        ...
 
 
 class ChangeSink(Protocol):
@@ -111,6 +139,8 @@ class ReconcileDeps:
     sink: ChangeSink
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     incidents: IncidentStep | None = None  # None: findings are only logged
+    signals: SignalsApi | None = None  # None: the runtime signals never run here
+    signals_interval: timedelta = timedelta(minutes=15)  # zero: never
 
 
 async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> ReconcileResult:
@@ -137,8 +167,14 @@ async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> Reconcile
         ),
         deps.remediation,
     )
+    signal_findings, keep, signals_at = await _signals(request, report, deps, started)
     changes = await deps.findings.sync(
-        report.instance_id, report.remaining, seen_at=started, correlation_id=request.correlation_id
+        report.instance_id,
+        [*report.remaining, *signal_findings],
+        seen_at=started,
+        correlation_id=request.correlation_id,
+        keep_rules=keep,
+        signals_at=signals_at,
     )
     await deps.sink.report(changes, correlation_id=request.correlation_id)
     if deps.incidents is not None:
@@ -154,3 +190,34 @@ async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> Reconcile
         extra={"event": "reconcile.done", "instance_id": report.instance_id, "correlation_id": request.correlation_id},
     )
     return ReconcileResult(report.instance_id, request.correlation_id, remediation=report, changes=changes)
+
+
+async def _signals(
+    request: ReconcileRequest, report: RemediationReport, deps: ReconcileDeps, started: datetime
+) -> tuple[list[Finding], frozenset[str], datetime | None]:
+    """The signal rules' findings when their schedule says so, the rules whose stored findings
+    stay as they are (not evaluated now), and the moment the signals ran (None: not now).
+
+    An event's reconcile never runs them: it is about a configuration change and must answer
+    Event Grid within its ~30 s; the next sweep's reconcile runs them."""
+    if deps.signals is None or deps.signals_interval <= timedelta(0) or report.snapshot is None:
+        return [], SIGNAL_RULES, None
+    if request.trigger.kind is TriggerKind.EVENT:
+        return [], SIGNAL_RULES, None
+    last = await deps.findings.last_signals(report.instance_id)
+    if last is not None and started - last < deps.signals_interval:
+        return [], SIGNAL_RULES, None
+    policy: Policy = deps.remediation.policy
+    params = {rule_id: policy.params_of(rule_id) for rule_id in SIGNAL_RULES if policy.mode_of(rule_id) is not Mode.OFF}
+    signals = await deps.signals.read(report.snapshot, params)
+    result = evaluate(replace(report.snapshot, signals=signals), policy, today=started.date())
+    failed = frozenset(f.rule_id for f in result.failures if f.rule_id in SIGNAL_RULES)
+    found = [f for f in result.findings if f.rule_id in SIGNAL_RULES and f.rule_id not in failed and not f.exempt]
+    LOG.info(
+        "runtime signals of %s: %d quer(ies), %d finding(s)",
+        report.instance_id,
+        len(signals.runs),
+        len(found),
+        extra={"event": "signals.done", "instance_id": report.instance_id},
+    )
+    return found, failed, started

@@ -120,6 +120,7 @@ class RemediationReport:
     remaining: tuple[Finding, ...] = ()  # findings a rescan still shows (apply only)
     stopped: str | None = None  # why the run stopped short: the projection or the spent write budget
     writes: int = 0  # write requests the run sent (apply only), charged against the budget
+    snapshot: Snapshot | None = None  # the rescan `remaining` comes from (apply only)
 
     @property
     def writes_failed(self) -> bool:
@@ -649,6 +650,7 @@ async def _apply(
         remaining=remaining,
         stopped=stopped,
         writes=budget.spent,
+        snapshot=after,
     )
 
 

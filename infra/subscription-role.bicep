@@ -43,8 +43,9 @@ var writeActions = [
   // requires this on the destination workspace, or the PUT fails LinkedAuthorizationFailed.
   'Microsoft.OperationalInsights/workspaces/sharedKeys/action'
   // Reads, but only remediation needs them: KEY-001 suspends a key only once the gateway logs
-  // show it unused (the workspace's customerId, then a Log Analytics query). A workspace in
-  // another subscription needs these two granted there as well.
+  // show it unused (the workspace's customerId, then a Log Analytics query), and reconcile
+  // runs the runtime signals (LOG-004, THR-001..005) as queries. A workspace in another
+  // subscription needs these two granted there as well.
   'Microsoft.OperationalInsights/workspaces/read'
   'Microsoft.OperationalInsights/workspaces/query/read'
   // handlers/backup.py and handlers/restore_test.py: native backup into the backup storage

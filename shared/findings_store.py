@@ -199,10 +199,32 @@ class FindingsStore(TableStore):
         found = await self.summary(instance_id)
         return found.last_reconciled if found else None
 
+    async def last_signals(self, instance_id: str) -> datetime | None:
+        """When the runtime signals last ran for the instance (None: never)."""
+        table = await self._client()
+        try:
+            entity = await table.get_entity(instance_key(instance_id), SUMMARY_ROW, select=["signals_at"])
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise storage_error(exc, what=self._what, operation="read an instance summary") from exc
+        return utc_of(entity["signals_at"]) if entity.get("signals_at") else None
+
     async def sync(
-        self, instance_id: str, findings: Sequence[Finding], *, seen_at: datetime, correlation_id: str = ""
+        self,
+        instance_id: str,
+        findings: Sequence[Finding],
+        *,
+        seen_at: datetime,
+        correlation_id: str = "",
+        keep_rules: frozenset[str] = frozenset(),
+        signals_at: datetime | None = None,
     ) -> FindingChanges:
-        """Record what a fresh scan of the instance shows; return what changed."""
+        """Record what a fresh scan of the instance shows; return what changed.
+
+        `keep_rules`: rules this scan did not evaluate (the runtime signals between their
+        runs): their open findings stay open as they are, neither resolved nor rewritten.
+        `signals_at`: the signals ran in this scan (recorded for `last_signals`)."""
         previous = {e["RowKey"]: _stored(e) for e in await self._partition(instance_id) if e["RowKey"] != SUMMARY_ROW}
         table = await self._client()
         new: list[StoredFinding] = []
@@ -231,15 +253,20 @@ class FindingsStore(TableStore):
                 new.append(stored)
             elif (before.severity, before.message, before.exempt) != (stored.severity, stored.message, stored.exempt):
                 changed.append(stored)
+        kept = {
+            key: before
+            for key, before in previous.items()
+            if key not in current and before.status is FindingStatus.OPEN and before.rule_id in keep_rules
+        }
         for key, before in previous.items():
-            if key not in current and before.status is FindingStatus.OPEN:
+            if key not in current and key not in kept and before.status is FindingStatus.OPEN:
                 resolved.append(
                     StoredFinding(
                         **{**before.__dict__, "status": FindingStatus.RESOLVED, "resolved_at": seen_at},
                     )
                 )
         counts: dict[str, int] = {}
-        for stored in current.values():
+        for stored in [*current.values(), *kept.values()]:
             if not stored.exempt:
                 counts[stored.severity.value] = counts.get(stored.severity.value, 0) + 1
         try:
@@ -254,6 +281,7 @@ class FindingsStore(TableStore):
                     "correlation_id": correlation_id,
                     "last_error": "",
                     **{f"open_{severity.value}": counts.get(severity.value, 0) for severity in Severity},
+                    **({"signals_at": signals_at} if signals_at is not None else {}),
                 },
                 mode=UpdateMode.MERGE,
             )

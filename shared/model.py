@@ -17,6 +17,8 @@ from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
 
+from shared.signals import RuntimeSignals
+
 
 def frozen_map(values: Mapping[str, str] | None = None) -> Mapping[str, str]:
     """A read-only mapping for frozen dataclasses."""
@@ -297,6 +299,9 @@ class Snapshot:
     # Parts the deployment does not ask for (e.g. "key_ledger: not configured (APIMR_KEY_VAULT_URL
     # is not set)"): their rules say nothing too, but nothing failed, so the result is complete.
     not_configured: tuple[str, ...] = ()
+    # What the gateway logs say now (LOG-004, THR-*): read on the signals schedule only, so
+    # None on most snapshots; the signal rules are silent without it.
+    signals: RuntimeSignals | None = None
 
     def policy(self, scope: PolicyScope, owner: str = "") -> Policy | None:
         for p in self.policies:

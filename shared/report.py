@@ -292,4 +292,31 @@ def render_rules_markdown() -> str:
         if present:
             lines.append("")
             lines += [f"- {label}: {', '.join(values)}" for label, values in present]
+        for name, template in rule.queries:
+            lines += ["", f"Query `{name}` (KQL; placeholders below):", "", "```kusto", template, "```"]
+    lines += _signal_sources_markdown()
     return "\n".join(lines) + "\n"
+
+
+def _signal_sources_markdown() -> list[str]:
+    """How the runtime queries' placeholders are filled (docs/rules.md)."""
+    from shared import signal_queries as kql
+
+    return [
+        "",
+        "## Runtime query placeholders",
+        "",
+        "`{window}` is the rule's window as a KQL timespan (`60m`), `{limit}` the number of top offenders kept "
+        f"({kql.TOP_LIMIT}), `{{service}}` the APIM service's ARM id as a string literal, and `{{source}}` the "
+        "service's gateway logs in the table shape its diagnostic setting writes: resource-specific",
+        "",
+        "```kusto",
+        kql.SOURCE_RESOURCE_SPECIFIC,
+        "```",
+        "",
+        "or, when no setting writes resource-specific, the legacy AzureDiagnostics table:",
+        "",
+        "```kusto",
+        kql.SOURCE_AZURE_DIAGNOSTICS,
+        "```",
+    ]

@@ -296,6 +296,9 @@ class Settings:
     log_level: str = "INFO"
     sweep_schedule: str = DEFAULT_SWEEP_SCHEDULE  # six-field NCRONTAB (seconds first), read by the host
     work_queue: str = DEFAULT_WORK_QUEUE  # one message per instance to reconcile; `<name>-poison` after it
+    # Runtime signals (LOG-004, THR-*) cost Log Analytics queries: a reconcile runs them only
+    # when the instance's last signals run is at least this old (0: never).
+    signals_interval_minutes: int = 15
 
     @property
     def poison_queue(self) -> str:
@@ -699,6 +702,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         r, "RESTORE_TEST_SCHEDULE", DEFAULT_RESTORE_TEST_SCHEDULE, "every 15 minutes from :07"
     )
     incidents = _incidents(r, key_vault_url)
+    signals_interval = r.integer("SIGNALS_INTERVAL_MINUTES", 15, 0, 1440)
     if r.problems:
         raise SettingsError(r.problems)
     return Settings(
@@ -715,6 +719,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         sweep_schedule=sweep_schedule,
         work_queue=work_queue,
+        signals_interval_minutes=signals_interval,
         api=api,
         backup=backup,
         backup_schedule=backup_schedule,
@@ -749,6 +754,7 @@ SETTING_NAMES: tuple[str, ...] = tuple(
         "LOG_LEVEL",
         "SWEEP_SCHEDULE",
         "WORK_QUEUE",
+        "SIGNALS_INTERVAL_MINUTES",
         "API_AUDIENCE",
         "API_TENANT_ID",
         "BACKUP_STORAGE_ACCOUNT",

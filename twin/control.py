@@ -77,7 +77,7 @@ async def add_fault(request: web.Request) -> web.StreamResponse:
         raise ServiceError(
             400, "InvalidFault", f"unknown fault fields {sorted(unknown)}; allowed {sorted(_FAULT_FIELDS)}"
         )
-    actions = ("status", "reset", "delay", "hang", "lro_fail", "lro_cancel")
+    actions = ("status", "reset", "delay", "hang", "lro_fail", "lro_cancel", "partial")
     if body.get("action", "status") not in actions:
         raise ServiceError(400, "InvalidFault", f"action must be one of {', '.join(actions)}")
     if "path" not in body:

@@ -37,7 +37,9 @@ Scalar expressions
       (inclusive; a datetime range may end with a timespan length: ``between (start .. 1h)``)
     * functions: ``ago``, ``now([offset])``, ``bin``/``floor`` (datetime, timespan, numeric), ``isnull``,
       ``isnotnull``, ``isempty``, ``isnotempty``, ``tolower``, ``toupper``, ``strlen``, ``tostring``, ``toint``,
-      ``tolong``, ``todouble``/``toreal``, ``iff``/``iif``, ``coalesce``, ``startofday(dt[, days])``, ``not``
+      ``tolong``, ``todouble``/``toreal``, ``iff``/``iif``, ``coalesce``, ``startofday(dt[, days])``, ``not``,
+      ``indexof(s, lookup)`` (the 0-based position of ``lookup``, -1 when absent; ordinal, case-sensitive),
+      ``substring(s, start[, length])`` (a start past the end gives ``""``; a negative start counts as 0)
 Semantics
     * null is ``None``. Comparisons, string operators and arithmetic with null give null, and ``where`` keeps
       only rows whose predicate is ``true``; ``and``/``or``/``not`` are three-valued. ``count()`` counts rows;
@@ -382,6 +384,8 @@ _SCALAR_FUNCS: dict[str, tuple[int, int]] = {
     "iif": (3, 3),
     "coalesce": (1, 64),
     "startofday": (1, 2),
+    "indexof": (2, 2),
+    "substring": (2, 3),
 }
 _AGG_FUNCS: dict[str, tuple[int, int]] = {
     "count": (0, 0),
@@ -1031,6 +1035,30 @@ class _Evaluator:
                 return v.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=n)
 
             return _C("datetime", startofday)
+        if name == "indexof":
+            source, lookup = need(0, _STRINGY, "a string"), need(1, _STRINGY, "a string lookup")
+
+            def indexof(row: Row) -> object:
+                v, look = source(row), lookup(row)
+                return None if v is None or look is None else str(v).find(str(look))
+
+            return _C("long", indexof)
+        if name == "substring":
+            source = need(0, _STRINGY, "a string")
+            start = need(1, {"int", "long"}, "a whole-number start")
+            length = need(2, {"int", "long"}, "a whole-number length") if len(args) > 2 else None
+
+            def substring(row: Row) -> object:
+                v, first = source(row), start(row)
+                if v is None or not isinstance(first, int):
+                    return None
+                text, first = str(v), max(first, 0)
+                if length is None:
+                    return text[first:]
+                count = length(row)
+                return None if not isinstance(count, int) else text[first : first + max(count, 0)]
+
+            return _C("string", substring)
         if name in ("iff", "iif"):
             cond = need(0, {"bool"}, "a bool condition")
             then, other = fns[1], fns[2]
@@ -1275,7 +1303,12 @@ def run_query(
         evaluator.lets[name] = _const(c.type, c.fn({}))
     source = parsed.table
     if source.name not in tables:
-        raise KqlError(f"unknown table '{source.name}' at position {source.pos}")
+        # Log Analytics' own words (SEM0100) follow, so a client can tell a table that does not
+        # exist yet (no row ever arrived) from a broken query.
+        raise KqlError(
+            f"unknown table '{source.name}' at position {source.pos}: "
+            f"Failed to resolve table or column expression named '{source.name}'"
+        )
     schema, rows = _load(source.name, tables[source.name], span, time_column)
     for op in parsed.ops:
         schema, rows = evaluator.apply(op, schema, rows)

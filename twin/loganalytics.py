@@ -5,7 +5,8 @@ the id the query API takes.
 
 Estate section `workspaces`: `{name, customer_id, tables: {TableName: {columns?: {col:
 type}, rows: [{col: value, ago: "5m"}]}}}`. `ago` sets TimeGenerated relative to the twin
-clock at seeding time. ApiManagementGatewayLogs has its real column set by default.
+clock at seeding time. ApiManagementGatewayLogs and ApiManagementGatewayLlmLog have their real
+column sets by default, AzureDiagnostics the common columns and APIM's flattened GatewayLogs fields.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from twin.arm import provider_version_error, resource_group_or_404, resource_not
 from twin.estate import EstateError, SeedContext, register_seeder
 from twin.kql import Column, KqlError, Table, run_query
 from twin.state import TwinState
-from twin.web import ServiceError, add_route, json_response, params, read_json, state_of
+from twin.web import LRO_FAIL, ServiceError, add_route, json_response, params, read_json, state_of
 
 WORKSPACE_TYPE = "Microsoft.OperationalInsights/workspaces"
 WORKSPACE_PATH = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.OperationalInsights/workspaces/{ws}"
@@ -71,7 +72,51 @@ GATEWAY_LOG_COLUMNS: dict[str, str] = {
     "_ResourceId": "string",
     "Type": "string",
 }
-DEFAULT_COLUMNS = {"ApiManagementGatewayLogs": GATEWAY_LOG_COLUMNS}
+# ApiManagementGatewayLlmLog (Azure Monitor Logs table reference): the LLM gateway log, one
+# row per language-model request; joined to ApiManagementGatewayLogs by CorrelationId.
+GATEWAY_LLM_LOG_COLUMNS: dict[str, str] = {
+    "TimeGenerated": "datetime",
+    "ApiVersion": "string",
+    "CompletionTokens": "int",
+    "CorrelationId": "string",
+    "DeploymentName": "string",
+    "IsStreamCompletion": "bool",
+    "ModelName": "string",
+    "OperationName": "string",
+    "PromptTokens": "int",
+    "Region": "string",
+    "RequestId": "string",
+    "RequestMessages": "dynamic",
+    "ResponseMessages": "dynamic",
+    "SequenceNumber": "int",
+    "TotalTokens": "int",
+    "_ResourceId": "string",
+    "Type": "string",
+}
+# AzureDiagnostics (the legacy "Azure diagnostics" destination mode): the common columns and
+# APIM GatewayLogs' properties as Azure Monitor flattens them (name_s string, name_d number).
+# The real table has hundreds of columns from every resource type; an estate adds what it needs.
+AZURE_DIAGNOSTICS_COLUMNS: dict[str, str] = {
+    "TimeGenerated": "datetime",
+    "ResourceId": "string",
+    "_ResourceId": "string",
+    "ResourceProvider": "string",
+    "Category": "string",
+    "OperationName": "string",
+    "CallerIPAddress": "string",
+    "method_s": "string",
+    "url_s": "string",
+    "responseCode_d": "real",
+    "apiId_s": "string",
+    "operationId_s": "string",
+    "apimSubscriptionId_s": "string",
+    "Type": "string",
+}
+DEFAULT_COLUMNS = {
+    "ApiManagementGatewayLogs": GATEWAY_LOG_COLUMNS,
+    "ApiManagementGatewayLlmLog": GATEWAY_LLM_LOG_COLUMNS,
+    "AzureDiagnostics": AZURE_DIAGNOSTICS_COLUMNS,
+}
 KQL_TYPES = {"string", "datetime", "long", "int", "real", "bool", "dynamic", "guid", "timespan"}
 
 
@@ -191,7 +236,7 @@ def seed(state: TwinState, ctx: SeedContext, items: list[dict[str, Any]]) -> Non
                         row[key] = _convert(value, columns[key], f"{where}.tables.{table_name}.rows[{j}].{key}")
                 if row["TimeGenerated"] is None:
                     row["TimeGenerated"] = now
-                if table_name == "ApiManagementGatewayLogs":
+                if table_name in DEFAULT_COLUMNS:
                     row["Type"] = table_name
                 rows.extend([row] * int(raw.get("repeat", 1)))
             tables[table_name] = {"columns": columns, "rows": rows}
@@ -247,17 +292,33 @@ async def _run(request: web.Request, body: dict[str, Any]) -> web.StreamResponse
         result = run_query(query, tables, now=now, timespan=timespan)
     except KqlError as error:
         raise _query_error(str(error), "SemanticError") from error
-    return json_response(
-        {
-            "tables": [
+    answer: dict[str, Any] = {
+        "tables": [
+            {
+                "name": "PrimaryResult",
+                "columns": [{"name": c.name, "type": c.type} for c in result.columns],
+                "rows": [[_json_value(v) for v in row] for row in result.rows],
+            }
+        ]
+    }
+    fault = request.get(LRO_FAIL)
+    if fault is not None and fault.action == "partial":
+        # A partial result (queryResults.error, errorInfo in the data-plane spec
+        # OperationalInsights/stable/v1/OperationalInsights.json): 200 with the rows that were
+        # computed and an error saying the rest failed. The twin keeps every row; a client must
+        # not treat the answer as complete either way.
+        answer["error"] = {
+            "code": "PartialError",
+            "message": "There were some errors when processing your query.",
+            "details": [
                 {
-                    "name": "PrimaryResult",
-                    "columns": [{"name": c.name, "type": c.type} for c in result.columns],
-                    "rows": [[_json_value(v) for v in row] for row in result.rows],
+                    "code": "EngineError",
+                    "message": "Something went wrong processing your query on the server.",
+                    "innererror": {"code": "-2133196797", "message": f"Fault injected by the twin ({fault.id})."},
                 }
-            ]
+            ],
         }
-    )
+    return json_response(answer)
 
 
 async def query_post(request: web.Request) -> web.StreamResponse:

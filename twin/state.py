@@ -115,7 +115,7 @@ class Fault:
     service: str  # arm, login, logs, keyvault, or * for all
     path: str  # regex searched in the request path
     method: str = "*"
-    action: str = "status"  # status | reset | delay | hang | lro_fail | lro_cancel
+    action: str = "status"  # status | reset | delay | hang | lro_fail | lro_cancel | partial (Log Analytics)
     status: int = 500
     code: str = "InternalServerError"
     retry_after: float | None = None

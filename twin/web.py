@@ -229,7 +229,7 @@ def make_app(state: TwinState, service: str, issuer: TokenIssuer, auth: AuthPoli
         if latency:
             await asyncio.sleep(latency)
         fault = state.take_fault(service, request.method, request.path)
-        if fault is None or fault.action in ("lro_fail", "lro_cancel"):
+        if fault is None or fault.action in ("lro_fail", "lro_cancel", "partial"):
             if fault is not None:
                 request[LRO_FAIL] = fault
             return await handler(request)

@@ -235,6 +235,8 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         // and will not start those functions without them.
         { name: 'APIMR_SWEEP_SCHEDULE', value: sweepSchedule }
         { name: 'APIMR_WORK_QUEUE', value: workQueue }
+        // Runtime signals (Log Analytics queries) run at most this often per instance; 0: never.
+        { name: 'APIMR_SIGNALS_INTERVAL_MINUTES', value: '15' }
         // Incidents: always a structured log event; Sentinel and a webhook when named.
         { name: 'APIMR_INCIDENT_SENTINEL_WORKSPACE', value: sentinelWorkspaceId }
         { name: 'APIMR_INCIDENT_WEBHOOK_URL', value: incidentWebhookUrl }

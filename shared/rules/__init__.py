@@ -79,6 +79,8 @@ class Rule:
     params: tuple[Param, ...]
     remediable: bool
     evaluate: Evaluate = field(compare=False)
+    # The Log Analytics queries a runtime rule reads (name, KQL template), for the docs.
+    queries: tuple[tuple[str, str], ...] = ()
 
     def defaults(self) -> dict[str, ParamValue]:
         return {p.name: p.default for p in self.params}
@@ -135,6 +137,7 @@ def rule(
     references: References,
     params: Sequence[Param] = (),
     remediable: bool = False,
+    queries: Sequence[tuple[str, str]] = (),
 ) -> Callable[[Callable[[Rule, Snapshot, Mapping[str, Any]], list[Finding]]], Rule]:
     """Register a rule. The decorated function gets (the Rule, the snapshot, its params)."""
 
@@ -157,6 +160,7 @@ def rule(
             params=tuple(params),
             remediable=remediable,
             evaluate=evaluate,
+            queries=tuple(queries),
         )
         holder.append(registered)
         REGISTRY[rule_id] = registered
@@ -175,7 +179,18 @@ def evaluate_rule(rule_id: str, snapshot: Snapshot, params: Mapping[str, Any] | 
 
 def _load_families() -> None:
     # Each family module registers its rules on import.
-    from shared.rules import api, backup, identity, keys, logs, mgmt, named_values, network, tls  # noqa: F401
+    from shared.rules import (  # noqa: F401
+        api,
+        backup,
+        identity,
+        keys,
+        logs,
+        mgmt,
+        named_values,
+        network,
+        runtime,
+        tls,
+    )
 
 
 _load_families()

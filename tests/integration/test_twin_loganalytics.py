@@ -156,3 +156,64 @@ def test_arm_serves_the_workspace_resource_with_its_customer_id(twin: TwinHandle
     assert unknown_version.json()["error"]["code"] == "NoRegisteredProviderFound"
     malformed = twin.arm("GET", f"{path}/workspaces/law-apim?api-version=latest")
     assert malformed.json()["error"]["code"] == "InvalidApiVersionParameter"
+
+
+def test_a_partial_fault_answers_200_with_partial_error_and_the_sdk_sees_a_partial_result(twin: TwinHandle) -> None:
+    """Log Analytics' partial success: 200 with the tables and `error` (queryResults.error, an
+    errorInfo, in azure-rest-api-specs specification/operationalinsights/data-plane/
+    Microsoft.OperationalInsights/stable/v1/OperationalInsights.json); the SDK returns a
+    LogsQueryPartialResult whose partial_error is the PartialError."""
+    seed_logs(twin)
+    status, _ = twin.control("POST", "/_twin/faults", {"service": "logs", "path": "/query$", "action": "partial"})
+    assert status == 201
+    result = client(twin).query_workspace(WORKSPACE, "ApiManagementGatewayLogs | count", timespan=timedelta(days=1))
+    assert result.status == LogsQueryStatus.PARTIAL
+    assert result.partial_error is not None
+    assert result.partial_error.code == "PartialError"
+    assert [list(row) for row in result.partial_data[0].rows] == [[5]]
+    # once: the next query answers in full
+    again = client(twin).query_workspace(WORKSPACE, "ApiManagementGatewayLogs | count", timespan=timedelta(days=1))
+    assert again.status == LogsQueryStatus.SUCCESS
+
+
+def test_llm_log_and_azure_diagnostics_have_their_default_columns(twin: TwinHandle) -> None:
+    """ApiManagementGatewayLlmLog's columns as the Azure Monitor table reference lists them;
+    AzureDiagnostics with the common columns and APIM's flattened GatewayLogs fields."""
+    twin.seed(
+        {
+            "subscriptions": [
+                {
+                    "id": twin.subscription_id,
+                    "resource_groups": [
+                        {
+                            "name": "rg-monitoring",
+                            "workspaces": [
+                                {
+                                    "name": "law-llm",
+                                    "customer_id": WORKSPACE,
+                                    "tables": {
+                                        "ApiManagementGatewayLlmLog": {
+                                            "rows": [{"ago": "5m", "TotalTokens": 120, "ModelName": "gpt-4o"}]
+                                        },
+                                        "AzureDiagnostics": {
+                                            "rows": [{"ago": "5m", "Category": "GatewayLogs", "responseCode_d": 401}]
+                                        },
+                                    },
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    logs = client(twin)
+    llm = logs.query_workspace(
+        WORKSPACE, "ApiManagementGatewayLlmLog | project TotalTokens, PromptTokens, ModelName, Type", timespan=None
+    )
+    assert [list(row) for row in llm.tables[0].rows] == [[120, None, "gpt-4o", "ApiManagementGatewayLlmLog"]]
+    legacy = logs.query_workspace(
+        WORKSPACE, "AzureDiagnostics | project code = toint(responseCode_d), Category, url_s", timespan=None
+    )
+    assert legacy.tables[0].columns_types == ["int", "string", "string"]
+    assert [list(row) for row in legacy.tables[0].rows] == [[401, "GatewayLogs", ""]]

@@ -536,3 +536,26 @@ def test_clock_and_seed_values_are_checked() -> None:
     odd = Table((Column("X", "decimal"),), ())
     with pytest.raises(KqlError, match="unsupported type 'decimal'"):
         run_query("Odd", {"Odd": odd}, now=NOW)
+
+
+def test_indexof_and_substring_cut_the_query_string_off_a_url() -> None:
+    """What the BOLA signal (THR-004) needs: the path of a URL without its query string."""
+    result = q(
+        f"{LOGS} | where ApiId == 'orders' and CallerIpAddress == '10.0.0.5'"
+        " | extend at = indexof(Url, '?') | project at, path = iff(at < 0, Url, substring(Url, 0, at)),"
+        " tail = substring(Url, 8), none = substring(Url, 100, 3), two = substring(Url, 1, 2)"
+    )
+    assert [c.type for c in result.columns] == ["long", "string", "string", "string", "string"]
+    assert result.rows == (
+        (-1, "/api/orders/4", "ers/4", "", "ap"),
+        (-1, "/api/orders/5", "ers/5", "", "ap"),
+        (13, "/api/orders/8", "ers/8?expand=items", "", "ap"),
+    )
+
+
+def test_indexof_is_case_sensitive_and_needs_strings() -> None:
+    assert values(f"{LOGS} | where Url == '/api/Orders/3' | project indexof(Url, 'orders')") == [-1]
+    with pytest.raises(KqlError, match=r"indexof\(\) needs a string"):
+        q(f"{LOGS} | project indexof(ResponseCode, '2')")
+    with pytest.raises(KqlError, match=r"substring\(\) needs a whole-number start"):
+        q(f"{LOGS} | project substring(Url, '2')")

@@ -600,6 +600,8 @@ def test_the_docs_example_loads() -> None:
     assert policy.params_of("KEY-003")["max_age_days"] == 60
     assert policy.params_of("MGMT-003")["min_api_version"] == "2021-08-01"
     assert policy.mode_of("NET-001") is Mode.OFF
+    assert policy.params_of("THR-001")["factor"] == 10.0
+    assert policy.params_of("THR-003")["max_client_ips"] == 25
     assert [e.rule for e in policy.exemptions] == ["NET-001", "*"]
     assert policy.max_writes_per_run == 20
     assert policy.tag_exemptions is True

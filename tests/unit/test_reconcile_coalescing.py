@@ -48,13 +48,23 @@ class FakeFindings:
         self.last: datetime | None = None
 
     async def sync(
-        self, instance_id: str, findings: Sequence[Finding], *, seen_at: datetime, correlation_id: str = ""
+        self,
+        instance_id: str,
+        findings: Sequence[Finding],
+        *,
+        seen_at: datetime,
+        correlation_id: str = "",
+        keep_rules: frozenset[str] = frozenset(),
+        signals_at: datetime | None = None,
     ) -> FindingChanges:
         self.last = seen_at
         return FindingChanges(instance_id)
 
     async def last_reconciled(self, instance_id: str) -> datetime | None:
         return self.last
+
+    async def last_signals(self, instance_id: str) -> datetime | None:
+        return None
 
 
 async def test_a_change_made_during_a_run_is_not_coalesced_away() -> None:
