@@ -24,6 +24,8 @@ Azure actions: those of the scan (handlers/scan.py) plus, when remediating
     Microsoft.ApiManagement/service/portalsettings/write
     Microsoft.ApiManagement/service/portalconfigs/write
     Microsoft.ApiManagement/service/subscriptions/write
+    Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action
+    Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action
     Microsoft.ApiManagement/service/namedValues/write
     Microsoft.ApiManagement/service/namedValues/listValue/action
     Microsoft.ApiManagement/service/apis/write
