@@ -567,11 +567,9 @@ class Rotator:
         planned = self._plan(target, name, copy, keys)
         if planned is None:
             return RotationResult(target.subscription_id, target.action.value, Status.SKIPPED, "already tracked")
+        # A derived id names the vault version being replaced: while that version is current, no
+        # rotation of it has finished (finishing one stores a new version), so no lookup is needed.
         op = target.op_id or operation_id(target.action.value, target.subscription_id, copy.version if copy else "new")
-        if target.op_id is None and await self._finished(target, op):
-            return RotationResult(
-                target.subscription_id, planned.kind, Status.SKIPPED, f"already done by rotation {op}", op_id=op
-            )
         lease.assert_held()
         header = await self.journal.record_intent(
             target.instance_id,
