@@ -383,6 +383,14 @@ StepObserver = Callable[[str, str], None]
 
 
 @dataclass
+class _Seen:
+    """What the previous step of the same run read last (APIM's keys, the vault copy)."""
+
+    keys: SubscriptionKeys | None = None
+    copy: VaultCopy | None = None
+
+
+@dataclass
 class Rotator:
     """Runs rotations: one subscription at a time under its lease, every step journaled first."""
 
@@ -654,6 +662,7 @@ class Rotator:
         earlier: dict[int, JournalEntry],
     ) -> RotationResult:
         writes = 0
+        seen = _Seen()
         try:
             for index, step in enumerate(planned.steps):
                 previous = earlier.get(index)
@@ -665,11 +674,11 @@ class Rotator:
                     continue
                 if step.kind == "regenerate":
                     writes += await self._regenerate(
-                        header, planned, target, index, step.slot, lease, before_write, previous
+                        header, planned, target, index, step.slot, lease, before_write, previous, seen
                     )
                 else:
                     writes += await self._store(
-                        header, planned, target, index, step.slot, lease, before_write, previous
+                        header, planned, target, index, step.slot, lease, before_write, previous, seen
                     )
         except RotationRefused as error:
             lease.assert_held()
@@ -729,6 +738,7 @@ class Rotator:
         lease: Lease,
         before_write: Callable[[], None] | None,
         previous: JournalEntry | None,
+        seen: _Seen,
     ) -> int:
         keys = await self.keys.list_keys(target.subscription_id)
         if previous is not None:
@@ -758,6 +768,8 @@ class Rotator:
         after = await self.keys.list_keys(target.subscription_id)
         if after.of(slot).same(keys.of(slot)):
             raise PermanentError(f"regenerating the {slot} key of {target.subscription_id} did not change it")
+        # Under the lease nothing of ours moves until the next step: it may start from these reads.
+        seen.keys, seen.copy = after, copy
         lease.assert_held()
         await self.journal.record_outcome(entry, Phase.VERIFIED, steps_done=1)
         self._seen("regenerated", target.subscription_id)
@@ -773,10 +785,12 @@ class Rotator:
         lease: Lease,
         before_write: Callable[[], None] | None,
         previous: JournalEntry | None,
+        seen: _Seen,
     ) -> int:
-        keys = await self.keys.list_keys(target.subscription_id)
+        keys = seen.keys or await self.keys.list_keys(target.subscription_id)
         value = keys.of(slot)
-        copy = await self.vault.current(planned.secret)
+        copy = seen.copy if seen.keys is not None else await self.vault.current(planned.secret)
+        seen.keys = seen.copy = None
         if copy is not None and copy.subscription_id.lower() != target.subscription_id.lower():
             raise RotationRefused(
                 f"Key Vault secret '{planned.secret}' is not tagged {SUBSCRIPTION_TAG}={target.subscription_id}: "

@@ -44,8 +44,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 ROTATIONS = int(os.environ.get("APIMR_TEST_ROTATIONS", "200"))
 KILLS = int(os.environ.get("APIMR_TEST_KILLS", "8"))
-SUBSCRIPTIONS = 10
-CONCURRENCY = 6
+SUBSCRIPTIONS = 16
+CONCURRENCY = 8
 STEPS = ("header", "regenerate-intent", "regenerate-sent", "regenerated", "store-intent", "store-sent", "stored")
 
 
@@ -79,9 +79,9 @@ class Probe(threading.Thread):
                     timeout=30,
                 ).json()
                 self.probes += 1
+                self.stop.wait(0.01)  # continuous, but leaving the twin (and the GIL) to the worker
                 if not answer["valid"] or answer["subscription"] != sid:
                     self.failures.append(f"{name}: {answer['reason']} ({answer['subscription']})")
-            self.stop.wait(0.02)  # continuous, but leaving the twin (and the GIL) to the worker
 
 
 def _seed(twin: TwinHandle) -> tuple[str, list[str], dict[str, str]]:
