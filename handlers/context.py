@@ -77,6 +77,7 @@ class AppContext:
             policy=self.policy,
             key_vault_url=self.settings.key_vault_url,
             evidence=AzureEvidenceSource(self.factory),
+            rotator=self.rotator(),
         )
 
     # The HTTP API's dependencies import JWT, cryptography and the operations table only
