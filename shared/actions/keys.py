@@ -74,13 +74,13 @@ def _rotation_plan(
             sub, "rotate", key.secret_name, f"store APIM's {target} key as the new version of '{key.secret_name}'"
         ),
     ]
-    restore = "restore, then " if holds == "neither" else ""
+    verb = "Restore, then rotate" if holds == "neither" else "Rotate"
     max_age = context.params.get("max_age_days")
     return RemediationPlan(
         rule_id=finding.rule_id,
         instance_id=finding.instance_id,
         resource_id=sub,
-        summary=f"{restore.capitalize()}{'r' if restore else 'R'}otate the key of subscription {sub.rsplit('/', 1)[-1]}",
+        summary=f"{verb} the key of subscription {sub.rsplit('/', 1)[-1]}",
         changes=(
             Change(f"keyVault.secrets['{key.secret_name}'].tags.{SLOT_TAG}", slot, target),
             Change(
