@@ -262,16 +262,23 @@ async def on_resource_event(event: GridEvent, deps: EventsDeps) -> EventOutcome:
 
 
 async def on_rotation_event(event: GridEvent, deps: EventsDeps) -> EventOutcome:
-    outcome = await deps.rotate(
-        RotationRequest(
-            event_id=event.id[:_MAX_ID],
-            event_type=event.event_type,
-            subject=event.subject[:_MAX_ID],
-            source=event.topic[:2000],
-            data=event.data if isinstance(event.data, Mapping) else {},
+    if not await deps.claims.claim(event.id, event_type=event.event_type, at=deps.clock()):
+        return _log(EventOutcome(EventStatus.DUPLICATE, "already taken by another delivery"), event)
+    try:
+        outcome = await deps.rotate(
+            RotationRequest(
+                event_id=event.id[:_MAX_ID],
+                event_type=event.event_type,
+                subject=event.subject[:_MAX_ID],
+                source=event.topic[:2000],
+                data=event.data if isinstance(event.data, Mapping) else {},
+            )
         )
-    )
-    return EventOutcome(EventStatus.ROTATION, f"{outcome.status}: {outcome.detail}", outcome.instance_id)
+    except Exception:
+        # A rotation left pending (journaled) or a busy subscription: Event Grid delivers again.
+        await deps.claims.release(event.id)
+        raise
+    return _log(EventOutcome(EventStatus.ROTATION, f"{outcome.status}: {outcome.detail}", outcome.instance_id), event)
 
 
 ROUTES: Mapping[str, Route] = {

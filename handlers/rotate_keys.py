@@ -39,7 +39,6 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 from handlers.scan import InstanceSource
 from shared.errors import OutOfScopeError, PermanentError, TransientError
@@ -242,10 +241,6 @@ async def rotation_not_configured(request: RotationRequest) -> RotationOutcome:
     return _outcome("not_configured", "no key-ledger vault (APIMR_KEY_VAULT_URL): nothing rotated", request)
 
 
-def _vault_name(url: str) -> str:
-    return (urlparse(url).hostname or "").split(".", 1)[0].lower()
-
-
 def event_rotator(deps: RotationDeps) -> Callable[[RotationRequest], Awaitable[RotationOutcome]]:
     """The events' rotation route over these dependencies. Raises `TransientError` when Event
     Grid should deliver the event again (a rotation left pending or a busy subscription: the
@@ -280,10 +275,12 @@ async def _near_expiry(
     request: RotationRequest, deps: RotationDeps, rotator: Rotator, vault_url: str
 ) -> RotationOutcome:
     name = str(request.data.get("ObjectName") or request.subject)
-    vault = str(request.data.get("VaultName") or "")
     version = str(request.data.get("Version") or "") or None
-    if vault.lower() != _vault_name(vault_url):
-        return _outcome("ignored", f"vault {vault!r} is not the key-ledger vault", request)
+    # The secret's id names its vault (https://{vault}/secrets/{name}/{version}): only the ledger's.
+    secret_id = str(request.data.get("Id") or "")
+    if not secret_id.lower().startswith(vault_url.rstrip("/").lower() + "/secrets/"):
+        vault = str(request.data.get("VaultName") or "")
+        return _outcome("ignored", f"a secret of vault {vault!r}, not of the key-ledger vault", request)
     copy = await rotator.vault.current(name)
     if copy is None or not copy.subscription_id:
         return _outcome("ignored", f"secret {name!r} is not a ledger secret (no {'apim-subscription-id'} tag)", request)
