@@ -362,3 +362,9 @@ def render_rotation(report: RotateKeysReport, form: str = "table") -> str:
         )
         lines.extend(f"      - {step}" for step in r.steps)
     return "\n".join(lines) + "\n"
+
+
+def rotation_json(report: RotateKeysReport) -> dict[str, Any]:
+    """The report as the HTTP API answers it (the same document as `--format json`)."""
+    body: dict[str, Any] = json.loads(render_rotation(report, "json"))
+    return body

@@ -46,6 +46,7 @@ class OperationStatus(StrEnum):
 class OperationKind(StrEnum):
     SCAN = "scan"
     APPLY = "apply"
+    ROTATE = "rotate"  # key rotation through the Key Vault ledger
 
 
 @dataclass(frozen=True)
