@@ -16,7 +16,8 @@ Dry run unless `apply`. Rotations a crashed run left open are finished first. Re
 typed (`shared.rotation.Status`): refused, failed and pending rotations are the ones an
 incident is for; each is also one structured log event (`rotation.<status>`).
 
-Event triggers act on the event's facts only as pointers: the secret or subscription is
+Event triggers act only where the policy puts the rule (KEY-003 for expiry, KEY-002 for a new
+subscription) in `remediate` mode, and on the event's facts only as pointers: the secret or subscription is
 read again, the vault version a `SecretNearExpiry` names must still be the current one (so
 the event delivered twice rotates once), and scope is checked as for any run.
 `GatewayTokenNearExpiry` is acknowledged and logged: self-hosted gateway tokens are not
@@ -45,7 +46,7 @@ from shared.errors import OutOfScopeError, PermanentError, TransientError
 from shared.evaluation import evaluate_snapshot
 from shared.inventory import InstanceRef
 from shared.journal import Trigger, TriggerKind
-from shared.model import ApimSubscription, Snapshot
+from shared.model import ApimSubscription, Mode, Snapshot
 from shared.policy import Policy
 from shared.rotation import (
     Action,
@@ -256,11 +257,19 @@ def event_rotator(deps: RotationDeps) -> Callable[[RotationRequest], Awaitable[R
             )
         if deps.rotator is None or deps.vault_url is None:
             return await rotation_not_configured(request)
+        rule_id = "KEY-003" if kind in NEAR_EXPIRY_TYPES else "KEY-002" if kind == CREATED_TYPE else None
+        if rule_id is None:
+            return _outcome("ignored", "not a rotation event", request)
+        mode = deps.policy.mode_of(rule_id)
+        if mode is not Mode.REMEDIATE:
+            # An event is an automatic trigger: it acts only where the policy lets the product fix.
+            return _outcome(
+                "skipped", f"{rule_id} is in {mode.value} mode; set rules.{rule_id}.mode: remediate to act on events",
+                request,
+            )  # fmt: skip
         if kind in NEAR_EXPIRY_TYPES:
             return await _near_expiry(request, deps, deps.rotator, deps.vault_url)
-        if kind == CREATED_TYPE:
-            return await _created(request, deps, deps.rotator)
-        return _outcome("ignored", "not a rotation event", request)
+        return await _created(request, deps, deps.rotator)
 
     return handle
 

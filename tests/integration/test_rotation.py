@@ -39,7 +39,9 @@ class World:
 
     @property
     def env(self) -> dict[str, str]:
-        return product_env(self.twin, self.tmp_path, "version: 1\n")
+        # Events act only in remediate mode; the CLI and the API act on request whatever the mode.
+        policy = "version: 1\nrules:\n  KEY-002: {mode: remediate}\n  KEY-003: {mode: remediate}\n"
+        return product_env(self.twin, self.tmp_path, policy)
 
     @property
     def vault(self) -> SecretClient:

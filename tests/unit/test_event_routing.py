@@ -333,3 +333,18 @@ def test_own_object_id_comes_from_the_tokens_oid_claim() -> None:
     for bad in (jwt({"appid": "a"}), jwt({"oid": "nope"}), "opaque-token", "a.!!!.c"):
         with pytest.raises(PermanentError):
             token_object_id(bad)
+
+
+async def test_rotation_events_act_only_where_the_policy_says_remediate() -> None:
+    from shared.policy import Policy
+    from shared.rotation import Rotator
+
+    idle = Rotator(keys=None, vault=None, journal=None, locks=None)  # type: ignore[arg-type]  # never called
+    route = event_rotator(RotationDeps(source=None, policy=Policy(), rotator=idle, vault_url="https://kv"))  # type: ignore[arg-type]
+    for kind, rule in (
+        ("Microsoft.KeyVault.SecretNearExpiry", "KEY-003"),
+        ("Microsoft.ApiManagement.SubscriptionCreated", "KEY-002"),
+    ):
+        outcome = await route(RotationRequest("e-1", kind, "x", "/t"))
+        assert outcome.status == "skipped"
+        assert f"{rule} is in detect mode" in outcome.detail
