@@ -14,6 +14,9 @@
 3. The HTTP API with bearer tokens from the twin's Entra: a plan, an apply (a manual
    remediation of a rule the policy keeps in detect mode, which needs Remediator.Admin),
    and a read-only caller refused.
+4. A stale subscription key (95 days, KEY-003) rotated through Key Vault over the HTTP API,
+   while a client keeps reading the key from the vault and presenting it to the gateway:
+   every probe must authenticate, before, during and after the rotation.
 
 Exits non-zero if any step does not do what it says.
 """
@@ -56,6 +59,7 @@ API = "api-version=2024-05-01"
 VAULT = "kv-apim-keys-prod"
 VAULT_ID = f"/subscriptions/{SUB}/resourceGroups/rg-apim-prod/providers/Microsoft.KeyVault/vaults/{VAULT}"
 MOVED_NV = "payments-api-key"
+LEDGER_ENTRY = "apim-prod--orders-mobile"
 
 
 def banner(text: str) -> None:
@@ -153,6 +157,7 @@ async def demo(twin: TwinServer) -> list[str]:
             failures += await operator_grants_the_vault(arm, authority, tenant)
             failures += await event_fix(host, arm, authority, tenant)
             failures += await http_api(host, arm, authority, tenant)
+            failures += await key_rotation(host, arm, authority, tenant, env)
         finally:
             await context.aclose()
     return failures
@@ -300,6 +305,90 @@ async def http_api(host: DevHost, arm: Arm, authority: str, tenant: str) -> list
     return failures
 
 
+class KeyProbe:
+    """A client of the mobile app: reads the key from the vault's current version and presents
+    it to the gateway (the twin's gateway key check), over and over, counting refusals."""
+
+    def __init__(self, env: dict[str, str], arm: Arm) -> None:
+        from azure.keyvault.secrets import SecretClient
+
+        credential = ClientSecretCredential(
+            env["AZURE_TENANT_ID"],
+            env["AZURE_CLIENT_ID"],
+            env["AZURE_CLIENT_SECRET"],
+            authority=env["AZURE_AUTHORITY_HOST"],
+            disable_instance_discovery=True,
+            connection_verify=arm.ca_file,
+        )
+        self.vault = SecretClient(
+            env["APIMR_KEY_VAULT_URL"], credential, connection_verify=arm.ca_file, verify_challenge_resource=False
+        )
+        self.arm = arm
+        self.ok = 0
+        self.refused = 0
+        self.stop = False
+
+    def run(self) -> None:
+        import requests
+
+        session = requests.Session()
+        while not self.stop:
+            value = self.vault.get_secret(LEDGER_ENTRY).value
+            answer = session.post(
+                f"{self.arm.base}/_twin/gateway/check",
+                json={"service_id": PROD, "key": value},
+                verify=self.arm.ca_file,
+                timeout=30,
+            ).json()
+            del value
+            if answer.get("valid") and answer.get("subscription") == "orders-mobile":
+                self.ok += 1
+            else:
+                self.refused += 1
+            time.sleep(0.02)
+
+
+async def key_rotation(host: DevHost, arm: Arm, authority: str, tenant: str, env: dict[str, str]) -> list[str]:
+    banner("4. a stale key rotated through Key Vault (HTTP API) while a client keeps authenticating")
+    failures: list[str] = []
+    admin = await asyncio.to_thread(arm.token, OPERATOR, tenant, authority, f"{API_AUDIENCE}/.default")
+    url = f"{host.api_url}/instances/{SUB}/rg-apim-prod/apim-contoso-prod/key-rotations"
+    probe = KeyProbe(env, arm)
+    running = asyncio.create_task(asyncio.to_thread(probe.run))
+    try:
+        await until(lambda: probe.ok + probe.refused >= 5, within=30)
+        say(f"client: {probe.ok} request(s) authenticated with the vault's key before the rotation")
+        async with aiohttp.ClientSession(headers={"x-functions-key": host.keys.function}) as http:
+            headers = {"Authorization": f"Bearer {admin}"}
+            async with http.post(url, json={"stale": True}, headers=headers) as answer:
+                status, plan = answer.status, await answer.json()
+            say(f"POST .../key-rotations (dry run, stale keys) -> {status}")
+            for result in plan.get("results", []) if isinstance(plan, dict) else []:
+                name = result["subscription"].rsplit("/", 1)[-1]
+                say(f"  {result['status'].upper()} {result['action']} {name}")
+                for step in result["steps"]:
+                    say(f"    - {step}")
+            async with http.post(url, json={"stale": True, "dry_run": False}, headers=headers) as answer:
+                status, location = answer.status, answer.headers.get("Location", "")
+            say(f"POST .../key-rotations (rotate) -> {status}, operation {location}")
+            outcome = await poll(http, location, admin) if status == 202 else {}
+        results = (outcome.get("result") or {}).get("results", [])
+        for result in results:
+            say(f"  operation {outcome.get('status')}: {result['subscription'].rsplit('/', 1)[-1]} {result['status']}: "
+                f"{result['detail']}")  # fmt: skip
+        if not any(r["status"] == "done" for r in results):
+            failures.append(f"the stale key was not rotated: {json.dumps(outcome)[:400]}")
+        after = probe.ok + probe.refused
+        await until(lambda: probe.ok + probe.refused >= after + 10, within=30)
+    finally:
+        probe.stop = True
+        await running
+    say(f"client: {probe.ok} request(s) authenticated with the vault's current key, {probe.refused} refused")
+    if probe.refused or not probe.ok:
+        failures.append(f"the client was refused {probe.refused} time(s) during the rotation")
+    return failures
+
+
 async def poll(http: aiohttp.ClientSession, location: str, token: str) -> dict[str, Any]:
     for _ in range(600):
         async with http.get(location, headers={"Authorization": f"Bearer {token}"}) as answer:
@@ -332,7 +421,8 @@ def main() -> int:
     if not failures:
         print("  Everything the policy allows was fixed through the queue (the secret once the operator")
         print("  granted the new identity the vault), an operator's change was undone through Event Grid,")
-        print("  and the HTTP API planned, applied and refused as its roles say.")
+        print("  the HTTP API planned, applied and refused as its roles say, and a stale key was rotated")
+        print("  through Key Vault without the client ever being refused.")
     return 1 if failures else 0
 
 

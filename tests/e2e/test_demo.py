@@ -1,6 +1,6 @@
 """`make demo`'s program runs end to end through the Functions app on devhost: a sweep tick
-fixes through the queue, an operator's change is undone through Event Grid, and the HTTP
-API plans, applies and refuses by role."""
+fixes through the queue, an operator's change is undone through Event Grid, the HTTP API
+plans, applies and refuses by role, and a stale key is rotated while a client authenticates."""
 
 from __future__ import annotations
 
@@ -39,5 +39,11 @@ def test_demo_runs_the_app_end_to_end() -> None:
     assert "WOULD MGMT-003" in out
     assert "operation succeeded: MGMT-003 fixed" in out
     assert "(Remediator.Read only) -> 403" in out
-    for secret in ("twin-demo-secret-product", "twin-demo-secret-operator", "twin-demo-secret-reader"):
+    # 4: the stale key rotated through Key Vault while the client kept authenticating.
+    assert "4. a stale key rotated through Key Vault" in out
+    assert "WOULD rotate orders-mobile" in out
+    assert "operation succeeded: orders-mobile done: rotated: clients now read the secondary key" in out
+    assert re.search(r"client: [1-9]\d* request\(s\) authenticated with the vault's current key, 0 refused", out)
+    secrets = ("twin-demo-secret-product", "twin-demo-secret-operator", "twin-demo-secret-reader")
+    for secret in (*secrets, "demo-orders-mobile-key-0c1e5a7f"):
         assert secret not in out + result.stderr
