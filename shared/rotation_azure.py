@@ -27,8 +27,9 @@ _TRANSIENT = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 def _refused(response: ArmResponse, what: str) -> Exception:
-    code, _ = error_code_and_message(response.body)
-    text = f"{what}: {response.status} {code}".strip()
+    # ARM's message names the action and scope of a 403; it never carries a key.
+    code, message = error_code_and_message(response.body)
+    text = f"{what}: {response.status} {code} {message[:500]}".strip()
     if response.status == 404:
         return NotFoundError(text)
     return (TransientError if response.status in _TRANSIENT else PermanentError)(text)
