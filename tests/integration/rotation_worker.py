@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 
 from handlers.context import AppContext
 from shared.journal import Journal, JournalEntry, Phase, Trigger, TriggerKind
@@ -46,17 +47,25 @@ async def run(instance_id: str, target: int, concurrency: int, subscriptions: li
     try:
         ledger = await rotator.ledger_of(instance_id)  # listed once: the soak onboards nothing
         done, open_subs = await _count(journal, instance_id)
+        # A subscription whose lease a killed predecessor still holds (up to the lease's 15 s)
+        # is set aside for a moment while the others go on.
+        busy_until: dict[str, float] = {}
         while done < target or open_subs:
+            now = time.monotonic()
+            free = [s for s in subscriptions if busy_until.get(s, 0.0) <= now]
             room = max(0, target - done - len(open_subs))
-            batch = [s for s in subscriptions if s.lower() in open_subs][:concurrency]
+            batch = [s for s in free if s.lower() in open_subs][:concurrency]
             for _ in range(len(subscriptions)):
                 if len(batch) >= concurrency or room <= 0:
                     break
                 candidate = subscriptions[turn % len(subscriptions)]
                 turn += 1
-                if candidate not in batch and candidate.lower() not in open_subs:
+                if candidate in free and candidate not in batch and candidate.lower() not in open_subs:
                     batch.append(candidate)
                     room -= 1
+            if not batch:
+                await asyncio.sleep(0.5)
+                continue
             results = await asyncio.gather(
                 *(
                     rotator.rotate(
@@ -67,8 +76,10 @@ async def run(instance_id: str, target: int, concurrency: int, subscriptions: li
                     for sub in batch
                 )
             )
-            for result in results:
-                print(f"result {result.status.value} {result.subscription_id.rsplit('/', 1)[-1]}", flush=True)
+            for sub, result in zip(batch, results, strict=True):
+                print(f"result {result.status.value} {sub.rsplit('/', 1)[-1]}", flush=True)
+                if result.status is Status.BUSY:
+                    busy_until[sub] = time.monotonic() + 2.0
             if any(r.status in (Status.FAILED, Status.REFUSED) for r in results):
                 print("stopped: a rotation failed or was refused", flush=True)
                 return 1
@@ -77,7 +88,7 @@ async def run(instance_id: str, target: int, concurrency: int, subscriptions: li
                 open_subs -= {r.subscription_id.lower() for r in results}
             else:
                 # Something stayed open or busy: the journal says where things stand.
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.1)
                 done, open_subs = await _count(journal, instance_id)
         done, _ = await _count(journal, instance_id)
         print(f"finished {done}", flush=True)
