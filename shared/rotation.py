@@ -484,7 +484,8 @@ class Rotator:
         if ref is None:
             name = ledger_secret_name(service_id.rsplit("/", 1)[1], sid, target.subscription_id)
             copy = await self.vault.current(name)
-            if copy is not None:
+            # Ours when its tags name this subscription (onboarded since the ledger was listed).
+            if copy is not None and copy.subscription_id.lower() != target.subscription_id.lower():
                 raise RotationRefused(
                     f"Key Vault secret '{name}' exists but is not tagged {SUBSCRIPTION_TAG}="
                     f"{target.subscription_id}: it is not the product's and is never written"
