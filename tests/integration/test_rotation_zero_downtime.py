@@ -44,8 +44,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 ROTATIONS = int(os.environ.get("APIMR_TEST_ROTATIONS", "200"))
 KILLS = int(os.environ.get("APIMR_TEST_KILLS", "8"))
-SUBSCRIPTIONS = 16
-CONCURRENCY = 6
+SUBSCRIPTIONS = 20
+CONCURRENCY = 10
 STEPS = ("header", "regenerate-intent", "regenerate-sent", "regenerated", "store-intent", "store-sent", "stored")
 
 
