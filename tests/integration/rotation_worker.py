@@ -5,13 +5,15 @@ Runs the product's own composition root (settings from the environment, `AppCont
 and rotates the given subscriptions round robin until the journal holds TARGET finished
 rotations of the instance, finishing first what a killed predecessor left open. It prints one
 line per step the rotator reports (`step <name> <subscription>`), flushed, so the test can
-kill it with SIGKILL at a chosen step, and `finished <n>` at the end. It never prints a key.
+kill it with SIGKILL at a chosen step, and `finished <n>` at the end. Logging goes to stdout
+at INFO, so the test's scan for keys covers every log line too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 
@@ -98,5 +100,8 @@ async def run(instance_id: str, target: int, concurrency: int, subscriptions: li
 
 
 if __name__ == "__main__":
+    # Every log line (the product's rotation events, the SDKs' request logs) goes to the output
+    # the test scans for key values.
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s %(message)s")
     instance, count, width, *subs = sys.argv[1:]
     sys.exit(asyncio.run(run(instance, int(count), int(width), subs)))

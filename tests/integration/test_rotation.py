@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -228,7 +229,10 @@ class Crash(BaseException):
     """Stands for SIGKILL inside one process: nothing after it runs."""
 
 
-def test_a_run_killed_between_regenerate_and_store_is_finished_by_the_next(twin: TwinHandle, world: World) -> None:
+def test_a_run_killed_between_regenerate_and_store_is_finished_by_the_next(
+    twin: TwinHandle, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     service_id = seed(twin)
     vault = world.vault
     sub = f"{service_id}/subscriptions/orders-mobile"
@@ -262,6 +266,9 @@ def test_a_run_killed_between_regenerate_and_store_is_finished_by_the_next(twin:
     keys = keys_of(twin, sub)
     assert vault.get_secret("rot--orders-mobile").value == keys["secondary"]
     assert [v for _, v, _ in versions(vault, "rot--orders-mobile")].count(keys["secondary"]) == 1
+    logged = "\n".join(r.getMessage() + repr(r.__dict__) for r in caplog.records)
+    assert any(getattr(r, "event", "") == "rotation.done" for r in caplog.records)
+    no_key_in(logged, key("rot", "orders-mobile"), *keys.values())
 
 
 def test_the_engine_remediates_key_rules_through_the_rotator(twin: TwinHandle, tmp_path: Path, world: World) -> None:
