@@ -364,3 +364,22 @@ def test_journal_rows_of_a_rotation_hold_no_key(twin: TwinHandle, world: World) 
     assert [r.phase for r in rows] == [Phase.VERIFIED] * 3  # header, regenerate, store
     text = json.dumps([r.__dict__ for r in rows], default=str)
     no_key_in(text, *before.values(), *keys_of(twin, sub).values())
+
+
+def test_two_triggers_at_once_rotate_a_subscription_once(twin: TwinHandle, world: World) -> None:
+    service_id = seed(twin, "KEY-003")
+    sub = f"{service_id}/subscriptions/stale"
+    target = RotationTarget(service_id, sub, Action.ROTATE, Trigger(TriggerKind.EVENT, "e-1"), op_id="rot-same-trigger")
+
+    async def both() -> list[Status]:
+        first, second = world.context().rotator(), world.context().rotator()
+        assert first is not None
+        assert second is not None
+        results = await asyncio.gather(first.rotate(target, apply=True), second.rotate(target, apply=True))
+        return sorted(r.status for r in results)
+
+    statuses = asyncio.run(both())
+    # The lease lets one in; the other waits for it, then finds the trigger's rotation done.
+    assert statuses == sorted([Status.DONE, Status.SKIPPED]), statuses
+    assert len(regenerates(twin)) == 1
+    assert len(versions(world.vault, "rot--stale")) == 2
