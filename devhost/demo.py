@@ -14,7 +14,12 @@
 3. The HTTP API with bearer tokens from the twin's Entra: a plan, an apply (a manual
    remediation of a rule the policy keeps in detect mode, which needs Remediator.Admin),
    and a read-only caller refused.
-4. The incidents those runs posted: what the policy left to people, opened in Microsoft
+4. The backup timer's tick: native backups of both instances into Azurite, a manifest beside
+   each; the next sweep closes BAK-001 (BAK-002 waits: the demo designates no restore target).
+5. A stale subscription key (95 days, KEY-003) rotated through Key Vault over the HTTP API,
+   while a client keeps reading the key from the vault and presenting it to the gateway:
+   every probe must authenticate, before, during and after the rotation.
+6. The incidents those runs posted: what the policy left to people, opened in Microsoft
    Sentinel (the twin's, on the platform workspace) and on a signed webhook (a receiver
    in this program that checks each delivery's HMAC signature), counted again by later
    runs, and resolved with a note when a run fixed them.
@@ -112,6 +117,9 @@ class IncidentChannel:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+
+
+LEDGER_ENTRY = "apim-prod--orders-mobile"
 
 
 def banner(text: str) -> None:
@@ -224,6 +232,7 @@ async def demo(twin: TwinServer) -> list[str]:
             failures += await event_fix(host, arm, authority, tenant)
             failures += await http_api(host, arm, authority, tenant)
             failures += await backups(host, context, arm)
+            failures += await key_rotation(host, arm, authority, tenant, env)
             failures += await incidents(host, context, arm, env, channel)
         finally:
             await context.aclose()
@@ -423,7 +432,7 @@ async def backups(host: DevHost, context: AppContext, arm: Arm) -> list[str]:
 async def incidents(
     host: DevHost, context: AppContext, arm: Arm, env: dict[str, str], channel: IncidentChannel
 ) -> list[str]:
-    banner("5. a later sweep tick, and the incidents the runs posted (Microsoft Sentinel and a signed webhook)")
+    banner("6. a later sweep tick, and the incidents the runs posted (Microsoft Sentinel and a signed webhook)")
     from handlers.incidents import list_incidents
 
     failures: list[str] = []
@@ -474,6 +483,90 @@ async def incidents(
     return failures
 
 
+class KeyProbe:
+    """A client of the mobile app: reads the key from the vault's current version and presents
+    it to the gateway (the twin's gateway key check), over and over, counting refusals."""
+
+    def __init__(self, env: dict[str, str], arm: Arm) -> None:
+        from azure.keyvault.secrets import SecretClient
+
+        credential = ClientSecretCredential(
+            env["AZURE_TENANT_ID"],
+            env["AZURE_CLIENT_ID"],
+            env["AZURE_CLIENT_SECRET"],
+            authority=env["AZURE_AUTHORITY_HOST"],
+            disable_instance_discovery=True,
+            connection_verify=arm.ca_file,
+        )
+        self.vault = SecretClient(
+            env["APIMR_KEY_VAULT_URL"], credential, connection_verify=arm.ca_file, verify_challenge_resource=False
+        )
+        self.arm = arm
+        self.ok = 0
+        self.refused = 0
+        self.stop = False
+
+    def run(self) -> None:
+        import requests
+
+        session = requests.Session()
+        while not self.stop:
+            value = self.vault.get_secret(LEDGER_ENTRY).value
+            answer = session.post(
+                f"{self.arm.base}/_twin/gateway/check",
+                json={"service_id": PROD, "key": value},
+                verify=self.arm.ca_file,
+                timeout=30,
+            ).json()
+            del value
+            if answer.get("valid") and answer.get("subscription") == "orders-mobile":
+                self.ok += 1
+            else:
+                self.refused += 1
+            time.sleep(0.02)
+
+
+async def key_rotation(host: DevHost, arm: Arm, authority: str, tenant: str, env: dict[str, str]) -> list[str]:
+    banner("5. a stale key rotated through Key Vault (HTTP API) while a client keeps authenticating")
+    failures: list[str] = []
+    admin = await asyncio.to_thread(arm.token, OPERATOR, tenant, authority, f"{API_AUDIENCE}/.default")
+    url = f"{host.api_url}/instances/{SUB}/rg-apim-prod/apim-contoso-prod/key-rotations"
+    probe = KeyProbe(env, arm)
+    running = asyncio.create_task(asyncio.to_thread(probe.run))
+    try:
+        await until(lambda: probe.ok + probe.refused >= 5, within=30)
+        say(f"client: {probe.ok} request(s) authenticated with the vault's key before the rotation")
+        async with aiohttp.ClientSession(headers={"x-functions-key": host.keys.function}) as http:
+            headers = {"Authorization": f"Bearer {admin}"}
+            async with http.post(url, json={"stale": True}, headers=headers) as answer:
+                status, plan = answer.status, await answer.json()
+            say(f"POST .../key-rotations (dry run, stale keys) -> {status}")
+            for result in plan.get("results", []) if isinstance(plan, dict) else []:
+                name = result["subscription"].rsplit("/", 1)[-1]
+                say(f"  {result['status'].upper()} {result['action']} {name}")
+                for step in result["steps"]:
+                    say(f"    - {step}")
+            async with http.post(url, json={"stale": True, "dry_run": False}, headers=headers) as answer:
+                status, location = answer.status, answer.headers.get("Location", "")
+            say(f"POST .../key-rotations (rotate) -> {status}, operation {location}")
+            outcome = await poll(http, location, admin) if status == 202 else {}
+        results = (outcome.get("result") or {}).get("results", [])
+        for result in results:
+            say(f"  operation {outcome.get('status')}: {result['subscription'].rsplit('/', 1)[-1]} {result['status']}: "
+                f"{result['detail']}")  # fmt: skip
+        if not any(r["status"] == "done" for r in results):
+            failures.append(f"the stale key was not rotated: {json.dumps(outcome)[:400]}")
+        after = probe.ok + probe.refused
+        await until(lambda: probe.ok + probe.refused >= after + 10, within=30)
+    finally:
+        probe.stop = True
+        await running
+    say(f"client: {probe.ok} request(s) authenticated with the vault's current key, {probe.refused} refused")
+    if probe.refused or not probe.ok:
+        failures.append(f"the client was refused {probe.refused} time(s) during the rotation")
+    return failures
+
+
 async def poll(http: aiohttp.ClientSession, location: str, token: str) -> dict[str, Any]:
     for _ in range(600):
         async with http.get(location, headers={"Authorization": f"Bearer {token}"}) as answer:
@@ -510,10 +603,10 @@ def main() -> int:
     if not failures:
         print("  Everything the policy allows was fixed through the queue (the secret once the operator")
         print("  granted the new identity the vault), an operator's change was undone through Event Grid,")
-        print("  the HTTP API planned, applied and refused as its roles say, and the backup timer's")
-        print("  native backups closed BAK-001.")
-        print("  the HTTP API planned, applied and refused as its roles say, and what was left to people")
-        print("  became incidents in Sentinel and on the webhook, resolved where a run fixed them.")
+        print("  the HTTP API planned, applied and refused as its roles say, the backup timer's native")
+        print("  backups closed BAK-001, a stale key was rotated through Key Vault without the client")
+        print("  ever being refused, and what was left to people became incidents in Sentinel and on")
+        print("  the webhook, resolved where a run fixed them.")
     return 1 if failures else 0
 
 

@@ -57,10 +57,12 @@ from handlers.manual import (
     scan_instance,
     start,
 )
+from handlers.rotate_keys import RotateKeysRequest, rotate_keys, rotation_json
 from shared import __version__
 from shared.entra import AuthError, Caller, Role
 from shared.errors import NotFoundError, OutOfScopeError, RemediatorError, SettingsError, TransientError
 from shared.inventory import InstanceRef
+from shared.journal import Trigger, TriggerKind
 from shared.operations import Operation, OperationKind
 from shared.policy import PolicyError
 
@@ -95,6 +97,22 @@ class RemediationBody(BaseModel):
         default_factory=list,
         description="Remediator.Admin only: apply these rules although the policy keeps them in detect mode",
     )
+
+
+class KeyRotationBody(BaseModel):
+    """A key rotation request: a plan unless `dry_run` is false."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dry_run: bool = Field(True, description="true (default): answer with the plan; false: rotate (202)")
+    subscriptions: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="APIM subscriptions (names or ARM ids); empty: what KEY-002/003/004 flag",
+    )
+    stale: bool = Field(False, description="only keys past their maximum age or expiry (KEY-003)")
+    revoke: bool = Field(False, description="Remediator.Admin only: a leaked key; rotate, then regenerate the old one")
+    grace_seconds: float = Field(0.0, ge=0, le=3600, description="with revoke: how long the old key keeps working")
 
 
 class NotConfigured(RemediatorError):
@@ -349,6 +367,41 @@ def create_api(get_context: Callable[[], AppContext]) -> FastAPI:
             found,
             request.app.state.background,
         )
+        return accepted(request, operation)
+
+    @api.post(
+        "/api/instances/{subscription_id}/{resource_group}/{name}/key-rotations",
+        summary="Plan key rotations (dry run, the default: 200) or rotate through the Key Vault ledger (202)",
+    )
+    async def post_key_rotation(
+        request: Request,
+        who: Operator,
+        subscription_id: SubscriptionId,
+        resource_group: ResourceGroup,
+        name: ServiceName,
+        body: KeyRotationBody,
+    ) -> JSONResponse:
+        if body.revoke and not body.dry_run and not who.has(Role.ADMIN):
+            raise ForbiddenError(f"revoking a key (it regenerates the key in use after the grace period) needs the "
+                                 f"{Role.ADMIN.value} role")  # fmt: skip
+        ref, found = await instance(subscription_id, resource_group, name)
+        ask = RotateKeysRequest(
+            instance_id=ref.id,
+            trigger=Trigger(TriggerKind.HTTP, who.trigger_detail),
+            subscriptions=tuple(body.subscriptions),
+            stale=body.stale,
+            revoke=body.revoke,
+            apply=not body.dry_run,
+            grace_seconds=body.grace_seconds,
+        )
+        rotation = app_context().rotation_deps()
+        if body.dry_run:
+            return JSONResponse(rotation_json(await rotate_keys(ask, rotation)))
+
+        async def work() -> dict[str, Any]:
+            return rotation_json(await rotate_keys(ask, rotation))
+
+        operation = await start(OperationKind.ROTATE, ref, who, work, found, request.app.state.background)
         return accepted(request, operation)
 
     @api.get("/api/operations/{operation_id}", summary="A scan's or an apply's status and, once done, its result")

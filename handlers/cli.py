@@ -96,9 +96,55 @@ def _parser() -> argparse.ArgumentParser:
         "--deliver", action="store_true", help="first deliver what the outbox holds (as every run does)"
     )
     incidents_cmd.add_argument("--format", choices=["table", "json"], default="table")
+    _rotate_parser(commands)
     rules_cmd = commands.add_parser("rules", help="list the rule catalogue")
     rules_cmd.add_argument("--format", choices=["table", "markdown"], default="table")
     return parser
+
+
+def _rotate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    rotate = commands.add_parser(
+        "rotate", help="rotate (or onboard, restore, revoke) subscription keys through the Key Vault ledger"
+    )
+    rotate.add_argument("--instance", required=True, metavar="ID", help="the APIM service's resource id")
+    rotate.add_argument(
+        "--subscription",
+        action="append",
+        default=[],
+        metavar="SID",
+        help="this APIM subscription (name or ARM id; repeatable); default: what KEY-002/003/004 flag",
+    )
+    rotate.add_argument("--stale", action="store_true", help="only keys past their maximum age or expiry (KEY-003)")
+    rotate.add_argument("--revoke", action="store_true", help="a leaked key: rotate, then regenerate the old key too")
+    rotate.add_argument(
+        "--grace", type=float, default=0.0, metavar="SECONDS", help="with --revoke: how long the old key still works"
+    )
+    rotate.add_argument("--apply", action="store_true", help="make the changes; without it: a dry run")
+    rotate.add_argument("--format", choices=["table", "json"], default="table")
+
+
+async def _rotate(args: argparse.Namespace, out: TextIO) -> int:
+    from handlers.rotate_keys import RotateKeysRequest, render_rotation, rotate_keys
+
+    context = AppContext.load()
+    user = getpass.getuser()
+    try:
+        report = await rotate_keys(
+            RotateKeysRequest(
+                instance_id=args.instance,
+                trigger=Trigger(TriggerKind.CLI, f"apim-remediator rotate by {user}"),
+                subscriptions=tuple(args.subscription),
+                stale=args.stale,
+                revoke=args.revoke,
+                apply=args.apply,
+                grace_seconds=args.grace,
+            ),
+            context.rotation_deps(),
+        )
+    finally:
+        await context.aclose()
+    out.write(render_rotation(report, args.format))
+    return 1 if report.failed else 0
 
 
 def _rules(args: argparse.Namespace, out: TextIO) -> int:
@@ -285,6 +331,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             return asyncio.run(_remediate(args, out))
         if args.command == "incidents":
             return asyncio.run(_incidents(args, out))
+        if args.command == "rotate":
+            return asyncio.run(_rotate(args, out))
         if args.command == "rules":
             return _rules(args, out)
         if args.command == "backup":

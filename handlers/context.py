@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from handlers.events import EventScope, EventsDeps
 from handlers.reconcile import LogSink, ReconcileDeps, ReconcileRequest, ReconcileResult, reconcile
 from handlers.remediate import RemediationDeps
+from handlers.rotate_keys import event_rotator
 from handlers.sweep import SweepDeps
 from handlers.work import WorkDeps
 from shared.armapi import AzureArm, AzureSecrets
@@ -33,13 +34,18 @@ from shared.signals_source import AzureSignalsSource
 from shared.source import AzureInstanceSource
 from shared.work_queue import AzureWorkQueue
 
+# Per-subscription leases of key rotation: a container of their own beside the instance leases.
+ROTATION_LOCKS = "key-rotation-locks"
+
 if TYPE_CHECKING:
     from handlers.backup import BackupJobDeps
     from handlers.incidents import RunIncidents
     from handlers.manual import ManualDeps
+    from handlers.rotate_keys import RotationDeps
     from shared.entra import TokenValidator
     from shared.incidents import IncidentReporter
     from shared.operations import OperationsStore
+    from shared.rotation import Rotator
 
 
 @dataclass
@@ -77,6 +83,7 @@ class AppContext:
             policy=self.policy,
             key_vault_url=self.settings.key_vault_url,
             evidence=AzureEvidenceSource(self.factory),
+            rotator=self.rotator(),
         )
 
     # The HTTP API's dependencies import JWT, cryptography and the operations table only
@@ -113,6 +120,30 @@ class AppContext:
             )
             self._validator = TokenValidator(api, keys)
         return self._validator
+
+    def rotator(self) -> Rotator | None:
+        """Key rotation through the ledger vault (None without APIMR_KEY_VAULT_URL); leases per
+        APIM subscription in their own container."""
+        from shared.rotation import Rotator
+        from shared.rotation_azure import AzureKeyApi, AzureLedgerVault
+
+        if self.settings.key_vault_url is None:
+            return None
+        return Rotator(
+            keys=AzureKeyApi(AzureArm(self.factory)),
+            vault=AzureLedgerVault(self.factory, self.settings.key_vault_url),
+            journal=Journal(self.factory.table_service_async()),
+            locks=InstanceLocks(
+                self.factory.blob_service_async(), ROTATION_LOCKS, duration=self.settings.lease_seconds
+            ),
+        )
+
+    def rotation_deps(self) -> RotationDeps:
+        from handlers.rotate_keys import RotationDeps
+
+        return RotationDeps(
+            source=self.source(), policy=self.policy, rotator=self.rotator(), vault_url=self.settings.key_vault_url
+        )
 
     def reconcile_deps(self) -> ReconcileDeps:
         return ReconcileDeps(
@@ -227,6 +258,7 @@ class AppContext:
             failures=self.findings(),
             own_object_id=self.own_object_id,
             scope=scope,
+            rotate=event_rotator(self.rotation_deps()),
         )
 
     async def aclose(self) -> None:

@@ -11,8 +11,9 @@ function). Routing is a table keyed by event type:
   queue's polling interval (host.json `maxPollingInterval`). Event Grid retries a failed
   delivery itself (with back-off, for 24 hours), so the queue's retries are not needed.
 - Key Vault `SecretNearExpiry` / `SecretExpired`, APIM `SubscriptionCreated` /
-  `GatewayTokenNearExpiry` -> key rotation (handlers/rotate_keys.py), which is a stub that
-  says it is not built yet (issue 12).
+  `GatewayTokenNearExpiry` -> key rotation (handlers/rotate_keys.py `event_rotator`): the
+  secret or subscription is read again and rotated or onboarded once (gateway tokens are
+  acknowledged, not built); a rotation left pending raises so Event Grid delivers again.
 - Anything else, and anything malformed, is logged and acknowledged: never retried forever.
 
 Never trusting the payload: the event only says which service to look at. The id must
@@ -50,7 +51,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from handlers.reconcile import ReconcileRequest, ReconcileResult
-from handlers.rotate_keys import RotationOutcome, RotationRequest, rotation_requested
+from handlers.rotate_keys import RotationOutcome, RotationRequest, rotation_not_configured
 from shared.errors import OutOfScopeError, PermanentError
 from shared.identity import normalise_object_id
 from shared.journal import Trigger, TriggerKind
@@ -108,7 +109,7 @@ class EventStatus(StrEnum):
     OUT_OF_SCOPE = "out_of_scope"
     NOT_APIM = "not_apim"  # a resource event for something else in the subscription
     SERVICE_DELETED = "service_deleted"
-    ROTATION_NOT_BUILT = "rotation_not_built"
+    ROTATION = "rotation"  # routed to key rotation; the detail says what it did
     FAILED = "failed"  # a permanent failure, recorded on the service's summary
     UNKNOWN = "unknown"  # an event type nobody handles
     MALFORMED = "malformed"
@@ -151,7 +152,7 @@ class EventsDeps:
     failures: FailureLog
     own_object_id: Callable[[], Awaitable[str]]  # normalised (shared.identity)
     scope: EventScope
-    rotate: Rotator = rotation_requested
+    rotate: Rotator = rotation_not_configured
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
 
@@ -261,15 +262,23 @@ async def on_resource_event(event: GridEvent, deps: EventsDeps) -> EventOutcome:
 
 
 async def on_rotation_event(event: GridEvent, deps: EventsDeps) -> EventOutcome:
-    outcome = await deps.rotate(
-        RotationRequest(
-            event_id=event.id[:_MAX_ID],
-            event_type=event.event_type,
-            subject=event.subject[:_MAX_ID],
-            source=event.topic[:2000],
+    if not await deps.claims.claim(event.id, event_type=event.event_type, at=deps.clock()):
+        return _log(EventOutcome(EventStatus.DUPLICATE, "already taken by another delivery"), event)
+    try:
+        outcome = await deps.rotate(
+            RotationRequest(
+                event_id=event.id[:_MAX_ID],
+                event_type=event.event_type,
+                subject=event.subject[:_MAX_ID],
+                source=event.topic[:2000],
+                data=event.data if isinstance(event.data, Mapping) else {},
+            )
         )
-    )
-    return EventOutcome(EventStatus.ROTATION_NOT_BUILT, outcome.detail)
+    except Exception:
+        # A rotation left pending (journaled) or a busy subscription: Event Grid delivers again.
+        await deps.claims.release(event.id)
+        raise
+    return _log(EventOutcome(EventStatus.ROTATION, f"{outcome.status}: {outcome.detail}", outcome.instance_id), event)
 
 
 ROUTES: Mapping[str, Route] = {

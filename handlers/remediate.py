@@ -24,6 +24,8 @@ Azure actions: those of the scan (handlers/scan.py) plus, when remediating
     Microsoft.ApiManagement/service/portalsettings/write
     Microsoft.ApiManagement/service/portalconfigs/write
     Microsoft.ApiManagement/service/subscriptions/write
+    Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action
+    Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action
     Microsoft.ApiManagement/service/namedValues/write
     Microsoft.ApiManagement/service/namedValues/listValue/action
     Microsoft.ApiManagement/service/apis/write
@@ -62,6 +64,7 @@ from shared.actions import (
     PlanContext,
     Refusal,
     RemediationPlan,
+    RotateKey,
     Step,
     order_rules,
 )
@@ -83,6 +86,8 @@ from shared.inventory import InstanceRef
 from shared.journal import JournalEntry, JournalRefused, Phase, Trigger
 from shared.model import Finding, Mode, Snapshot
 from shared.policy import Policy
+from shared.rotation import Action, RotationTarget, Rotator, is_rotation_entry
+from shared.rotation import Status as RotationStatus
 from shared.rules import REGISTRY
 from shared.snapshot import map_service_body
 
@@ -193,6 +198,8 @@ class RemediationDeps:
     # How long one run waits for a service update before journaling its operation URL and
     # leaving it to a later run (Azure may take an hour; a function has minutes).
     service_wait: float = 120.0
+    # KEY-002/003/004: key rotation through the ledger vault (None without APIMR_KEY_VAULT_URL).
+    rotator: Rotator | None = None
 
 
 # -- planning (pure) --------------------------------------------------------------------------
@@ -202,6 +209,8 @@ def _describe(step: Step) -> str:
     if isinstance(step, ArmWrite):
         condition = step.describe_condition()
         return step.describe() + (f" {condition}" if condition else "")
+    if isinstance(step, RotateKey):
+        return step.description
     return f"copy the value of {step.named_value_id} into {step.vault_url}/secrets/{step.secret_name}"
 
 
@@ -510,7 +519,12 @@ async def _settle_earlier_runs(ref: InstanceRef, deps: RemediationDeps, lease: L
     notes: list[str] = []
     busy: str | None = None
     state: str | None = None
+    rotations = False
     for entry in await deps.journal.unfinished(ref.id):
+        if is_rotation_entry(entry):
+            # A key rotation is judged step by step from Azure's state, by the rotator.
+            rotations = True
+            continue
         expectations = _expectations_from(entry)
         label = f"{entry.rule_id} {entry.resource_id}"
         if entry.operation_url:
@@ -545,6 +559,10 @@ async def _settle_earlier_runs(ref: InstanceRef, deps: RemediationDeps, lease: L
         else:
             await deps.journal.record_outcome(entry, Phase.ABANDONED, error="; ".join(problems)[:1000])
             notes.append(f"{label}: abandoned ({entry.phase.value}), re-planned")
+    if rotations and deps.rotator is not None:
+        lease.assert_held()
+        for result in await deps.rotator.resume_open(ref.id):
+            notes.append(f"key rotation of {result.subscription_id}: {result.status.value}: {result.detail}")
     return Settlement(tuple(notes), busy)
 
 
@@ -630,7 +648,10 @@ async def _apply(
                 blocked.add(rule_id)
                 continue
             attempted = True
-            result = await _apply_one(item, ref, request, deps, lease, budget, evidence, frozenset(fixed))
+            if item.steps and all(isinstance(step, RotateKey) for step in item.steps):
+                result = await _apply_rotation(item, ref, request, deps, lease, budget)
+            else:
+                result = await _apply_one(item, ref, request, deps, lease, budget, evidence, frozenset(fixed))
             if result.status is Status.FIXED:
                 fixed.add(rule_id)
             elif result.status is not Status.RESOLVED:
@@ -769,6 +790,59 @@ async def _apply_one(
         Status.FAILED,
         plan.summary,
         detail=f"the resource kept changing under us ({MAX_REPLANS} attempts); left for the next sweep",
+    )
+
+
+_ROTATION_STATUS = {
+    RotationStatus.DONE: Status.FIXED,
+    RotationStatus.SKIPPED: Status.RESOLVED,
+    RotationStatus.REFUSED: Status.REFUSED,
+    RotationStatus.FAILED: Status.FAILED,
+    RotationStatus.PENDING: Status.PENDING,
+    RotationStatus.BUSY: Status.SKIPPED,
+}
+
+
+async def _apply_rotation(
+    plan: RemediationPlan,
+    ref: InstanceRef,
+    request: RemediateRequest,
+    deps: RemediationDeps,
+    lease: Lease,
+    budget: WriteBudget,
+) -> ActionResult:
+    """A KEY plan: one rotation by the rotator, which journals every step before it runs and
+    holds the subscription's lease besides this run's instance lease."""
+    if deps.rotator is None:
+        return ActionResult(
+            plan.rule_id, plan.resource_id, Status.FAILED, plan.summary, detail="key rotation needs APIMR_KEY_VAULT_URL"
+        )
+    first = plan.steps[0]
+    assert isinstance(first, RotateKey)
+
+    def before_write() -> None:
+        lease.assert_held()
+        budget.charge()
+
+    max_age = deps.policy.params_of("KEY-003")["max_age_days"]
+    target = RotationTarget(
+        instance_id=ref.id,
+        subscription_id=first.subscription_id,
+        action=Action(first.action),
+        trigger=request.trigger,
+        max_age_days=float(max_age) if isinstance(max_age, int | float) else 90.0,
+        rule_id=plan.rule_id,
+    )
+    lease.assert_held()
+    outcome = await deps.rotator.rotate(target, apply=True, before_write=before_write)
+    return ActionResult(
+        plan.rule_id,
+        plan.resource_id,
+        _ROTATION_STATUS[outcome.status],
+        plan.summary,
+        changes=plan.changes,
+        requests=outcome.steps or tuple(_describe(s) for s in plan.steps),
+        detail=outcome.detail,
     )
 
 

@@ -32,6 +32,9 @@ var writeActions = [
   'Microsoft.ApiManagement/service/portalsettings/write'
   'Microsoft.ApiManagement/service/portalconfigs/write'
   'Microsoft.ApiManagement/service/subscriptions/write'
+  // Key rotation (KEY-002/003/004, handlers/rotate_keys.py): regenerate the slot clients do not use.
+  'Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action'
+  'Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action'
   'Microsoft.ApiManagement/service/namedValues/write'
   'Microsoft.ApiManagement/service/namedValues/listValue/action'
   'Microsoft.ApiManagement/service/apis/write'

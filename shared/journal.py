@@ -475,13 +475,19 @@ class Journal(TableStore):
             raise PermanentError(f"history limit must be at least 1, got {limit}")
         return await self._query(instance_id, "PartitionKey eq @pk", limit=limit)
 
-    async def _query(self, instance_id: str, query: str, *, limit: int | None) -> list[JournalEntry]:
+    async def of_correlation(self, instance_id: str, correlation_id: str) -> list[JournalEntry]:
+        """Every entry of one run or multi-entry change (e.g. a key rotation's steps), newest first."""
+        return await self._query(
+            instance_id, "PartitionKey eq @pk and correlation_id eq @cid", limit=None, cid=correlation_id
+        )
+
+    async def _query(self, instance_id: str, query: str, *, limit: int | None, **extra: str) -> list[JournalEntry]:
         table = await self._client()
         entries: list[JournalEntry] = []
         try:
             pages = table.query_entities(
                 query,
-                parameters={"pk": instance_key(instance_id)},
+                parameters={"pk": instance_key(instance_id), **extra},
                 results_per_page=min(limit, 1000) if limit else None,
             )
             async for entity in pages:

@@ -48,6 +48,7 @@ class OperationKind(StrEnum):
     APPLY = "apply"
     BACKUP = "backup"
     RESTORE_TEST = "restore_test"
+    ROTATE = "rotate"  # key rotation through the Key Vault ledger
 
 
 @dataclass(frozen=True)

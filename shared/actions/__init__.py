@@ -122,7 +122,20 @@ class CopySecretToVault:
     description: str
 
 
-Step = ArmWrite | CopySecretToVault
+@dataclass(frozen=True)
+class RotateKey:
+    """One write of a subscription key rotation through the Key Vault ledger (KEY-002/003/004).
+
+    Not sent by the executor: the engine hands the plan's rotation to `shared.rotation`, which
+    journals each of its steps and holds the subscription's lease. A plan has one per write."""
+
+    subscription_id: str
+    action: str  # onboard | rotate
+    secret_name: str
+    description: str
+
+
+Step = ArmWrite | CopySecretToVault | RotateKey
 
 
 @dataclass(frozen=True)
@@ -260,6 +273,7 @@ def order_rules(rule_ids: Sequence[str]) -> list[str]:
 
 
 def _load_modules() -> None:
+    import shared.actions.keys
     import shared.actions.service_settings
     import shared.actions.sub_resources  # noqa: F401
 

@@ -165,8 +165,10 @@ async def apply_plan(
         try:
             if isinstance(step, ArmWrite):
                 await _write(step, arm, seen)
-            else:
+            elif isinstance(step, CopySecretToVault):
                 await _copy_secret(step, arm, secrets, seen)
+            else:
+                raise PermanentError(f"{step.description}: a key rotation is run by the rotator, not the executor")
         except RemediatorError as error:
             # The journal records outcomes per step: a 412 on step 2 after step 1 took
             # effect is a partial change, not an abandoned one.

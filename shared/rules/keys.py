@@ -160,8 +160,9 @@ def all_apis_scope(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) ->
     rationale=(
         "A key nobody tracks is never rotated and cannot be traced to who holds it. The product "
         "rotates keys through Key Vault (one secret per subscription, tagged apim-subscription-id); "
-        "an active subscription without such a secret is outside rotation. The fix, a first "
-        "rotation through Key Vault, is not automated yet (detect only). Silent when the ledger could not be read."
+        "an active subscription without such a secret is outside rotation. Remediation (opt-in) "
+        "onboards it: APIM's current primary key becomes the secret's first version, tagged with the "
+        "subscription and slot. Silent when the ledger could not be read."
     ),
     references=References(
         mcsb=("IM-8", "DP-6"),
@@ -175,7 +176,7 @@ def all_apis_scope(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) ->
             "Also require the built-in all-access subscription's keys to be tracked.",
         )
     ],
-    remediable=False,  # key rotation through Key Vault (dual-key) arrives with its own issue
+    remediable=True,
 )
 def untracked_key(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> list[Finding]:
     if not snapshot.readable("key_ledger"):
@@ -213,7 +214,8 @@ def untracked_key(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> 
         "version's creation time (ARM has no 'last rotated' field). A secret past its Key Vault expiry "
         "is the same problem by the ledger's own deadline (rotation sets expiry = creation + max age), "
         "so it is the same rule and one finding per subscription, with the expiry as evidence when the "
-        "age alone is within bounds. The fix, dual-key rotation, is not automated yet (detect only)."
+        "age alone is within bounds. Remediation (opt-in) is a dual-key rotation: regenerate the key clients "
+        "are not using, store it as the new version; the key in use stays valid until the next rotation."
     ),
     references=References(
         mcsb=("IM-8", "DP-6"),
@@ -222,7 +224,7 @@ def untracked_key(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> 
     ),
     # A timedelta holds at most 999,999,999 days; a century is far beyond any rotation period.
     params=[Param("max_age_days", 90, "Rotate keys at least this often (days).", minimum=1, maximum=36500)],
-    remediable=False,  # key rotation through Key Vault (dual-key) arrives with its own issue
+    remediable=True,
 )
 def key_too_old(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> list[Finding]:
     max_age = timedelta(days=float(params["max_age_days"]))
@@ -310,15 +312,16 @@ def _expected_slot(key: TrackedKey) -> str:
         "accepted by APIM (an outage), or a leaked key was replaced but the vault not updated. Compared "
         "by keyed hashes, never values; silent for subscriptions whose keys were not read (listSecrets) "
         "or whose secret value could not be read. A copy that matches the other slot is a mislabelled "
-        "slot tag (medium): it works today but the next rotation would cut clients off. The fix, "
-        "a rotation that writes a fresh value to the vault, is not automated yet (detect only)."
+        "slot tag (medium): it works today but the next rotation would cut clients off. Remediation "
+        "(opt-in) restores service first (stores the key APIM holds in the tagged slot), then rotates; a "
+        "mislabelled tag is refused, since rotating would regenerate the key clients use."
     ),
     references=References(
         mcsb=("IM-8", "DP-6"),
         owasp_api=("API2:2023",),
         docs=(SUBSCRIPTIONS_DOC, DUAL_ROTATION_DOC),
     ),
-    remediable=False,  # key rotation through Key Vault (dual-key) arrives with its own issue
+    remediable=True,
 )
 def vault_copy_mismatch(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> list[Finding]:
     active = _active_subscriptions(snapshot)

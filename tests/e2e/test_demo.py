@@ -1,6 +1,6 @@
 """`make demo`'s program runs end to end through the Functions app on devhost: a sweep tick
-fixes through the queue, an operator's change is undone through Event Grid, and the HTTP
-API plans, applies and refuses by role."""
+fixes through the queue, an operator's change is undone through Event Grid, the HTTP API
+plans, applies and refuses by role, and a stale key is rotated while a client authenticates."""
 
 from __future__ import annotations
 
@@ -44,9 +44,14 @@ def test_demo_runs_the_app_end_to_end() -> None:
     assert "WOULD MGMT-003" in out
     assert "operation succeeded: MGMT-003 fixed" in out
     assert "(Remediator.Read only) -> 403" in out
-    # 5. incidents: what was left to people, in Sentinel and on the signed webhook; SEC-001's
+    # 5: the stale key rotated through Key Vault while the client kept authenticating.
+    assert "5. a stale key rotated through Key Vault" in out
+    assert "WOULD rotate orders-mobile" in out
+    assert "operation succeeded: orders-mobile done: rotated: clients now read the secondary key" in out
+    assert re.search(r"client: [1-9]\d* request\(s\) authenticated with the vault's current key, 0 refused", out)
+    # 6. incidents: what was left to people, in Sentinel and on the signed webhook; SEC-001's
     # refusal (the identity could not read the vault yet) resolved by the run that fixed it.
-    assert "5. a later sweep tick, and the incidents the runs posted" in out
+    assert "6. a later sweep tick, and the incidents the runs posted" in out
     sec = next(line for line in out.splitlines() if "SEC-001 Secret named values" in line)
     assert sec.split()[0] == "RESOLVED"
     assert "[sentinel delivered, webhook delivered]" in sec
@@ -55,6 +60,11 @@ def test_demo_runs_the_app_end_to_end() -> None:
     assert re.search(r"Sentinel \(law-platform\): (\d+) incident\(s\): \d+ Active, 2 Closed", out)
     assert re.search(r"webhook: \d+ signed deliveries verified \(.*\); refused 0, duplicates 0", out)
     assert "PENDING" not in out
-    for secret in ("twin-demo-secret-product", "twin-demo-secret-operator", "twin-demo-secret-reader",
-                   "demo-incident-webhook-hmac-key", "demo-plaintext-secret-in-apim"):  # fmt: skip
+    secrets = ("twin-demo-secret-product", "twin-demo-secret-operator", "twin-demo-secret-reader")
+    for secret in (
+        *secrets,
+        "demo-incident-webhook-hmac-key",
+        "demo-plaintext-secret-in-apim",
+        "demo-orders-mobile-key-0c1e5a7f",
+    ):
         assert secret not in out + result.stderr

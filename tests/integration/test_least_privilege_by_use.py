@@ -54,6 +54,10 @@ USED_BY: dict[str, str] = {
     "Microsoft.ApiManagement/service/portalsettings/write": "ID-002",
     "Microsoft.ApiManagement/service/portalconfigs/write": "ID-003",
     "Microsoft.ApiManagement/service/subscriptions/write": "KEY-001",
+    # Key rotation regenerates the slot clients do not use: KEY-004's ledger (tagged primary)
+    # is restored, then the secondary regenerated; KEY-003's is seeded tagged secondary here.
+    "Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action": "KEY-003",
+    "Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action": "KEY-004",
     "Microsoft.ApiManagement/service/namedValues/write": "SEC-001",
     "Microsoft.ApiManagement/service/namedValues/listValue/action": "SEC-001",
     "Microsoft.ApiManagement/service/apis/write": "API-001",
@@ -97,9 +101,18 @@ def seed(twin: TwinHandle, rules: list[str], backend_port: int, actions: tuple[s
             spec["backends"][0]["url"] = f"https://127.0.0.1:{backend_port}/api"
         if rule == "LOG-002":
             spec["loggers"] = []  # so the fix creates the azureMonitor logger too
+        if rule == "KEY-003":
+            # Clients use the secondary key: the rotation regenerates the primary.
+            stale = next(s for s in spec["subscriptions"] if s["sid"] == "stale")
+            stale["secondaryKey"] = stale["primaryKey"][::-1]
+            spec["_ledger"] = [(sid, stale["secondaryKey"] if sid == "stale" else v, age)
+                               for sid, v, age in spec["_ledger"]]  # fmt: skip
         specs[rule] = spec
     fragment, ids = fragment_for(specs, twin.subscription_id)
     [group] = fragment["subscriptions"][0]["resource_groups"]
+    for secret in group["key_vaults"][0]["secrets"]:
+        if secret["name"].endswith("--stale"):
+            secret["tags"]["apim-key-slot"] = "secondary"
     if "KEY-001" in ids:
         rows = [
             {"ago": "29.9d", "ApimSubscriptionId": "orders-mobile"},

@@ -24,7 +24,7 @@ from handlers.events import (
     service_of,
 )
 from handlers.reconcile import ReconcileRequest, ReconcileResult
-from handlers.rotate_keys import RotationOutcome, RotationRequest, rotation_requested
+from handlers.rotate_keys import RotationDeps, RotationOutcome, RotationRequest, event_rotator
 from shared.errors import OutOfScopeError, PermanentError, TransientError
 from shared.identity import token_object_id
 from shared.journal import TriggerKind
@@ -94,7 +94,7 @@ class Fakes:
 
     async def rotate(self, request: RotationRequest) -> RotationOutcome:
         self.rotations.append(request)
-        return await rotation_requested(request)
+        return RotationOutcome("done", "rotated (recorded by the fake)")
 
     def deps(self, groups: frozenset[str] = frozenset()) -> EventsDeps:
         return EventsDeps(
@@ -265,19 +265,34 @@ async def test_a_coalesced_reconcile_is_reported_as_such() -> None:
         "Microsoft.ApiManagement.GatewayTokenNearExpiry",
     ],
 )
-async def test_rotation_events_reach_the_stub_which_says_it_is_not_built(
-    kind: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_rotation_events_reach_the_rotation_route_with_their_data(kind: str) -> None:
     fakes = Fakes()
-    caplog.set_level(logging.WARNING, logger="apim_remediator.rotate_keys")
     event = GridEvent("kv-1", kind, "apim-key-1", "/subscriptions/s/vaults/kv", AT, {"ObjectName": "apim-key-1"})
     outcome = await handle_event(event, fakes.deps())
-    assert outcome.status is EventStatus.ROTATION_NOT_BUILT
-    assert [r.event_type for r in fakes.rotations] == [kind]
+    assert outcome.status is EventStatus.ROTATION
+    assert outcome.detail == "done: rotated (recorded by the fake)"
+    [request] = fakes.rotations
+    assert (request.event_type, request.subject, dict(request.data)) == (
+        kind,
+        "apim-key-1",
+        {"ObjectName": "apim-key-1"},
+    )
     assert fakes.reconciles == []
-    [record] = [r for r in caplog.records if getattr(r, "event", "") == "rotation.not_built"]
-    assert "not built yet (issue 12)" in record.getMessage()
-    assert record.issue == "issue 12"
+
+
+async def test_gateway_token_events_say_gateways_are_not_built(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="apim_remediator.rotate_keys")
+    route = event_rotator(RotationDeps(source=None, policy=None, rotator=None))  # type: ignore[arg-type]
+    request = RotationRequest("g-1", "Microsoft.ApiManagement.GatewayTokenNearExpiry", "/gateways/gw", "/svc")
+    outcome = await route(request)
+    assert outcome.status == "gateway_not_built"
+    assert [r for r in caplog.records if getattr(r, "event", "") == "rotation.event.gateway_not_built"]
+
+
+async def test_without_a_ledger_vault_rotation_events_are_acknowledged_not_rotated() -> None:
+    route = event_rotator(RotationDeps(source=None, policy=None, rotator=None))  # type: ignore[arg-type]
+    request = RotationRequest("k-1", "Microsoft.KeyVault.SecretNearExpiry", "apim-key-1", "/vault")
+    assert (await route(request)).status == "not_configured"
 
 
 @pytest.mark.parametrize(
@@ -318,3 +333,18 @@ def test_own_object_id_comes_from_the_tokens_oid_claim() -> None:
     for bad in (jwt({"appid": "a"}), jwt({"oid": "nope"}), "opaque-token", "a.!!!.c"):
         with pytest.raises(PermanentError):
             token_object_id(bad)
+
+
+async def test_rotation_events_act_only_where_the_policy_says_remediate() -> None:
+    from shared.policy import Policy
+    from shared.rotation import Rotator
+
+    idle = Rotator(keys=None, vault=None, journal=None, locks=None)  # type: ignore[arg-type]  # never called
+    route = event_rotator(RotationDeps(source=None, policy=Policy(), rotator=idle, vault_url="https://kv"))  # type: ignore[arg-type]
+    for kind, rule in (
+        ("Microsoft.KeyVault.SecretNearExpiry", "KEY-003"),
+        ("Microsoft.ApiManagement.SubscriptionCreated", "KEY-002"),
+    ):
+        outcome = await route(RotationRequest("e-1", kind, "x", "/t"))
+        assert outcome.status == "skipped"
+        assert f"{rule} is in detect mode" in outcome.detail

@@ -109,8 +109,9 @@ def guard(resource_id: str, *checks: tuple[str, Any]) -> tuple[Expectation, ...]
 def test_registered_and_ordered() -> None:
     for rule_id in ("KEY-001", "SEC-001", "API-001", "API-003", "LOG-001", "LOG-002", "LOG-003"):
         assert rule_id in REMEDIATIONS
-    for later in ("KEY-002", "KEY-003", "KEY-004"):
-        assert later not in REMEDIATIONS  # key rotation is another issue's
+    for rotation in ("KEY-002", "KEY-003", "KEY-004"):
+        assert rotation in REMEDIATIONS  # key rotation (shared/actions/keys.py)
+    assert REMEDIATIONS["KEY-003"].depends_on == ("KEY-004",)
     assert REMEDIATIONS["SEC-001"].depends_on == ("ID-001",)
     assert REMEDIATIONS["LOG-003"].combine is True
     ordered = order_rules(["SEC-001", "ID-001", "API-001"])

@@ -34,7 +34,7 @@ def test_registry_metadata() -> None:
     assert REGISTRY["KEY-001"].severity is Severity.HIGH
     assert REGISTRY["KEY-004"].severity is Severity.HIGH
     # KEY-002/003/004 are fixed by key rotation, which arrives with its own issue.
-    assert [r for r in KEY_RULES if REGISTRY[r].remediable] == ["KEY-001"]
+    assert [r for r in KEY_RULES if REGISTRY[r].remediable] == ["KEY-001", "KEY-002", "KEY-003", "KEY-004"]
     assert REGISTRY["KEY-001"].references.azure_policy == ("3aa03346-d8c5-4994-a5bc-7652c2a2aef1",)
     assert REGISTRY["KEY-001"].defaults() == {"include_builtin": True, "unused_days": 30}
     assert REGISTRY["KEY-003"].defaults() == {"max_age_days": 90}
@@ -135,7 +135,7 @@ def test_key002_untracked_active_subscription() -> None:
     snap = with_subs(subscription("orders-mobile"), subscription("partner-x"))
     f = only(evaluate_rule("KEY-002", snap))
     assert (f.rule_id, f.resource_id) == ("KEY-002", sub_id("partner-x"))
-    assert not f.remediable
+    assert f.remediable
     assert f.evidence.actual == "(not set)"
     assert f.evidence.expected == f"a secret tagged apim-subscription-id={sub_id('partner-x')}"
     assert "partner-x" in f.message
@@ -178,7 +178,7 @@ def test_key003_old_key() -> None:
     snap = compliant(key_ledger=(tracked("orders-mobile", age_days=120),))
     f = only(evaluate_rule("KEY-003", snap))
     assert (f.rule_id, f.resource_id) == ("KEY-003", sub_id("orders-mobile"))
-    assert not f.remediable
+    assert f.remediable
     assert f.evidence.path == "keyVault.secrets['apim-good--orders-mobile'].attributes.created"
     created = (NOW - timedelta(days=120)).isoformat()
     assert f.evidence.actual == f"{created} (age 120.0 days)"
@@ -254,7 +254,7 @@ def test_key004_regenerated_out_of_band() -> None:
     f = only(evaluate_rule("KEY-004", compliant(key_hashes=(apim,))))
     assert (f.rule_id, f.resource_id) == ("KEY-004", sub_id("orders-mobile"))
     assert f.severity is Severity.HIGH
-    assert not f.remediable
+    assert f.remediable
     assert f.evidence.path == "keyVault.secrets['apim-good--orders-mobile'].value"
     assert f.evidence.actual == "matches neither APIM key (apim-key-slot=primary)"
     assert f.evidence.expected == "matches APIM's primary key"
