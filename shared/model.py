@@ -163,6 +163,8 @@ class Product:
     state: str | None
     subscription_required: bool | None
     api_ids: tuple[str, ...] = ()  # names of the APIs in the product
+    approval_required: bool | None = None  # approvalRequired: subscriptions wait for an administrator
+    subscriptions_limit: int | None = None  # subscriptionsLimit per user; None = unlimited
 
 
 class PolicyScope(StrEnum):

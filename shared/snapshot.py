@@ -246,6 +246,8 @@ def map_product(model: apim_models.ProductContract, apis: Iterable[apim_models.A
         state=text(model.state),
         subscription_required=model.subscription_required,
         api_ids=tuple(a.name or "" for a in apis),
+        approval_required=model.approval_required,
+        subscriptions_limit=model.subscriptions_limit,
     )
 
 

@@ -78,7 +78,7 @@ def problems(text: str, today: date = TODAY) -> list[str]:
 
 
 QUOTE = " (YAML reads it as a non-string: quote it)"
-TOP_KEYS = "version, scope, defaults, rules, exemptions, limits, tag_exemptions"
+TOP_KEYS = "version, scope, defaults, rules, exemptions, limits, tag_exemptions, custom_rules"
 
 
 def known() -> str:
