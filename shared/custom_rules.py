@@ -369,6 +369,22 @@ KINDS: dict[str, Kind] = {
         policy_chains=_policy_document_chain,
         own_document=True,
     ),
+    "certificates": Kind(
+        name="certificates",
+        label="certificate",
+        parts=("certificates",),
+        items=lambda s: s.certificates,
+        resource_id=lambda s, i: i.id,
+        display=lambda i: i.name,
+        fields={
+            "name": Field(FieldType.STRING, _attr("name")),
+            "subject": Field(FieldType.STRING, _attr("subject")),
+            "thumbprint": Field(FieldType.STRING, _attr("thumbprint")),
+            "expirationDate": Field(FieldType.DATE, _attr("expiration_date")),
+            "keyVault.secretIdentifier": Field(FieldType.STRING, _attr("key_vault_secret_id")),
+            "keyVault.lastStatus.code": Field(FieldType.STRING, _attr("key_vault_last_status_code")),
+        },
+    ),
 }
 
 # Kinds the issue names that the snapshot does not read yet: refused at load with a reason.

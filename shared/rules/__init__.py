@@ -175,7 +175,7 @@ def evaluate_rule(rule_id: str, snapshot: Snapshot, params: Mapping[str, Any] | 
 
 def _load_families() -> None:
     # Each family module registers its rules on import.
-    from shared.rules import api, identity, keys, logs, mgmt, named_values, network, tls  # noqa: F401
+    from shared.rules import api, certs, identity, keys, logs, mgmt, named_values, network, tls  # noqa: F401
 
 
 _load_families()
