@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from shared.evidence import safe_target
 from shared.model import Api, Finding, PolicyScope, Severity, Snapshot
 from shared.rules import References, Rule
 from shared.rules._policy_xml import SECTIONS, PolicyDocument, PolicyXmlError, effective_section, parse_policy
@@ -139,6 +140,9 @@ class Field:
     type: FieldType
     get: Getter = field(compare=False)
     description: str = ""
+    # A URL that may carry credentials (user:password@, ?sig=...): conditions see it whole, a
+    # finding's evidence shows only scheme://host:port.
+    url: bool = False
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,7 @@ KINDS: dict[str, Kind] = {
             "path": Field(FieldType.STRING, _attr("path")),
             "protocols": Field(FieldType.LIST, _tuple("protocols")),
             "subscriptionRequired": Field(FieldType.BOOLEAN, _attr("subscription_required")),
-            "serviceUrl": Field(FieldType.STRING, _attr("service_url")),
+            "serviceUrl": Field(FieldType.STRING, _attr("service_url"), url=True),
             "type": Field(FieldType.STRING, _attr("api_type")),
             "subscriptionKeyParameterNames.header": Field(FieldType.STRING, _attr("subscription_key_header")),
             "subscriptionKeyParameterNames.query": Field(FieldType.STRING, _attr("subscription_key_query")),
@@ -318,7 +322,7 @@ KINDS: dict[str, Kind] = {
         display=lambda i: i.name,
         fields={
             "name": Field(FieldType.STRING, _attr("name")),
-            "url": Field(FieldType.STRING, _attr("url")),
+            "url": Field(FieldType.STRING, _attr("url"), url=True),
             "protocol": Field(FieldType.STRING, _attr("protocol")),
             "tls.validateCertificateChain": Field(FieldType.BOOLEAN, _attr("validate_certificate_chain")),
             "tls.validateCertificateName": Field(FieldType.BOOLEAN, _attr("validate_certificate_name")),
@@ -589,6 +593,12 @@ class CustomRule:
         holder.append(made)
         return made
 
+    def _evidence(self, name: str, value: object) -> str:
+        known = self.kind.fields.get(name)
+        if known is not None and known.url and isinstance(value, str):
+            return safe_target(value)  # never userinfo, path or query: they may carry secrets
+        return _shown(value)
+
     def findings(self, rule: Rule, snapshot: Snapshot) -> list[Finding]:
         if not all(snapshot.readable(part) for part in self.parts()):
             return []  # its input is missing: say nothing (the scan reports the part as unread)
@@ -603,7 +613,7 @@ class CustomRule:
                     continue
                 if holds(self.require, values, now):
                     continue
-                actual = ", ".join(f"{name}={_shown(values.get(name))}" for name in fields)
+                actual = ", ".join(f"{name}={self._evidence(name, values.get(name))}" for name in fields)
             except _Unknown:
                 continue
             out.append(
@@ -620,6 +630,7 @@ class CustomRule:
 
 
 def _shown(value: object) -> str:
+    """A field value as evidence text (for URL fields see `CustomRule._evidence`)."""
     if value is None:
         return "(not set)"
     if isinstance(value, bool):

@@ -484,3 +484,19 @@ def test_the_docs_custom_rule_examples_load_and_run() -> None:
         ("X-NAME-001", "legacy", False),
         ("X-LOG-001", "applicationinsights", False),
     }
+
+
+def test_a_url_in_the_evidence_shows_only_scheme_host_and_port() -> None:
+    """Backend and API URLs may carry credentials or a SAS: the condition sees the whole URL,
+    the finding only scheme://host:port."""
+    canary = "CANARY5e1"
+    snapshot = estate()
+    leaky = replace(snapshot.backends[1], url=f"http://svc:{canary}@legacy.internal.example:8080/x?sig={canary}")
+    snapshot = replace(snapshot, backends=(snapshot.backends[0], leaky))
+    policy = load(
+        "version: 1\ncustom_rules:\n"
+        + rule_yaml("X-BE-001", "backends", 'require: {not: {field: url, regex: "[?&]sig="}}')
+    )
+    [finding] = [f for f in evaluate(snapshot, policy, today=TODAY).findings if f.rule_id == "X-BE-001"]
+    assert finding.evidence.actual == "url=http://legacy.internal.example:8080"
+    assert canary not in repr(finding)
