@@ -18,6 +18,7 @@ from handlers import cli
 from shared.evaluation import evaluate
 from shared.model import (
     Api,
+    ApimCertificate,
     ApimDiagnostic,
     Backend,
     Logger,
@@ -181,6 +182,24 @@ def estate() -> Snapshot:
         backends=backends,
         apim_diagnostics=diagnostics,
         loggers=loggers,
+        certificates=(
+            ApimCertificate(
+                id=f"{SERVICE_ID}/certificates/mtls",
+                name="mtls",
+                subject="CN=mtls",
+                thumbprint="AB" * 20,
+                expiration_date=NOW + timedelta(days=10),
+                key_vault_secret_id="https://kv.vault.azure.net/secrets/mtls",
+                key_vault_last_status_code="Success",
+            ),
+            ApimCertificate(
+                id=f"{SERVICE_ID}/certificates/uploaded",
+                name="uploaded",
+                subject="CN=uploaded",
+                thumbprint="CD" * 20,
+                expiration_date=NOW + timedelta(days=300),
+            ),
+        ),
     )
 
 
@@ -246,6 +265,13 @@ CASES = [
     ),
     ("X-LOG-001", "loggers", "require: {field: loggerType, in: [azureMonitor, applicationInsights]}", {"hub"}),
     ("X-TAG-001", "service", "require: {field: tags, contains: owner}", {"apim-good"}),
+    (
+        "X-CERT-001",
+        "certificates",
+        "require:\n  all:\n    - {field: keyVault.secretIdentifier, present: true}\n"
+        "    - {not: {field: expirationDate, within-days: 30}}",
+        {"mtls", "uploaded"},
+    ),
 ]
 
 
@@ -273,7 +299,7 @@ def test_every_operator_and_kind_fires_exactly_where_it_should() -> None:
     operators |= {"older-than-days", "newer-than-days", "within-days", "contains", "all", "any", "not"}
     assert all(re.search(rf"\b{re.escape(op)}\b:", text) for op in operators)
     kinds = {"service", "apis", "products", "subscriptions", "named_values", "backends", "diagnostics"}
-    assert {kind for _, kind, _, _ in CASES} == kinds | {"loggers", "policies"}
+    assert {kind for _, kind, _, _ in CASES} == kinds | {"loggers", "policies", "certificates"}
 
 
 def test_a_finding_names_the_resource_the_fields_and_the_condition() -> None:
