@@ -42,6 +42,7 @@ def _expiry(
     path: str,
     resource_id: str | None,
     entry: str,
+    remediable: bool = False,
 ) -> Finding | None:
     """A finding when `expiry` is past or within `days` of the snapshot; None otherwise."""
     if expiry is None:
@@ -58,6 +59,7 @@ def _expiry(
             resource_id=resource_id,
             severity=Severity.HIGH,
             entry=entry,
+            remediable=remediable,
         )
     if expiry < now + timedelta(days=days):
         left = (expiry - now).days
@@ -70,6 +72,7 @@ def _expiry(
             resource_id=resource_id,
             severity=Severity.MEDIUM,
             entry=entry,
+            remediable=remediable,
         )
     return None
 
@@ -174,11 +177,16 @@ def ca_certificates(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -
         "(mutual TLS). When one expires, the backend refuses the gateway and every API behind it fails. The "
         "rule reports each certificate that has expired (high) or expires within `expiry_days` (medium), and "
         "each Key Vault-linked one whose last refresh from the vault failed (`keyVault.lastStatus`), since "
-        "APIM then keeps its previous copy. Detect only for now: renew the certificate in Key Vault (APIM "
-        "refreshes a version-less reference by itself) or upload a new one."
+        "APIM then keeps its previous copy. Remediation, for an expiring Key Vault-linked certificate that "
+        "names its secret without a version: when Key Vault holds a version created after APIM last read "
+        "the secret (evidence: the secret's version list, metadata only), ask APIM to refresh it now "
+        "(refreshSecret) and verify the read succeeded; otherwise it refuses and says to renew the "
+        "certificate in Key Vault. Uploaded certificates and failed refreshes are detect only (upload a "
+        "renewed certificate; give the instance's identity access to the vault)."
     ),
     references=References(mcsb=("DP-7", "IM-8"), docs=(CLIENT_CERT_DOC,)),
     params=[EXPIRY_DAYS],
+    remediable=True,
 )
 def client_certificates(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> list[Finding]:
     if not snapshot.readable("certificates"):
@@ -195,6 +203,7 @@ def client_certificates(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any
             path="properties.expirationDate",
             resource_id=cert.id,
             entry="",
+            remediable=bool(cert.key_vault_secret_id),  # refreshable from Key Vault; uploaded: detect only
         )
         if expiring is not None:
             found.append(expiring)
@@ -212,6 +221,7 @@ def client_certificates(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any
                     expected="Success",
                     resource_id=cert.id,
                     severity=Severity.HIGH,
+                    remediable=False,
                 )
             )
     return found

@@ -6,7 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 from twin.apim.apis import _api_props, _policy_body, store_api, validate_policy_xml
-from twin.apim.certificates import make_certificate, now_plus, service_hostnames, upsert_certificate
+from twin.apim.certificates import (
+    make_certificate,
+    now_plus,
+    read_certificate,
+    service_hostnames,
+    upsert_certificate,
+)
 from twin.apim.children import COLLECTIONS, _product_apis, upsert_child
 from twin.apim.common import (
     _ENTITY_ID,
@@ -201,11 +207,11 @@ def _seed_certificates(state: TwinState, service: Resource, value: Any, where: s
     for j, entry in enumerate(_seed_list(value, where)):
         name = _seed_id(entry, f"{where}[{j}]")
         given = {k: v for k, v in entry.items() if k not in ("id", "name")}
-        given = _seed_certificate_data(state, given, f"{where}[{j}]", "data", True)
         if isinstance(given.get("keyVault"), dict):
             # Read from Key Vault once the whole estate (vaults, role assignments) is there.
             _pending(state, "certificates")[f"{service.id}/certificates/{name}"] = (given, f"{where}[{j}]")
             continue
+        given = _seed_certificate_data(state, given, f"{where}[{j}]", "data", True)
         _seed_call(f"{where}[{j}]", upsert_certificate, state, service, name, given)
 
 
@@ -215,20 +221,26 @@ def _pending(state: TwinState, what: str) -> dict[str, tuple[Any, str]]:
 
 
 def _read_seeded_certificates(state: TwinState) -> None:
-    """APIM's first read of the Key Vault-linked certificates and hostnames of the estate. A
-    status the estate states (`keyVault.lastStatus`, a hostname's `certificateStatus`) wins, as
-    for named values: the world as it is, e.g. a later sync that failed."""
+    """APIM's first read of the Key Vault-linked certificates and hostnames of the estate. What
+    the estate states wins, as for named values: the world as it is. A certificate's
+    `keyVault.lastStatus` (a later read that failed, or when APIM last read), and its copy as
+    APIM holds it (`subject` + `expires_in_days`: read before the vault got a renewed
+    version); a hostname's `certificateStatus` (a later sync that failed)."""
     for resource_id, (given, where) in _pending(state, "certificates").items():
         service = state.store.get(resource_id.rsplit("/certificates/", 1)[0])
         assert service is not None
         vault = dict(given["keyVault"])
         stated = vault.pop("lastStatus", None)
         name = resource_id.rsplit("/", 1)[1]
-        resource, _ = _seed_call(where, upsert_certificate, state, service, name, {**given, "keyVault": vault})
+        resource, _ = _seed_call(where, upsert_certificate, state, service, name, {"keyVault": vault})
+        props = resource.body["properties"]
+        if "expires_in_days" in given:
+            copy = _seed_certificate_data(state, given, where, "data", True)
+            info = read_certificate(copy["data"], None, key_required=True)
+            props.update(subject=info["subject"], thumbprint=info["thumbprint"], expirationDate=info["expiry"])
         if stated is not None:
-            status = {"message": None, "timeStampUtc": _iso(_now(state)), **stated}
-            resource.body["properties"]["keyVault"]["lastStatus"] = status
-            state.store.put(resource.id, resource.body)
+            props["keyVault"]["lastStatus"] = {"message": None, "timeStampUtc": _iso(_now(state)), **stated}
+        state.store.put(resource.id, resource.body)
     for resource_id, (hosts, where) in _pending(state, "hostnames").items():
         service = state.store.get(resource_id)
         assert service is not None
