@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     _rotate_parser(commands)
     rules_cmd = commands.add_parser("rules", help="list the rule catalogue")
     rules_cmd.add_argument("--format", choices=["table", "markdown"], default="table")
+    rules_cmd.add_argument(
+        "--policy", metavar="FILE", help="also list this policy file's custom rules (validated as a scan would)"
+    )
     return parser
 
 
@@ -148,13 +151,17 @@ async def _rotate(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _rules(args: argparse.Namespace, out: TextIO) -> int:
+    # The policy first: a malformed custom rule is a configuration error (exit 2, file:line).
+    custom = load_policy(args.policy).custom_rules if args.policy else ()
     if args.format == "markdown":
-        out.write(render_rules_markdown())
+        out.write(render_rules_markdown())  # docs/rules.md: the catalogue, never one file's rules
         return 0
-    for rule_id in sorted(REGISTRY):
-        rule = REGISTRY[rule_id]
+    catalogue = {**REGISTRY, **{r.id: r for r in custom}}
+    for rule_id in sorted(catalogue):
+        rule = catalogue[rule_id]
         fix = "fix" if rule.remediable else "detect"
-        out.write(f"{rule.id:<9} {rule.severity.value:<8} {fix:<6} {rule.title}\n")
+        origin = "  (custom)" if rule_id not in REGISTRY else ""
+        out.write(f"{rule.id:<9} {rule.severity.value:<8} {fix:<6} {rule.title}{origin}\n")
     return 0
 
 

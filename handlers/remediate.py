@@ -32,13 +32,16 @@ Azure actions: those of the scan (handlers/scan.py) plus, when remediating
     Microsoft.ApiManagement/service/backends/write
     Microsoft.ApiManagement/service/loggers/write
     Microsoft.ApiManagement/service/diagnostics/write
+    Microsoft.ApiManagement/service/certificates/refreshSecret/action
     Microsoft.Insights/diagnosticSettings/write
     Microsoft.OperationalInsights/workspaces/sharedKeys/action
     Microsoft.OperationalInsights/workspaces/read
     Microsoft.OperationalInsights/workspaces/query/read
 (sharedKeys/action on LOG-001's destination workspace: ARM's linked check on a diagnostic
 setting, else LinkedAuthorizationFailed; the last two are reads for KEY-001's evidence:
-whether gateway logs show the key unused; API-003's evidence is a TLS handshake to the backend, no Azure action)
+whether gateway logs show the key unused; API-003's evidence is a TLS handshake to the backend, no Azure action;
+CERT-003's evidence lists the versions of the certificate's Key Vault secret: the data action
+vaults/secrets/readMetadata/action on that vault, in "Key Vault Secrets User" or "Key Vault Reader")
 and "Key Vault Secrets Officer" on the product's vault (SEC-001); Storage Table Data
 Contributor and Blob Data Contributor on the product's own storage account (main.bicep).
 """

@@ -125,4 +125,5 @@ async def scan(
         finished=datetime.now(UTC),
         policy_file=policy_file,
         instances=tuple(sorted(results, key=lambda r: r.instance_id.lower())),
+        custom_rules=policy.custom_rules,
     )

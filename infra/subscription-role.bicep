@@ -41,6 +41,8 @@ var writeActions = [
   'Microsoft.ApiManagement/service/backends/write'
   'Microsoft.ApiManagement/service/loggers/write'
   'Microsoft.ApiManagement/service/diagnostics/write'
+  // CERT-003: APIM re-reads a Key Vault-linked certificate the vault has renewed.
+  'Microsoft.ApiManagement/service/certificates/refreshSecret/action'
   'Microsoft.Insights/diagnosticSettings/write'
   // LOG-001 sends gateway logs to a workspace: ARM's linked check on a diagnostic setting
   // requires this on the destination workspace, or the PUT fails LinkedAuthorizationFailed.

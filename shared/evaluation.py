@@ -19,7 +19,6 @@ from datetime import date
 from shared.errors import RuleError
 from shared.model import Finding, Mode, RuleFailure, Snapshot
 from shared.policy import Policy
-from shared.rules import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,11 @@ def evaluate(snapshot: Snapshot, policy: Policy, *, today: date) -> Evaluation:
     findings: list[Finding] = []
     failures: list[RuleFailure] = []
     tags = dict(snapshot.service.tags)
-    for rule_id in sorted(REGISTRY):
+    catalogue = policy.catalogue()  # the registry's rules and the policy file's custom rules
+    for rule_id in sorted(catalogue):
         if policy.mode_of(rule_id) is Mode.OFF:
             continue
-        rule = REGISTRY[rule_id]
+        rule = catalogue[rule_id]
         try:
             found = rule.evaluate(snapshot, policy.params_of(rule_id))
         except Exception as error:  # contained and reported (RuleFailure), never swallowed

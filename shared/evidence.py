@@ -50,11 +50,31 @@ class TlsProbe:
 
 
 @dataclass(frozen=True)
+class VaultVersion:
+    """What Key Vault holds for one Key Vault-linked APIM certificate (CERT-003): when its
+    newest enabled version was created. Metadata only: the certificate itself is never read.
+
+    `missing` says why it is unknown (no access, no such secret, a pinned version, ...); when
+    it is set nothing is proven.
+    """
+
+    certificate_id: str  # the APIM certificate's ARM id
+    secret_id: str  # keyVault.secretIdentifier as the certificate names it
+    newest_created: datetime | None = None
+    missing: str | None = None
+
+
+@dataclass(frozen=True)
 class PlanEvidence:
     """Evidence gathered for one run's chosen findings (empty: nothing was gathered)."""
 
     key_usage: tuple[KeyUsage, ...] = ()
     tls_probes: tuple[TlsProbe, ...] = ()
+    vault_versions: tuple[VaultVersion, ...] = ()
+
+    def vault_version_of(self, certificate_id: str) -> VaultVersion | None:
+        wanted = certificate_id.strip().lower()
+        return next((v for v in self.vault_versions if v.certificate_id.strip().lower() == wanted), None)
 
     def usage_of(self, subscription_id: str) -> KeyUsage | None:
         wanted = subscription_id.strip().lower()

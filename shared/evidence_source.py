@@ -1,5 +1,10 @@
 """The production `EvidenceSource`: gateway logs in Log Analytics for KEY-001, TLS handshakes
-to backends for API-003. Every client comes from the factory.
+to backends for API-003, Key Vault secret versions for CERT-003. Every client comes from
+the factory.
+
+Key Vault versions (CERT-003): the versions of the secret a Key Vault-linked certificate
+names, listed as metadata (`Microsoft.KeyVault/vaults/secrets/readMetadata/action`, in "Key
+Vault Secrets User" or "Key Vault Reader" on that vault): never the certificate itself.
 
 Key usage: the service's diagnostic settings (from the snapshot) that send GatewayLogs to a
 workspace with resource-specific tables name the workspaces; ARM gives each one's customerId
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -30,8 +36,9 @@ from shared.actions.executor import ArmApi
 from shared.armapi import AzureArm
 from shared.azure import ClientFactory
 from shared.errors import RemediatorError, error_code_and_message
-from shared.evidence import KeyUsage, PlanEvidence, TlsProbe, safe_target
-from shared.model import ApimSubscription, Backend, DiagnosticSetting, Finding, Snapshot
+from shared.evidence import KeyUsage, PlanEvidence, TlsProbe, VaultVersion, safe_target
+from shared.inventory import describe_failure
+from shared.model import ApimCertificate, ApimSubscription, Backend, DiagnosticSetting, Finding, Snapshot
 
 WORKSPACE_API_VERSION = "2023-09-01"
 DEFAULT_UNUSED_DAYS = 30  # KEY-001's parameter default
@@ -39,6 +46,8 @@ PROBE_TIMEOUT = 10.0  # seconds for connect + handshake to one backend
 QUERY_TIMEOUT = 60  # seconds the Log Analytics service may spend on one query
 # What the Log Analytics query API checks on the workspace (Azure permissions for Monitor).
 QUERY_ACTION = "Microsoft.OperationalInsights/workspaces/query/read"
+READ_METADATA_ACTION = "Microsoft.KeyVault/vaults/secrets/readMetadata/action"
+_SECRET_ID = re.compile(r"^https://([^/]+)/secrets/([^/]+)(?:/([0-9a-fA-F]{32}))?/?$")
 _GATEWAY_CATEGORIES = {"gatewaylogs"}
 _GATEWAY_GROUPS = {"alllogs"}
 # OpenSSL's X509_V_ERR_* codes a backend's certificate most often fails with.
@@ -120,7 +129,48 @@ class AzureEvidenceSource:
         days = int(params.get("KEY-001", {}).get("unused_days", DEFAULT_UNUSED_DAYS))
         usage = await self.key_usage(snapshot, subs, days) if subs else ()
         probes = await asyncio.gather(*(self.probe(b) for b in backends))
-        return PlanEvidence(key_usage=usage, tls_probes=tuple(probes))
+        cert_ids = {f.resource_id.lower() for f in findings if f.rule_id == "CERT-003" and f.remediable}
+        certs = [c for c in snapshot.certificates if c.id.lower() in cert_ids and c.key_vault_secret_id]
+        versions = await asyncio.gather(*(self.vault_version(c) for c in certs))
+        return PlanEvidence(key_usage=usage, tls_probes=tuple(probes), vault_versions=tuple(versions))
+
+    # -- CERT-003: Key Vault versions ---------------------------------------------------
+
+    async def vault_version(self, cert: ApimCertificate) -> VaultVersion:
+        """When the newest enabled version of the certificate's Key Vault secret was created."""
+        secret_id = cert.key_vault_secret_id or ""
+        match = _SECRET_ID.match(secret_id.strip())
+        if match is None:
+            return VaultVersion(cert.id, secret_id, missing="keyVault.secretIdentifier is not a Key Vault secret URL")
+        host, name, version = match.groups()
+        if version:
+            return VaultVersion(
+                cert.id,
+                secret_id,
+                missing=f"the certificate names version {version} of the secret, so APIM never takes a newer one; "
+                "point it at the secret without a version",
+            )
+        try:
+            client = self.factory.secrets_async(f"https://{host}")
+            newest: datetime | None = None
+            async for props in client.list_properties_of_secret_versions(name):
+                created = _utc(props.created_on)
+                if props.enabled is not False and created is not None and (newest is None or created > newest):
+                    newest = created
+        except RemediatorError as error:
+            return VaultVersion(cert.id, secret_id, missing=str(error))
+        except AzureError as error:
+            hint = (
+                f"; the identity needs {READ_METADATA_ACTION!r} on the vault"
+                if "403" in describe_failure(error)
+                else ""
+            )
+            return VaultVersion(
+                cert.id, secret_id, missing=f"listing the secret's versions failed ({describe_failure(error)}){hint}"
+            )
+        if newest is None:
+            return VaultVersion(cert.id, secret_id, missing="the secret has no enabled version")
+        return VaultVersion(cert.id, secret_id, newest_created=newest)
 
     # -- KEY-001: gateway logs ------------------------------------------------------------
 

@@ -55,6 +55,45 @@ class PrivateEndpointConnection:
 
 
 @dataclass(frozen=True)
+class HostnameCertificate:
+    """A custom hostname of the service (`properties.hostnameConfigurations[]`) and its certificate."""
+
+    type: str  # Proxy | Portal | Management | Scm | DeveloperPortal | ConfigurationApi
+    host_name: str
+    certificate_source: str | None = None  # Managed | KeyVault | Custom | BuiltIn
+    certificate_status: str | None = None  # Completed | Failed | InProgress
+    key_vault_id: str | None = None  # the Key Vault secret the certificate is synced from
+    expiry: datetime | None = None  # certificate.expiry
+    thumbprint: str | None = None
+    subject: str | None = None
+
+
+@dataclass(frozen=True)
+class CaCertificate:
+    """A CA certificate uploaded to the service (`properties.certificates[]`)."""
+
+    store_name: str  # CertificateAuthority | Root
+    expiry: datetime | None = None
+    thumbprint: str | None = None
+    subject: str | None = None
+
+
+@dataclass(frozen=True)
+class ApimCertificate:
+    """A certificate entity (`.../service/{name}/certificates/{id}`): backend client certificates."""
+
+    id: str
+    name: str
+    subject: str | None
+    thumbprint: str | None
+    expiration_date: datetime | None
+    key_vault_secret_id: str | None = None  # keyVault.secretIdentifier
+    key_vault_last_status_code: str | None = None  # keyVault.lastStatus.code
+    key_vault_last_status_message: str | None = None
+    key_vault_last_status_time: datetime | None = None
+
+
+@dataclass(frozen=True)
 class Service:
     """The APIM service resource (`Microsoft.ApiManagement/service`)."""
 
@@ -78,6 +117,8 @@ class Service:
     platform_version: str | None = None  # stv1 | stv2 | stv2.1 | mtv1
     created_at: str | None = None  # createdAtUtc
     provisioning_state: str | None = None
+    hostname_configurations: tuple[HostnameCertificate, ...] = ()
+    ca_certificates: tuple[CaCertificate, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -165,6 +206,8 @@ class Product:
     state: str | None
     subscription_required: bool | None
     api_ids: tuple[str, ...] = ()  # names of the APIs in the product
+    approval_required: bool | None = None  # approvalRequired: subscriptions wait for an administrator
+    subscriptions_limit: int | None = None  # subscriptionsLimit per user; None = unlimited
 
 
 class PolicyScope(StrEnum):
@@ -293,6 +336,7 @@ class Snapshot:
     key_hashes: tuple[KeyHashes, ...] = ()
     # The backup and test-restore records (part "backups"); None when not read or not configured.
     backups: BackupStatus | None = None
+    certificates: tuple[ApimCertificate, ...] = ()  # the certificates collection (backend client certificates)
     # Parts that could not be read (e.g. "diagnostic_settings: 403 AuthorizationFailed"): rules
     # whose input is missing say nothing rather than guess, and the result is partial.
     unreadable: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from shared.custom_rules import read_custom_rules
 from shared.errors import PermanentError
 from shared.model import Exemption, Mode
 from shared.rules import REGISTRY, Param, ParamValue, Rule
@@ -33,7 +34,17 @@ EXEMPT_REASON_TAG = "apim-remediator-exempt-reason"
 DEFAULT_MAX_WRITES_PER_RUN = 20
 FORMAT_VERSION = 1
 
-_TOP_KEYS = ("version", "scope", "defaults", "rules", "exemptions", "limits", "tag_exemptions", "backups")
+_TOP_KEYS = (
+    "version",
+    "scope",
+    "defaults",
+    "rules",
+    "exemptions",
+    "limits",
+    "tag_exemptions",
+    "backups",
+    "custom_rules",
+)
 _BACKUP_KEYS = ("every_hours", "retention", "restore_tests")
 _RETENTION_KEYS = ("keep_last", "max_age_days")
 _RESTORE_TEST_KEYS = ("every_days", "targets")
@@ -181,15 +192,30 @@ class Policy:
     max_writes_per_run: int = DEFAULT_MAX_WRITES_PER_RUN
     tag_exemptions: bool = True
     backups: BackupPolicy = field(default_factory=BackupPolicy)
+    # The file's `custom_rules:` (shared.custom_rules), as rules like the catalogue's: detect only.
+    custom_rules: tuple[Rule, ...] = ()
+
+    def rule(self, rule_id: str) -> Rule:
+        """A catalogue rule or one of this policy's custom rules. KeyError for an unknown rule."""
+        if rule_id in REGISTRY:
+            return REGISTRY[rule_id]
+        for custom in self.custom_rules:
+            if custom.id == rule_id:
+                return custom
+        raise KeyError(rule_id)
+
+    def catalogue(self) -> dict[str, Rule]:
+        """Every rule this policy can run, by id: the registry's and the file's own."""
+        return {**REGISTRY, **{r.id: r for r in self.custom_rules}}
 
     def mode_of(self, rule_id: str) -> Mode:
         """The rule's mode: its own entry, else `defaults.mode`. KeyError for an unknown rule."""
-        known = REGISTRY[rule_id]
+        known = self.rule(rule_id)
         return self.modes.get(known.id, self.default_mode)
 
     def params_of(self, rule_id: str) -> Mapping[str, ParamValue]:
         """The rule's parameters: its defaults overridden by the policy. KeyError for an unknown rule."""
-        values = REGISTRY[rule_id].defaults()
+        values = self.rule(rule_id).defaults()
         values.update(self.overrides.get(rule_id, {}))
         return _frozen(values)
 
@@ -218,7 +244,7 @@ class Policy:
         """`tag_problems(tags)`, plus a note when this policy ignores the exemption tag."""
         if not self.tag_exemptions and _tag_value(tags, EXEMPT_TAG) is not None:
             return [f"tag {EXEMPT_TAG} is ignored: the policy sets tag_exemptions: false"]
-        return tag_problems(tags)
+        return tag_problems(tags, extra_ids=[r.id for r in self.custom_rules])
 
     def in_scope(self, subscription_id: str, resource_group: str, tags: Mapping[str, str]) -> bool:
         """Whether the policy's scope admits an instance (the settings' scope is checked separately)."""
@@ -237,7 +263,7 @@ def _split_tag(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def tag_problems(tags: Mapping[str, str]) -> list[str]:
+def tag_problems(tags: Mapping[str, str], extra_ids: Iterable[str] = ()) -> list[str]:
     """What is wrong with an instance's exemption tag (unknown rule ids), for the scan to print.
 
     `exemption_for` never fails on a bad tag: it ignores entries it does not know.
@@ -248,7 +274,7 @@ def tag_problems(tags: Mapping[str, str]) -> list[str]:
     entries = _split_tag(listed)
     if not entries:
         return [f"tag {EXEMPT_TAG} is empty; expected rule ids separated by commas, or *"]
-    known = {rid.lower() for rid in REGISTRY}
+    known = {rid.lower() for rid in (*REGISTRY, *extra_ids)}
     problems = []
     for entry in entries:
         if entry != "*" and entry.lower() not in known:
@@ -310,6 +336,7 @@ class _Reader:
         self.source = source
         self.today = today
         self.problems: list[PolicyProblem] = []
+        self.custom: dict[str, Rule] = {}  # the file's custom rules, read before rules and exemptions
         self._constructor = yaml.constructor.SafeConstructor()
 
     # -- plumbing
@@ -424,6 +451,9 @@ class _Reader:
                     entries["version"][1], "version", f"unsupported version {_raw(entries['version'][1])}; allowed: 1"
                 )
 
+        if "custom_rules" in entries and not _is_null(entries["custom_rules"][1]):
+            found = read_custom_rules(self, entries["custom_rules"][1], REGISTRY)
+            self.custom = {c.id: c.as_rule() for c in found}
         default_mode = Mode.DETECT
         if "defaults" in entries and not _is_null(entries["defaults"][1]):
             default_mode = self.defaults(entries["defaults"][1])
@@ -462,6 +492,7 @@ class _Reader:
             max_writes_per_run=max_writes,
             tag_exemptions=tag_exemptions,
             backups=backups,
+            custom_rules=tuple(self.custom.values()),
         )
 
     def count(self, node: yaml.Node, key: str, low: int, high: int) -> int | None:
@@ -554,7 +585,7 @@ class _Reader:
     def rules(self, node: yaml.Node, modes: dict[str, Mode], overrides: dict[str, dict[str, ParamValue]]) -> None:
         for rule_id, key_node, value in self.mapping(node, "rules", None):
             key = f"rules.{rule_id}"
-            known = REGISTRY.get(rule_id)
+            known = REGISTRY.get(rule_id) or self.custom.get(rule_id)
             if known is None:
                 self.problem(key_node, key, f"unknown rule id{_suggest(rule_id)}; known: {_known_ids()}")
                 continue
@@ -663,7 +694,7 @@ class _Reader:
         expires: date | None = None
         if "rule" in entries:
             rule_id = self.string(entries["rule"], f"{key}.rule", "a rule id or *")
-            if rule_id is not None and rule_id != "*" and rule_id not in REGISTRY:
+            if rule_id is not None and rule_id != "*" and rule_id not in REGISTRY and rule_id not in self.custom:
                 self.problem(
                     entries["rule"], f"{key}.rule", f"unknown rule id{_suggest(rule_id)}; known: *, {_known_ids()}"
                 )

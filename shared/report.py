@@ -12,7 +12,7 @@ from typing import Any
 
 from shared import __version__
 from shared.model import Finding, RuleFailure, Severity
-from shared.rules import REGISTRY
+from shared.rules import REGISTRY, Rule
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 _SARIF_LEVEL = {
@@ -49,6 +49,12 @@ class ScanReport:
     finished: datetime
     policy_file: str
     instances: tuple[InstanceResult, ...] = field(default_factory=tuple)
+    # The policy file's custom rules (shared.custom_rules): SARIF describes them with the catalogue.
+    custom_rules: tuple[Rule, ...] = ()
+
+    def catalogue(self) -> dict[str, Rule]:
+        """Every rule the scan could run: the registry's and the policy's custom rules."""
+        return {**REGISTRY, **{r.id: r for r in self.custom_rules}}
 
     @property
     def findings(self) -> list[Finding]:
@@ -161,10 +167,11 @@ def render_json(report: ScanReport) -> str:
     return json.dumps(body, indent=2) + "\n"
 
 
-def _sarif_rule(rule_id: str) -> dict[str, Any]:
-    rule = REGISTRY[rule_id]
+def _sarif_rule(rule: Rule) -> dict[str, Any]:
     refs = rule.references
     tags = ["security", "azure", "api-management", *refs.owasp_api, *refs.mcsb]
+    if rule.id not in REGISTRY:
+        tags.append("custom")  # defined in the operator's policy file, not in the catalogue
     help_lines = [rule.rationale]
     if refs.azure_policy:
         help_lines.append("Azure Policy: " + ", ".join(refs.azure_policy))
@@ -186,8 +193,9 @@ def _sarif_rule(rule_id: str) -> dict[str, Any]:
 
 
 def render_sarif(report: ScanReport) -> str:
-    """SARIF 2.1.0: every catalogue rule, one result per finding at its resource id."""
-    rule_ids = sorted(REGISTRY)
+    """SARIF 2.1.0: every catalogue rule (and custom rule), one result per finding at its resource id."""
+    catalogue = report.catalogue()
+    rule_ids = sorted(catalogue)
     index = {rule_id: i for i, rule_id in enumerate(rule_ids)}
     results = []
     for f in _sorted(report.findings):
@@ -237,7 +245,7 @@ def render_sarif(report: ScanReport) -> str:
             "driver": {
                 "name": "apim-remediator",
                 "version": __version__,
-                "rules": [_sarif_rule(rule_id) for rule_id in rule_ids],
+                "rules": [_sarif_rule(catalogue[rule_id]) for rule_id in rule_ids],
             }
         },
         "invocations": [

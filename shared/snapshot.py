@@ -10,7 +10,7 @@ key ledger and key hashes without APIMR_KEY_VAULT_URL) is named in
 
 Part names are the snapshot's field names: subscriptions, tenant_access, git_access, portal,
 identity_providers, named_values, apis, backends, products, policies, apim_diagnostics,
-loggers, diagnostic_settings, key_ledger, key_hashes.
+loggers, diagnostic_settings, key_ledger, key_hashes, certificates.
 
 Secrets never enter the snapshot, the log or an exception: named values are listed (never
 `listValue`); Key Vault values of the key ledger and APIM keys (`listSecrets`, only for
@@ -46,11 +46,14 @@ from shared.inventory import InstanceRef, describe_failure
 from shared.model import (
     AccessSetting,
     Api,
+    ApimCertificate,
     ApimDiagnostic,
     ApimSubscription,
     Backend,
+    CaCertificate,
     DiagnosticLog,
     DiagnosticSetting,
+    HostnameCertificate,
     IdentityProvider,
     KeyHashes,
     Logger,
@@ -138,6 +141,49 @@ def map_service(model: apim_models.ApiManagementServiceResource, ref: InstanceRe
         platform_version=text(model.platform_version),
         created_at=created.isoformat() if created is not None else None,
         provisioning_state=model.provisioning_state,
+        hostname_configurations=tuple(map_hostname(h) for h in model.hostname_configurations or ()),
+        ca_certificates=tuple(map_ca_certificate(c) for c in model.certificates or ()),
+    )
+
+
+def map_hostname(model: apim_models.HostnameConfiguration) -> HostnameCertificate:
+    """Never encodedCertificate or certificatePassword (write-only in Azure; dropped if sent)."""
+    info = model.certificate
+    return HostnameCertificate(
+        type=text(model.type) or "",
+        host_name=model.host_name or "",
+        certificate_source=text(model.certificate_source),
+        certificate_status=text(model.certificate_status),
+        key_vault_id=model.key_vault_id,
+        expiry=utc(info.expiry) if info is not None else None,
+        thumbprint=info.thumbprint if info is not None else None,
+        subject=info.subject if info is not None else None,
+    )
+
+
+def map_ca_certificate(model: apim_models.CertificateConfiguration) -> CaCertificate:
+    info = model.certificate
+    return CaCertificate(
+        store_name=text(model.store_name) or "",
+        expiry=utc(info.expiry) if info is not None else None,
+        thumbprint=info.thumbprint if info is not None else None,
+        subject=info.subject if info is not None else None,
+    )
+
+
+def map_certificate(model: apim_models.CertificateContract) -> ApimCertificate:
+    vault = model.key_vault
+    status = vault.last_status if vault is not None else None
+    return ApimCertificate(
+        id=model.id or "",
+        name=model.name or "",
+        subject=model.subject,
+        thumbprint=model.thumbprint,
+        expiration_date=utc(model.expiration_date),
+        key_vault_secret_id=vault.secret_identifier if vault is not None else None,
+        key_vault_last_status_code=status.code if status is not None else None,
+        key_vault_last_status_message=status.message if status is not None else None,
+        key_vault_last_status_time=utc(status.time_stamp_utc) if status is not None else None,
     )
 
 
@@ -246,6 +292,8 @@ def map_product(model: apim_models.ProductContract, apis: Iterable[apim_models.A
         state=text(model.state),
         subscription_required=model.subscription_required,
         api_ids=tuple(a.name or "" for a in apis),
+        approval_required=model.approval_required,
+        subscriptions_limit=model.subscriptions_limit,
     )
 
 
@@ -472,6 +520,14 @@ class _Reader:
         )
         return tuple(map_diagnostic(m) for m in found or ())
 
+    async def certificates(self) -> tuple[ApimCertificate, ...]:
+        found = await self.read(
+            "certificates",
+            "certificates",
+            lambda: _all(self.apim.certificate.list_by_service(self.rg, self.name)),
+        )
+        return tuple(map_certificate(m) for m in found or ())
+
     async def loggers(self) -> tuple[Logger, ...]:
         found = await self.read(
             "loggers", "loggers", lambda: _all(self.apim.logger.list_by_service(self.rg, self.name))
@@ -651,6 +707,7 @@ async def read_snapshot(
             service_policy = group.create_task(reader.service_policy())
             apim_diagnostics = group.create_task(reader.apim_diagnostics())
             loggers = group.create_task(reader.loggers())
+            certificates = group.create_task(reader.certificates())
             diagnostic_settings = group.create_task(reader.diagnostic_settings())
             ledger = group.create_task(reader.key_ledger(key_vault_url))
             key_hashes = group.create_task(reader.key_hashes(subscriptions, ledger))
@@ -679,6 +736,7 @@ async def read_snapshot(
         diagnostic_settings=diagnostic_settings.result(),
         key_ledger=align_ledger(ledger.result() or (), subscriptions.result() or ()),
         key_hashes=key_hashes.result(),
+        certificates=certificates.result(),
         unreadable=tuple(sorted(reader.failures.values())),
         not_configured=tuple(sorted(reader.not_configured.values())),
     )

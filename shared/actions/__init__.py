@@ -273,6 +273,7 @@ def order_rules(rule_ids: Sequence[str]) -> list[str]:
 
 
 def _load_modules() -> None:
+    import shared.actions.certificates
     import shared.actions.keys
     import shared.actions.service_settings
     import shared.actions.sub_resources  # noqa: F401

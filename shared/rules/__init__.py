@@ -182,6 +182,7 @@ def _load_families() -> None:
     from shared.rules import (  # noqa: F401
         api,
         backup,
+        certs,
         identity,
         keys,
         logs,

@@ -14,12 +14,14 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import TwinHandle
+from twin.apim.certificates import make_certificate
 
 pytestmark = pytest.mark.integration
 
@@ -219,6 +221,24 @@ def drift(rule_id: str, spec: dict[str, Any]) -> None:
         spec["diagnostics"] = []
     elif rule_id == "LOG-003":
         spec["diagnostics"][0]["frontend"]["request"]["headers"] = ["User-Agent", "ocp-apim-subscription-key"]
+    elif rule_id == "CERT-003":
+        # A Key Vault-linked backend client certificate: APIM's copy, read two days ago, expires
+        # in 10 days; the vault has held a renewed certificate since yesterday.
+        secret = f"{spec['name']}-mtls"
+        read_at = (datetime.now(UTC) - timedelta(days=2)).isoformat().replace("+00:00", "Z")
+        spec["certificates"] = [
+            {
+                "id": "backend-mtls",
+                "subject": "backend-mtls.contoso.example",
+                "expires_in_days": 10,
+                "keyVault": {
+                    "secretIdentifier": f"https://{VAULT}.vault.azure.net/secrets/{secret}",
+                    "lastStatus": {"code": "Success", "timeStampUtc": read_at},
+                },
+            }
+        ]
+        renewed = make_certificate("backend-mtls.contoso.example", datetime.now(UTC) + timedelta(days=400))
+        spec["_vault_secrets"] = [{"name": secret, "value": renewed, "created_days_ago": 1}]
     else:
         raise AssertionError(f"no drift recipe for {rule_id}")
 
@@ -272,6 +292,7 @@ def fragment_for(specs: dict[str, dict[str, Any]], sub_id: str) -> tuple[dict[st
                     "tags": {"apim-subscription-id": f"{ids[label]}/subscriptions/{sid}", "apim-key-slot": "primary"},
                 }
             )
+        secrets.extend(spec.pop("_vault_secrets", []))
         if spec.pop("_diagnostic_setting"):
             settings.append(
                 {

@@ -64,6 +64,7 @@ USED_BY: dict[str, str] = {
     "Microsoft.ApiManagement/service/backends/write": "API-003",
     "Microsoft.ApiManagement/service/loggers/write": "LOG-002",
     "Microsoft.ApiManagement/service/diagnostics/write": "LOG-003",
+    "Microsoft.ApiManagement/service/certificates/refreshSecret/action": "CERT-003",
     "Microsoft.Insights/diagnosticSettings/write": "LOG-001",
     "Microsoft.OperationalInsights/workspaces/sharedKeys/action": "LOG-001",
     "Microsoft.OperationalInsights/workspaces/read": "KEY-001",
@@ -93,6 +94,10 @@ def seed(twin: TwinHandle, rules: list[str], backend_port: int, actions: tuple[s
     """One drifted instance per rule (fresh names: the journal in Azurite outlives a reset),
     gateway logs that show KEY-001's key unused, and the principal with a role of `actions`."""
     suffix = uuid.uuid4().hex[:6]
+    if "CERT-003" in rules and f"vault:{VAULT}" not in twin.urls:
+        # The vault's own URL (its port) exists once the vault does: CERT-003's certificate names it.
+        vault_only = {"name": RG, "location": "westeurope", "key_vaults": [{"name": VAULT, "secrets": []}]}
+        twin.seed({"subscriptions": [{"id": twin.subscription_id, "resource_groups": [vault_only]}]})
     specs = {}
     for rule in rules:
         spec = compliant(f"lp-{rule.lower()}-{suffix}", twin.subscription_id)
@@ -107,6 +112,11 @@ def seed(twin: TwinHandle, rules: list[str], backend_port: int, actions: tuple[s
             stale["secondaryKey"] = stale["primaryKey"][::-1]
             spec["_ledger"] = [(sid, stale["secondaryKey"] if sid == "stale" else v, age)
                                for sid, v, age in spec["_ledger"]]  # fmt: skip
+        if rule == "CERT-003":
+            # The product lists the secret's versions (its evidence) at the vault's own URL.
+            for cert in spec["certificates"]:
+                name = cert["keyVault"]["secretIdentifier"].rsplit("/", 1)[1]
+                cert["keyVault"]["secretIdentifier"] = f"{twin.urls[f'vault:{VAULT}']}/secrets/{name}"
         specs[rule] = spec
     fragment, ids = fragment_for(specs, twin.subscription_id)
     [group] = fragment["subscriptions"][0]["resource_groups"]

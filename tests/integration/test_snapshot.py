@@ -500,12 +500,13 @@ async def test_a_scan_reads_each_page_and_each_sub_resource_once(twin: TwinHandl
         "/apis/orders/policies/policy",
         "/diagnostics",
         "/loggers",
+        "/certificates",
         "/providers/Microsoft.Insights/diagnosticSettings",
         "/subscriptions/tracked-a/listSecrets",
     ):
         assert paths[part] == 1, part
     assert paths["/subscriptions"] == 2
-    assert len(entries) == 1 + 19 + 2
+    assert len(entries) == 1 + 20 + 2
 
 
 async def test_no_key_vault_url_is_not_configured_not_a_failed_read(twin: TwinHandle) -> None:

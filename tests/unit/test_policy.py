@@ -78,7 +78,7 @@ def problems(text: str, today: date = TODAY) -> list[str]:
 
 
 QUOTE = " (YAML reads it as a non-string: quote it)"
-TOP_KEYS = "version, scope, defaults, rules, exemptions, limits, tag_exemptions, backups"
+TOP_KEYS = "version, scope, defaults, rules, exemptions, limits, tag_exemptions, backups, custom_rules"
 
 
 def known() -> str:
@@ -598,6 +598,7 @@ def test_the_docs_example_loads() -> None:
     assert policy.scope.tags == (("env", "prod"),)
     assert policy.mode_of("TLS-001") is Mode.REMEDIATE
     assert policy.params_of("KEY-003")["max_age_days"] == 60
+    assert [r.id for r in policy.custom_rules] == ["X-PROD-001"]
     assert policy.params_of("MGMT-003")["min_api_version"] == "2021-08-01"
     assert policy.mode_of("NET-001") is Mode.OFF
     assert policy.params_of("THR-001")["factor"] == 10.0

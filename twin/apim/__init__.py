@@ -38,6 +38,13 @@ from twin.apim.apis import (
     validate_policy_xml,
 )
 from twin.apim.backup import backup_document, backup_service, restore_service
+from twin.apim.certificates import (
+    delete_certificate,
+    get_certificate,
+    list_certificates,
+    put_certificate,
+    refresh_certificate,
+)
 from twin.apim.children import (
     COLLECTIONS,
     delete_child,
@@ -173,6 +180,12 @@ def setup(app: web.Application) -> None:
     route("POST", SVC + "/identityProviders/{name}/listSecrets", identity_provider_secrets)
     route("GET", SVC + "/products/{name}/apis", list_product_apis)
     route("PUT", SVC + "/products/{name}/apis/{api}", link_product_api)
+
+    route("GET", SVC + "/certificates", list_certificates)
+    route("GET", SVC + "/certificates/{name}", get_certificate)
+    route("PUT", SVC + "/certificates/{name}", put_certificate)
+    route("DELETE", SVC + "/certificates/{name}", delete_certificate)
+    route("POST", SVC + "/certificates/{name}/refreshSecret", refresh_certificate)
 
     route("GET", SVC + "/namedValues", list_named_values)
     route("GET", SVC + "/namedValues/{nv}", get_named_value)

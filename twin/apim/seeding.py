@@ -6,6 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 from twin.apim.apis import _api_props, _operation_props, _policy_body, store_api, store_operation, validate_policy_xml
+from twin.apim.certificates import (
+    make_certificate,
+    now_plus,
+    read_certificate,
+    service_hostnames,
+    upsert_certificate,
+)
 from twin.apim.children import COLLECTIONS, _product_apis, upsert_child
 from twin.apim.common import (
     _ENTITY_ID,
@@ -55,6 +62,7 @@ _SEED_KEYS = {
     "policies",
     "products",
     "users",
+    "certificates",
     "created_at",
 }
 
@@ -91,6 +99,14 @@ def _seed_service(state: TwinState, ctx: SeedContext, item: dict[str, Any], wher
         state.store.delete(resource_id)
         _drop_secrets_under(state, resource_id, include_self=True)
     props = dict(item.get("properties") or {})
+    for key, with_key in (("hostnameConfigurations", True), ("certificates", False)):
+        if isinstance(props.get(key), list):
+            props[key] = [_seed_certificate_data(state, e, f"{where}.properties.{key}[{j}]", "encodedCertificate",
+                                                 with_key) for j, e in enumerate(props[key])]  # fmt: skip
+    hosts = props.get("hostnameConfigurations")
+    if isinstance(hosts, list) and any(isinstance(h, dict) and h.get("keyVaultId") for h in hosts):
+        # Read from Key Vault once the whole estate (vaults, role assignments) is there.
+        _pending(state, "hostnames")[resource_id] = (props.pop("hostnameConfigurations"), where)
     created_at = str(item.get("created_at") or props.pop("createdAtUtc", None) or _iso(_now(state)))
     _seed_call(f"{where}.created_at", _parse_time, created_at, "created_at")
     props.setdefault("publisherEmail", item.get("publisher_email", "apim-admin@contoso.example"))
@@ -131,6 +147,7 @@ def _seed_service(state: TwinState, ctx: SeedContext, item: dict[str, Any], wher
         ("named_values", _seed_named_values),
         ("subscriptions", _seed_subscriptions),
         ("policies", _seed_policies),
+        ("certificates", _seed_certificates),
     ):
         if section in item and item[section] is not None:
             seeder(state, service, item[section], f"{where}.{section}")
@@ -170,6 +187,80 @@ def _seed_collection(segment: str) -> Callable[[TwinState, Resource, Any, str], 
             _seed_call(f"{where}[{j}]", upsert_child, state, service, coll, name, given, patch=False)
 
     return seeder
+
+
+def _seed_certificate_data(state: TwinState, entry: Any, where: str, data_key: str, with_key: bool) -> Any:
+    """An estate's shorthand for a certificate: `subject` and `expires_in_days` (the twin's clock)
+    become a real certificate in `data_key`, read afterwards as any upload is."""
+    if not isinstance(entry, dict) or "expires_in_days" not in entry:
+        return entry
+    days = entry["expires_in_days"]
+    if not isinstance(days, int | float) or isinstance(days, bool):
+        raise EstateError(f"{where}.expires_in_days: a number of days (negative: expired)")
+    subject = entry.get("subject") or entry.get("hostName") or "twin-certificate"
+    if not isinstance(subject, str):
+        raise EstateError(f"{where}.subject: text")
+    rest = {k: v for k, v in entry.items() if k not in ("expires_in_days", "subject")}
+    rest[data_key] = make_certificate(subject, now_plus(state, days), with_key=with_key)
+    return rest
+
+
+def _seed_certificates(state: TwinState, service: Resource, value: Any, where: str) -> None:
+    for j, entry in enumerate(_seed_list(value, where)):
+        name = _seed_id(entry, f"{where}[{j}]")
+        given = {k: v for k, v in entry.items() if k not in ("id", "name")}
+        if isinstance(given.get("keyVault"), dict):
+            # Read from Key Vault once the whole estate (vaults, role assignments) is there.
+            _pending(state, "certificates")[f"{service.id}/certificates/{name}"] = (given, f"{where}[{j}]")
+            continue
+        given = _seed_certificate_data(state, given, f"{where}[{j}]", "data", True)
+        _seed_call(f"{where}[{j}]", upsert_certificate, state, service, name, given)
+
+
+def _pending(state: TwinState, what: str) -> dict[str, tuple[Any, str]]:
+    found: dict[str, tuple[Any, str]] = state.extra.setdefault("apim", {}).setdefault(f"pending_{what}", {})
+    return found
+
+
+def _read_seeded_certificates(state: TwinState) -> None:
+    """APIM's first read of the Key Vault-linked certificates and hostnames of the estate. What
+    the estate states wins, as for named values: the world as it is. A certificate's
+    `keyVault.lastStatus` (a later read that failed, or when APIM last read), and its copy as
+    APIM holds it (`subject` + `expires_in_days`: read before the vault got a renewed
+    version); a hostname's `certificateStatus` (a later sync that failed)."""
+    for resource_id, (given, where) in _pending(state, "certificates").items():
+        service = state.store.get(resource_id.rsplit("/certificates/", 1)[0])
+        assert service is not None
+        vault = dict(given["keyVault"])
+        stated = vault.pop("lastStatus", None)
+        name = resource_id.rsplit("/", 1)[1]
+        resource, _ = _seed_call(where, upsert_certificate, state, service, name, {"keyVault": vault})
+        props = resource.body["properties"]
+        if "expires_in_days" in given:
+            copy = _seed_certificate_data(state, given, where, "data", True)
+            info = read_certificate(copy["data"], None, key_required=True)
+            props.update(subject=info["subject"], thumbprint=info["thumbprint"], expirationDate=info["expiry"])
+        if stated is not None:
+            props["keyVault"]["lastStatus"] = {"message": None, "timeStampUtc": _iso(_now(state)), **stated}
+        state.store.put(resource.id, resource.body)
+    for resource_id, (hosts, where) in _pending(state, "hostnames").items():
+        service = state.store.get(resource_id)
+        assert service is not None
+        stated = {j: h.get("certificateStatus") for j, h in enumerate(hosts) if isinstance(h, dict)}
+        sent = [{k: v for k, v in h.items() if k != "certificateStatus"} if isinstance(h, dict) else h for h in hosts]
+        body = service.body
+        current = body["properties"].get("hostnameConfigurations")
+        read = _seed_call(f"{where}.properties.hostnameConfigurations", service_hostnames, state, body, sent, current)
+        for j, status in stated.items():
+            if status is not None:
+                read[j]["certificateStatus"] = status
+        body["properties"]["hostnameConfigurations"] = read
+        state.store.put(resource_id, body)
+    state.extra.get("apim", {}).pop("pending_certificates", None)
+    state.extra.get("apim", {}).pop("pending_hostnames", None)
+
+
+register_finisher("apim-key-vault-certificates", _read_seeded_certificates)
 
 
 def _seed_identity_providers(state: TwinState, service: Resource, value: Any, where: str) -> None:

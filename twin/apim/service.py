@@ -14,6 +14,7 @@ from aiohttp import web
 
 from twin import arm
 from twin.apim.apis import _policy_body
+from twin.apim.certificates import service_ca_certificates, service_hostnames
 from twin.apim.common import (
     _SERVICE_NAME,
     APIM_VERSIONS,
@@ -241,9 +242,7 @@ def _service_properties(
             given["natGatewayState"], ("Enabled", "Disabled"), "properties.natGatewayState"
         )
     for passthrough in (
-        "hostnameConfigurations",
         "additionalLocations",
-        "certificates",
         "enableClientCertificate",
         "publicIpAddressId",
         "developerPortalStatus",
@@ -433,9 +432,18 @@ def _apply_service_update(
             result["identity"] = identity
     if "zones" in update:
         result["zones"] = update["zones"]
-    result["properties"] = _service_properties(
-        _props(update), result["properties"], replace=replace, created_at=created
-    )
+    given = _props(update)
+    result["properties"] = _service_properties(given, result["properties"], replace=replace, created_at=created)
+    # Certificates are read as Azure reads them (twin/apim/certificates.py); data and passwords
+    # are write-only and never kept.
+    if "hostnameConfigurations" in given:
+        result["properties"]["hostnameConfigurations"] = service_hostnames(
+            state, result, given["hostnameConfigurations"], body["properties"].get("hostnameConfigurations")
+        )
+    if "certificates" in given:
+        result["properties"]["certificates"] = service_ca_certificates(
+            given["certificates"], body["properties"].get("certificates")
+        )
     result["systemData"]["lastModifiedAt"] = _iso(_now(state))
     return result
 
