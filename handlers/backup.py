@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from handlers.job_incidents import report_backups
 from shared.backup import (
     BackupRun,
     Content,
@@ -50,6 +51,7 @@ from shared.backup import (
 )
 from shared.backup_store import new_run_id
 from shared.errors import PermanentError, TransientError
+from shared.incidents import IncidentApi
 from shared.inventory import InstanceRef
 from shared.policy import BackupPolicy
 
@@ -144,6 +146,7 @@ class BackupJobDeps:
     blobs: BackupBlobs | None
     records: BackupRecords | None
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    incidents: IncidentApi | None = None  # None: failures are only logged and recorded
 
 
 def log_failure(event: str, run: BackupRun, *, correlation_id: str) -> None:
@@ -192,8 +195,10 @@ async def run_backups(request: BackupRequest, deps: BackupJobDeps) -> BackupResu
         return BackupResult(request.correlation_id, ())
     refs = await select_instances(request.instance_ids, deps.inventory, deps.policy)
     job = _Job(request, deps, deps.azure, deps.blobs, deps.records)
-    results = [await job.one(ref) for ref in refs]
-    return BackupResult(request.correlation_id, tuple(results))
+    result = BackupResult(request.correlation_id, tuple([await job.one(ref) for ref in refs]))
+    if deps.incidents is not None:
+        await report_backups(result, deps.incidents)
+    return result
 
 
 @dataclass

@@ -245,6 +245,7 @@ class AppContext:
             azure=AzureBackupApi(self.factory, backup),
             blobs=AzureBackupBlobs(self.factory, backup),
             records=BackupStore(self.factory.table_service_async()),
+            incidents=self.incidents(),
         )
 
     def events_deps(self) -> EventsDeps:

@@ -45,6 +45,7 @@ from handlers.backup import (
     narrow,
     select_instances,
 )
+from handlers.job_incidents import report_restore_tests
 from shared.backup import (
     BackupRun,
     Manifest,
@@ -142,7 +143,10 @@ async def run_restore_tests(request: RestoreTestRequest, deps: BackupJobDeps) ->
     if not request.source_ids:
         refs = [r for r in refs if policy.restore_target_of(r.id) is not None]
     job = _Job(request, deps, deps.records, deps.azure, deps.blobs, frozenset(r.id.lower() for r in everything))
-    return RestoreTestResult(request.correlation_id, tuple([await job.one(ref) for ref in refs]))
+    result = RestoreTestResult(request.correlation_id, tuple([await job.one(ref) for ref in refs]))
+    if deps.incidents is not None:
+        await report_restore_tests(result, deps.incidents)
+    return result
 
 
 @dataclass

@@ -8,6 +8,7 @@ BAK-001/002 fire until the jobs have run."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from handlers.restore_test import RestoreOutcome, RestoreRefused, RestoreTestReq
 from shared.backup import manifest_blob_name, manifest_from_json
 from shared.backup_store import BackupStore
 from shared.evaluation import evaluate
+from shared.incidents import fingerprint_of
 from shared.inventory import instance_ref
 from shared.policy import RESTORE_TARGET_TAG
 from tests.conftest import TwinHandle
@@ -226,6 +228,12 @@ async def test_a_tampered_backup_fails_verification_with_a_readable_diff(
     assert "API 'legacy' is missing" in outcome.differences
     [finding] = [f for f in await bak_findings(context, src) if f.rule_id == "BAK-002"]
     assert "API 'legacy' is missing" in finding.message
+    # The failed test-restore is an incident carrying the same diff (issue 11).
+    incident = await context.incidents().store.get(fingerprint_of("RESTORE-TEST", src))
+    assert incident is not None
+    assert incident.open
+    assert "ContentMismatch" in incident.title
+    assert "- API 'legacy' is missing" in incident.description
 
 
 async def test_a_run_left_mid_lro_resumes_from_its_token_and_finishes(twin: TwinHandle, world: dict[str, Any]) -> None:
@@ -444,3 +452,37 @@ async def test_retention_prunes_by_count_but_keeps_the_newest_verified_backup(
     assert runs[made[1]].pruned
     assert runs[made[0]].verified
     assert not runs[made[0]].pruned
+
+
+async def test_a_failed_backup_is_an_incident_until_the_next_backup_succeeds(
+    twin: TwinHandle, world: dict[str, Any]
+) -> None:
+    """Issue 11's "a failed backup or test-restore": one incident per instance and job,
+    counted again by each failed tick, resolved with a note by the next success."""
+    ids, context = world["ids"], world["context"]
+    src = ids["bk-src"]
+    reporter = context.incidents()
+    fingerprint = fingerprint_of("BACKUP", src)
+    twin.control(
+        "POST",
+        "/_twin/faults",
+        json={"service": "arm", "path": "/backup$", "action": "lro_fail", "code": "BackupBroke", "times": 0},
+    )
+    for attempt in range(2):
+        if attempt:
+            await asyncio.sleep(1.1)  # blob names have whole seconds: one backup per second
+        result = await run_backups(BackupRequest(instance_ids=(src,), force=True, max_wait=30), context.backup_deps())
+        assert [i.outcome for i in result.instances] == [BackupOutcome.FAILED]
+    incident = await reporter.store.get(fingerprint)
+    assert incident is not None, "a failed backup opened no incident"
+    assert (incident.status.value, incident.count) == ("active", 2)
+    assert "BackupBroke" in incident.title + incident.description
+    assert "apim-remediator backup" in incident.description  # what the operator can do
+    twin.control("DELETE", "/_twin/faults")
+    await asyncio.sleep(1.1)
+    result = await run_backups(BackupRequest(instance_ids=(src,), force=True, max_wait=30), context.backup_deps())
+    assert [i.outcome for i in result.instances] == [BackupOutcome.SUCCEEDED]
+    resolved = await reporter.store.get(fingerprint)
+    assert resolved is not None
+    assert resolved.status.value == "resolved"
+    assert "succeeded" in (resolved.note or "")
