@@ -96,11 +96,14 @@ def _results_by_target(report: RemediationReport) -> dict[tuple[str, str], Actio
     return found
 
 
-def problems_from_report(report: RemediationReport) -> list[Problem]:
-    """The problems a reconcile leaves to people, one per rule family and resource."""
+def problems_from_report(report: RemediationReport, signals: Sequence[Finding] = ()) -> list[Problem]:
+    """The problems a reconcile leaves to people, one per rule family and resource.
+
+    `signals`: the runtime signal rules' findings of this run (reconcile evaluates them after
+    the engine; none of them is fixed by it), grouped with the configuration findings."""
     results = _results_by_target(report)
     groups: dict[tuple[str, str], list[tuple[Finding, str]]] = defaultdict(list)
-    for finding in report.remaining:
+    for finding in (*report.remaining, *signals):
         if finding.exempt:
             continue
         done = _what_was_done(results.get((finding.rule_id, finding.resource_id.lower())), finding)
@@ -206,14 +209,24 @@ class RunIncidents:
     reporter: IncidentsPort
 
     async def after_reconcile(
-        self, report: RemediationReport, changes: FindingChanges, *, run_id: str, batch_id: str | None
+        self,
+        report: RemediationReport,
+        changes: FindingChanges,
+        *,
+        run_id: str,
+        batch_id: str | None,
+        signals: Sequence[Finding] = (),
     ) -> DeliveryReport:
-        problems = problems_from_report(report)
+        """`signals`: the runtime signal findings when the signals ran in this run. Findings the
+        run did not evaluate (`changes.kept`: the signal rules between their runs, or a query
+        that failed) hold their incidents: neither resolved nor counted again until they run."""
+        problems = problems_from_report(report, signals)
         for problem in problems:
             await self.reporter.raise_problem(problem, run_id=run_id, batch_id=batch_id)
         current = {p.fingerprint for p in problems}
+        held = {fingerprint_of(family_of(k.rule_id), k.resource_id) for k in changes.kept if not k.exempt}
         for incident in await self.reporter.open_incidents(instance_id=report.instance_id):
-            if incident.fingerprint in current:
+            if incident.fingerprint in current or incident.fingerprint in held:
                 continue
             if incident.kind in (ProblemKind.FINDING, ProblemKind.RUN, ProblemKind.WORK):
                 await self.reporter.resolve(incident.fingerprint, resolution_note(incident, report), run_id=run_id)

@@ -97,7 +97,13 @@ class IncidentStep(Protocol):
     """What a run leaves to people becomes incidents (handlers/incidents.py RunIncidents)."""
 
     async def after_reconcile(
-        self, report: RemediationReport, changes: FindingChanges, *, run_id: str, batch_id: str | None
+        self,
+        report: RemediationReport,
+        changes: FindingChanges,
+        *,
+        run_id: str,
+        batch_id: str | None,
+        signals: Sequence[Finding] = (),
     ) -> object: ...
 
 
@@ -178,8 +184,13 @@ async def reconcile(request: ReconcileRequest, deps: ReconcileDeps) -> Reconcile
     )
     await deps.sink.report(changes, correlation_id=request.correlation_id)
     if deps.incidents is not None:
+        # Signal findings are problems like the others (`changes.kept`: the ones not evaluated now).
         await deps.incidents.after_reconcile(
-            report, changes, run_id=request.correlation_id, batch_id=request.batch_id or request.correlation_id
+            report,
+            changes,
+            run_id=request.correlation_id,
+            batch_id=request.batch_id or request.correlation_id,
+            signals=signal_findings,
         )
     LOG.info(
         "reconciled %s (%s): %d write(s), %d finding(s) open",

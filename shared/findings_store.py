@@ -85,6 +85,8 @@ class FindingChanges:
     new: tuple[StoredFinding, ...] = ()
     changed: tuple[StoredFinding, ...] = ()
     resolved: tuple[StoredFinding, ...] = ()
+    # Open findings of rules the scan did not evaluate (`sync`'s keep_rules), left as they were.
+    kept: tuple[StoredFinding, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -287,7 +289,7 @@ class FindingsStore(TableStore):
             )
         except AzureError as exc:
             raise storage_error(exc, what=self._what, operation="record findings") from exc
-        return FindingChanges(instance_id, tuple(new), tuple(changed), tuple(resolved))
+        return FindingChanges(instance_id, tuple(new), tuple(changed), tuple(resolved), tuple(kept.values()))
 
 
 def _summary(entity: TableEntity) -> InstanceSummary:

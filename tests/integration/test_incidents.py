@@ -46,9 +46,12 @@ pytestmark = pytest.mark.integration
 HMAC_KEY = f"{CANARY}-webhook-hmac-key"
 SECRET_NAME = "incident-webhook-hmac"
 SENTINEL_API = "api-version=2024-09-01"
-DETECT = "version: 1\n"
+# The estate sends no gateway logs: LOG-004 (logs stopped flowing) would be one more incident
+# on every instance, which these lifecycle tests do not count. test_runtime_signals.py covers it.
+DETECT = "version: 1\nrules:\n  LOG-004: {mode: off}\n"
 REMEDIATE_TLS = (
-    "version: 1\nrules:\n  TLS-001: {mode: remediate}\n  TLS-002: {mode: remediate}\n  TLS-003: {mode: remediate}\n"
+    "version: 1\nrules:\n  LOG-004: {mode: off}\n  TLS-001: {mode: remediate}\n  TLS-002: {mode: remediate}\n"
+    "  TLS-003: {mode: remediate}\n"
 )
 
 

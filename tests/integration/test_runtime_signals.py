@@ -21,9 +21,11 @@ from typing import Any
 
 import pytest
 
+from handlers.incidents import RunIncidents
 from handlers.reconcile import LogSink, ReconcileDeps, ReconcileRequest, reconcile
 from shared.azure import ClientFactory
 from shared.findings_store import FindingsStore
+from shared.incidents import IncidentReporter, IncidentStore, fingerprint_of
 from shared.inventory import instance_ref
 from shared.journal import Trigger, TriggerKind
 from shared.model import Finding, Snapshot
@@ -405,6 +407,7 @@ async def test_reconcile_runs_the_signals_on_their_interval_and_keeps_their_find
     now = {"at": datetime.now(UTC)}
     try:
         store = FindingsStore(factory.table_service_async(), f"findings{uuid.uuid4().hex[:10]}")
+        reporter = IncidentReporter(IncidentStore(factory.table_service_async(), f"inc{uuid.uuid4().hex[:10]}"))
         deps = ReconcileDeps(
             remediation=deps_for(factory, "version: 1\n", "journalsignals"),
             findings=store,
@@ -412,7 +415,15 @@ async def test_reconcile_runs_the_signals_on_their_interval_and_keeps_their_find
             clock=lambda: now["at"],
             signals=AzureSignalsSource(factory),
             signals_interval=timedelta(minutes=15),
+            incidents=RunIncidents(reporter),
         )
+        thr = fingerprint_of("THR", service_id)  # the estate has no APIM subscription "leaked": the service
+
+        async def thr_incident() -> tuple[str, int]:
+            incident = await reporter.store.get(thr)
+            assert incident is not None, [i.fingerprint for i in await reporter.open_incidents()]
+            return incident.status.value, incident.count
+
         trigger = Trigger(TriggerKind.TIMER, "sweep test")
 
         before = query_count(twin)
@@ -425,6 +436,9 @@ async def test_reconcile_runs_the_signals_on_their_interval_and_keeps_their_find
         assert [f.rule_id for f in stored] == ["THR-003"]
         assert canary not in repr(stored)
         assert canary not in repr(first)
+        # A signal finding is left to people like any other: an incident (issue 11).
+        assert await thr_incident() == ("new", 1)
+        assert canary not in repr(await reporter.store.get(thr))
 
         # Five minutes later: a reconcile that queries nothing and keeps THR-003 open.
         now["at"] += timedelta(minutes=5)
@@ -437,6 +451,7 @@ async def test_reconcile_runs_the_signals_on_their_interval_and_keeps_their_find
         summary = await store.summary(service_id)
         assert summary is not None
         assert summary.open_by_severity["high"] == 1
+        assert await thr_incident() == ("new", 1)  # held: neither resolved nor counted again
 
         # Past the interval: the signals run again (the leak is still in the window).
         now["at"] += timedelta(minutes=10)
@@ -446,6 +461,7 @@ async def test_reconcile_runs_the_signals_on_their_interval_and_keeps_their_find
         assert third.changes.empty
         assert query_count(twin) - before == 6
         assert await store.last_signals(service_id) == now["at"]
+        assert await thr_incident() == ("active", 2)
 
         # Two hours on, the leak has stopped and so has all traffic: the next signals run
         # resolves THR-003, and LOG-004 sees the silence.
@@ -455,6 +471,10 @@ async def test_reconcile_runs_the_signals_on_their_interval_and_keeps_their_find
         assert fourth.changes is not None
         assert [f.rule_id for f in fourth.changes.resolved] == ["THR-003"]
         assert [f.rule_id for f in fourth.changes.new] == ["LOG-004"]
+        assert (await thr_incident())[0] == "resolved"
+        log = await reporter.store.get(fingerprint_of("LOG", service_id))
+        assert log is not None
+        assert log.open
     finally:
         await factory.aclose()
         factory.close()
