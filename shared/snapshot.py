@@ -411,7 +411,10 @@ class _Reader:
 
     async def service(self) -> Service:
         try:
-            model = await self.apim.api_management_service.get(self.rg, self.name)
+            # Through the gate like every other read: a scan's requests in flight (and so its
+            # pooled connections) stay within instances x MAX_CONCURRENT_READS.
+            async with self.gate:
+                model = await self.apim.api_management_service.get(self.rg, self.name)
         except ResourceNotFoundError as error:
             raise PermanentError(f"APIM instance {self.ref.id} no longer exists ({describe_failure(error)})") from error
         return map_service(model, self.ref)

@@ -10,6 +10,7 @@ import copy
 import re
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -97,6 +98,9 @@ class LogEntry:
     status: int
     principal: str | None
     subscription: str | None
+    # The TCP connection it came on, numbered in the order the twin first saw them: tests
+    # count connections to show that clients reuse them.
+    connection: int | None = None
 
     @property
     def kind(self) -> str:
@@ -247,6 +251,8 @@ class TwinState:
     # Set by the server: runs after an estate fragment is merged at run time (new vault ports).
     after_seed: Callable[[], Awaitable[None]] | None = None
     _seed: dict[str, Any] | None = None
+    _connections: weakref.WeakKeyDictionary[Any, int] = field(default_factory=weakref.WeakKeyDictionary)
+    _connection_count: int = 0
 
     # -- snapshots for reset ----------------------------------------------------------------
 
@@ -273,6 +279,16 @@ class TwinState:
         self.latency.clear()
 
     # -- helpers for services ---------------------------------------------------------------
+
+    def connection_of(self, transport: Any) -> int | None:
+        """A number per TCP connection (its transport), the same for every request on it."""
+        if transport is None:
+            return None
+        found = self._connections.get(transport)
+        if found is None:
+            self._connection_count += 1
+            found = self._connections[transport] = self._connection_count
+        return found
 
     def principal(self, client_id: str) -> Principal | None:
         found = self.principals.get(client_id)
@@ -320,4 +336,6 @@ class TwinState:
             "by_route": dict(Counter(f"{e.method} {e.route}" for e in self.log)),
             "by_principal": dict(Counter(e.principal or "-" for e in self.log)),
             "by_status": dict(Counter(str(e.status) for e in self.log)),
+            "throttled": sum(1 for e in self.log if e.status == 429),
+            "connections": dict(Counter(e.service for e in {(e.service, e.connection): e for e in self.log}.values())),
         }

@@ -217,6 +217,7 @@ def make_app(state: TwinState, service: str, issuer: TokenIssuer, auth: AuthPoli
                     status=status,
                     principal=claims.get("appid"),
                     subscription=match.group(1).lower() if match else None,
+                    connection=state.connection_of(request.transport),
                 )
             )
         return response

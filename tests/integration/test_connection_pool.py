@@ -1,0 +1,130 @@
+"""One SSL context and one connection pool per process, and pacing against ARM's buckets,
+measured where it shows: the twin numbers every TCP connection it accepts and logs every
+429 it answers. Nothing here times anything."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from handlers.scan import MAX_PARALLEL_INSTANCES, ScanRequest, scan
+from shared.azure import ClientFactory
+from shared.connections import POOL_CONNECTIONS
+from shared.policy import Policy
+from shared.settings import load_settings
+from shared.snapshot import MAX_CONCURRENT_READS
+from shared.source import AzureInstanceSource
+from tests.conftest import TwinHandle
+
+pytestmark = pytest.mark.integration
+
+RG = "rg-pool"
+
+
+def _estate(subscription_id: str, count: int) -> dict[str, Any]:
+    apim = [
+        {
+            "name": f"pool-{n:02d}",
+            "sku": {"name": "Developer", "capacity": 1},
+            "apis": [{"id": f"api-{a}", "path": f"p{a}", "protocols": ["https"]} for a in range(3)],
+            "subscriptions": [{"generate": {"count": 3, "scope": "/apis/api-0"}}],
+        }
+        for n in range(count)
+    ]
+    return {"subscriptions": [{"id": subscription_id, "resource_groups": [{"name": RG, "apim": apim}]}]}
+
+
+@pytest.fixture
+def env(twin: TwinHandle, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for key in ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET"):
+        monkeypatch.setenv(key, twin.env[key])
+    values = dict(twin.env)
+    assert values.get("APIMR_CA_BUNDLE"), (
+        "the twin's settings name its CA bundle (what made every request a new TLS session)"
+    )
+    values["APIMR_RESOURCE_GROUPS"] = RG
+    return values
+
+
+@pytest.fixture
+def factory(env: dict[str, str]) -> Iterator[ClientFactory]:
+    built = ClientFactory(load_settings(env))
+    yield built
+    built.close()
+
+
+def _arm_log(twin: TwinHandle) -> list[dict[str, Any]]:
+    status, body = twin.control("GET", "/_twin/log?service=arm")
+    assert status == 200
+    return [
+        e for e in body["entries"] if "/providers/Microsoft.ApiManagement/" in e["path"] or "/resources" in e["path"]
+    ]
+
+
+async def _scan(factory: ClientFactory) -> None:
+    source = AzureInstanceSource(factory, factory.settings)
+    try:
+        report = await scan(ScanRequest(), source, Policy(), policy_file="-")
+    finally:
+        await factory.aclose()
+    assert report.instances, "the scan found the seeded instances"
+    assert all(r.error is None and not r.unreadable for r in report.instances), [
+        (r.error, r.unreadable) for r in report.instances
+    ]
+
+
+async def test_a_scan_reuses_connections_under_a_ca_bundle(twin: TwinHandle, factory: ClientFactory) -> None:
+    twin.seed(_estate(twin.subscription_id, 6))
+    twin.control("DELETE", "/_twin/log")
+    await _scan(factory)
+    entries = _arm_log(twin)
+    connections = {e["connection"] for e in entries}
+    assert len(entries) > 6 * 15, "each instance takes a snapshot's worth of reads"
+    # Before the pool: one connection (one TLS handshake) per request.
+    assert len(connections) <= min(POOL_CONNECTIONS, MAX_PARALLEL_INSTANCES * MAX_CONCURRENT_READS)
+    assert len(entries) >= 3 * len(connections)
+    assert factory.pool.open_sockets() == 0, "aclose closed the shared session"
+
+
+def test_sync_clients_share_one_connection(twin: TwinHandle, factory: ClientFactory) -> None:
+    twin.seed(_estate(twin.subscription_id, 3))
+    twin.control("DELETE", "/_twin/log")
+    apim = factory.apim(twin.subscription_id)
+    monitor = factory.monitor(twin.subscription_id)
+    services = list(apim.api_management_service.list_by_resource_group(RG))
+    assert services
+    for service in services[:3]:
+        assert service.id is not None
+        apim.api_management_service.get(service.id.split("/")[4], service.name)
+        list(monitor.diagnostic_settings.list(service.id))
+    _, body = twin.control("GET", "/_twin/log?service=arm")
+    entries = body["entries"]
+    assert len(entries) >= 4
+    assert len({e["connection"] for e in entries}) == 1, "requests one after another go over one kept-alive connection"
+
+
+async def test_the_ssl_context_is_built_once(factory: ClientFactory) -> None:
+    assert factory.pool.ssl_context() is factory.pool.ssl_context()
+    assert factory.https_context() is factory.pool.ssl_context()
+    first = factory.pool.session()
+    assert factory.pool.session() is first
+    connector: Any = first.connector
+    assert connector._ssl is factory.pool.ssl_context(), "the connector verifies with the one context"
+    await factory.aclose()
+
+
+async def test_a_paced_scan_spends_no_attempt_on_429s(twin: TwinHandle, factory: ClientFactory) -> None:
+    """Throttling on, the bucket scaled to 50 reads refilling 5/s: four instances need about
+    twice the bucket. Unpaced, 32 requests in flight drain it at once and every one backs
+    off alone (429s in the log); paced, they wait for the refill."""
+    twin.seed(_estate(twin.subscription_id, 4))
+    status, _ = twin.control("PUT", "/_twin/throttle", {"enabled": True, "scale": 0.2})
+    assert status == 200
+    twin.control("DELETE", "/_twin/log")
+    await _scan(factory)
+    _, counters = twin.control("GET", "/_twin/counters")
+    assert counters["reads"] > 50 + 10, "the scan needed more reads than the bucket holds"
+    assert counters["throttled"] == 0, counters["by_status"]
+    assert factory.pacer.stats["waited"] > 0, "requests waited for the refill"
