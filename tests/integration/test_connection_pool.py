@@ -4,11 +4,15 @@ measured where it shows: the twin numbers every TCP connection it accepts and lo
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from handlers.cli import main
 from handlers.scan import MAX_PARALLEL_INSTANCES, ScanRequest, scan
 from shared.azure import ClientFactory
 from shared.connections import POOL_CONNECTIONS
@@ -128,3 +132,34 @@ async def test_a_paced_scan_spends_no_attempt_on_429s(twin: TwinHandle, factory:
     assert counters["reads"] > 50 + 10, "the scan needed more reads than the bucket holds"
     assert counters["throttled"] == 0, counters["by_status"]
     assert factory.pacer.stats["waited"] > 0, "requests waited for the refill"
+
+
+def test_the_cli_streams_json_lines_and_sarif_while_it_scans(
+    twin: TwinHandle, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`scan --format jsonl` (and `--format sarif --stream`) write each instance as it is
+    read: valid JSON lines / SARIF with every seeded instance, and the same exit code as the
+    whole-document report."""
+    twin.seed(_estate(twin.subscription_id, 3))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("APIMR_KEY_VAULT_URL", raising=False)
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["scan", "--format", "jsonl", "--quiet", "--fail-on", "critical"], out=out, err=err)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["type"] for line in lines] == ["scan", "instance", "instance", "instance", "summary"]
+    assert sorted(line["id"].rsplit("/", 1)[-1] for line in lines[1:-1]) == ["pool-00", "pool-01", "pool-02"]
+    whole = io.StringIO()
+    assert main(["scan", "--format", "json", "--quiet", "--fail-on", "critical"], out=whole, err=err) == code
+    assert lines[-1]["findings"] == sum(len(i["findings"]) for i in json.loads(whole.getvalue())["instances"])
+    target = tmp_path / "scan.sarif"
+    sarif_code = main(
+        ["scan", "--format", "sarif", "--stream", "--output", str(target), "--quiet", "--fail-on", "critical"],
+        out=io.StringIO(),
+        err=err,
+    )
+    assert sarif_code == code
+    [run] = json.loads(target.read_text())["runs"]
+    assert len(run["results"]) == lines[-1]["findings"]
+    assert not err.getvalue()
+    assert main(["scan", "--format", "table", "--stream"], out=io.StringIO(), err=err) == 2
