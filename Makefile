@@ -7,7 +7,7 @@ PY     := $(BIN)/python
 VENV_STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | sha256sum | cut -c1-16)
 NODE_STAMP := node_modules/.installed-$(shell cat package.json package-lock.json | sha256sum | cut -c1-16)
 
-.PHONY: all test lint unit bench demo clean venv node
+.PHONY: all test lint unit bench bench-scale demo clean venv node
 
 all: test
 
@@ -36,6 +36,10 @@ test: lint $(NODE_STAMP)
 
 bench: $(VENV_STAMP)
 	$(PY) -m bench
+
+# The scale benchmark at N = 100 and 1,000 (spread and single-subscription): about 20 minutes.
+bench-scale: $(VENV_STAMP)
+	$(PY) -m bench scale --full
 
 demo: $(VENV_STAMP) $(NODE_STAMP)
 	$(PY) -m devhost.demo
