@@ -36,6 +36,11 @@ class InstanceSource(Protocol):
 
     async def discover(self) -> tuple[InstanceRef, ...]: ...
 
+    async def locate(self, instance_id: str) -> InstanceRef | None:
+        """One instance in the settings' scope by id (None: not there), without listing
+        the estate."""
+        ...
+
     async def read(self, ref: InstanceRef) -> Snapshot: ...
 
 
@@ -83,7 +88,12 @@ async def scan(
     Azure after the scan has failed) and the error propagates.
     """
     started = datetime.now(UTC)
-    refs = await source.discover()
+    if request.instance_ids:
+        # Named instances are read one GET each instead of listing the whole estate.
+        located = [await source.locate(i) for i in dict.fromkeys(i.lower() for i in request.instance_ids)]
+        refs = tuple(ref for ref in located if ref is not None)
+    else:
+        refs = await source.discover()
     known = {ref.id.lower() for ref in refs}
     missing = [i for i in request.instance_ids if i.lower() not in known]
     if missing:

@@ -20,7 +20,7 @@ from azure.core.exceptions import (
 
 from shared.azure import ClientFactory
 from shared.errors import PermanentError, TransientError
-from shared.inventory import InstanceRef, describe_failure, discover
+from shared.inventory import InstanceRef, describe_failure, discover, locate
 from shared.model import Snapshot
 from shared.settings import Settings
 from shared.snapshot import read_snapshot
@@ -58,6 +58,12 @@ class AzureInstanceSource:
             return await discover(self.factory, self.settings)
         except AzureError as error:
             raise translate(error, "listing APIM instances") from error
+
+    async def locate(self, instance_id: str) -> InstanceRef | None:
+        try:
+            return await locate(self.factory, self.settings, instance_id)
+        except AzureError as error:
+            raise translate(error, f"reading {instance_id}") from error
 
     async def read(self, ref: InstanceRef) -> Snapshot:
         try:

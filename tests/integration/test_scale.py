@@ -163,3 +163,29 @@ def test_the_cli_streams_json_lines_and_sarif_while_it_scans(
     assert len(run["results"]) == lines[-1]["findings"]
     assert not err.getvalue()
     assert main(["scan", "--format", "table", "--stream"], out=io.StringIO(), err=err) == 2
+
+
+async def test_a_named_instance_is_read_without_listing_the_estate(twin: TwinHandle, factory: ClientFactory) -> None:
+    """A scan (or remediation, or API call) of one instance GETs that service: no Resource
+    Graph query, no list of services, however large the estate."""
+    twin.seed(_estate(twin.subscription_id, 3))
+    source = AzureInstanceSource(factory, factory.settings)
+    wanted = (
+        f"/subscriptions/{twin.subscription_id}/resourceGroups/{RG}/providers/Microsoft.ApiManagement/service/POOL-01"
+    )
+    twin.control("DELETE", "/_twin/log")
+    try:
+        report = await scan(ScanRequest(instance_ids=(wanted,)), source, Policy(), policy_file="-")
+        outside = wanted.replace(f"/resourceGroups/{RG}/", "/resourceGroups/rg-elsewhere/")
+        assert await source.locate(outside) is None, "outside APIMR_RESOURCE_GROUPS: refused without a call"
+        assert await source.locate(wanted.replace("POOL-01", "pool-99")) is None
+    finally:
+        await factory.aclose()
+    [result] = report.instances
+    assert result.instance_id.endswith("/service/pool-01"), "the id as ARM spells it"
+    _, body = twin.control("GET", "/_twin/log?service=arm")
+    routes = [f"{e['method']} {e['path']}" for e in body["entries"]]
+    assert not [r for r in routes if "Microsoft.ResourceGraph" in r]
+    assert not [r for r in routes if r.endswith("/Microsoft.ApiManagement/service")]
+    assert not [r for r in routes if "rg-elsewhere" in r]
+    assert sum(1 for r in routes if r.lower().endswith("/service/pool-99")) == 1
