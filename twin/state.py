@@ -308,6 +308,9 @@ class TwinState:
     # Set by the server: runs after an estate fragment is merged at run time (new vault ports).
     after_seed: Callable[[], Awaitable[None]] | None = None
     _seed: dict[str, Any] | None = None
+    # Derived lookups providers rebuild from the state at will (RBAC's assignment index);
+    # never part of the estate, emptied by reset().
+    memo: dict[str, Any] = field(default_factory=dict)
     _connections: weakref.WeakKeyDictionary[Any, int] = field(default_factory=weakref.WeakKeyDictionary)
     _connection_count: int = 0
 
@@ -325,6 +328,7 @@ class TwinState:
         assert self._seed is not None, "reset() before the estate was seeded"
         self.subscriptions = copy.deepcopy(self._seed["subscriptions"])
         self.store.load(copy.deepcopy(self._seed["resources"]))
+        self.memo.clear()
         self.extra = copy.deepcopy(self._seed["extra"])
         self.clock = Clock()
         self.log.clear()
