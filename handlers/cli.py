@@ -28,6 +28,7 @@ from shared.errors import RemediatorError
 from shared.journal import Trigger, TriggerKind
 from shared.model import Severity
 from shared.policy import Policy, load_policy
+from shared.read_plan import parts_needed
 from shared.report import RENDERERS, ScanReport, render_rules_markdown
 from shared.report_stream import STREAM_WRITERS
 from shared.rules import REGISTRY
@@ -113,6 +114,8 @@ async def _scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(f"apim-remediator: --stream writes jsonl or sarif, not {args.format}", file=err)
         return 2
     factory = ClientFactory(settings)
+    # A scan reads only what the rules the policy runs read (shared/read_plan.py).
+    source = AzureInstanceSource(factory, settings, parts=parts_needed(policy))
     request = ScanRequest(
         subscription_ids=tuple(args.subscription),
         resource_groups=tuple(args.resource_group),
@@ -120,12 +123,10 @@ async def _scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     )
     try:
         if streaming:
-            return await _stream_scan(
-                request, AzureInstanceSource(factory, settings), policy, settings.policy_file, args, out, err
-            )
+            return await _stream_scan(request, source, policy, settings.policy_file, args, out, err)
         report = await scan(
             request,
-            AzureInstanceSource(factory, settings),
+            source,
             policy,
             policy_file=settings.policy_file,
             progress=None if args.quiet else _progress(err),

@@ -281,6 +281,9 @@ class Snapshot:
     # Parts the deployment does not ask for (e.g. "key_ledger: not configured (APIMR_KEY_VAULT_URL
     # is not set)"): their rules say nothing too, but nothing failed, so the result is complete.
     not_configured: tuple[str, ...] = ()
+    # Parts not read because no rule the policy runs reads them (shared/read_plan.py): not
+    # reported (nobody asked about them), but a rule that reads one anyway stays silent.
+    skipped: tuple[str, ...] = ()
 
     def policy(self, scope: PolicyScope, owner: str = "") -> Policy | None:
         for p in self.policies:
@@ -289,7 +292,9 @@ class Snapshot:
         return None
 
     def readable(self, part: str) -> bool:
-        """Whether `part` was read: neither failed nor left out by configuration."""
+        """Whether `part` was read: neither failed nor left out by configuration or the policy."""
+        if part in self.skipped:
+            return False
         return not any(u.split(":", 1)[0] == part for u in (*self.unreadable, *self.not_configured))
 
 

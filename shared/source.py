@@ -46,9 +46,11 @@ def translate(error: AzureError, what: str) -> TransientError | PermanentError:
 
 
 class AzureInstanceSource:
-    def __init__(self, factory: ClientFactory, settings: Settings) -> None:
+    def __init__(self, factory: ClientFactory, settings: Settings, *, parts: frozenset[str] | None = None) -> None:
+        """`parts`: read only these optional snapshot parts (`read_plan.parts_needed`); None: all."""
         self.factory = factory
         self.settings = settings
+        self.parts = parts
         # Keyed hashes compare secrets without holding them; the key lives and dies with
         # the process, so a hash in a snapshot is useless anywhere else.
         self.hash_key = secrets.token_bytes(32)
@@ -73,6 +75,7 @@ class AzureInstanceSource:
                 key_vault_url=self.settings.key_vault_url,
                 hash_key=self.hash_key,
                 now=datetime.now(UTC),
+                parts=self.parts,
             )
         except AzureError as error:
             raise translate(error, f"reading {ref.id}") from error

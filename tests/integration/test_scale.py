@@ -189,3 +189,42 @@ async def test_a_named_instance_is_read_without_listing_the_estate(twin: TwinHan
     assert not [r for r in routes if r.endswith("/Microsoft.ApiManagement/service")]
     assert not [r for r in routes if "rg-elsewhere" in r]
     assert sum(1 for r in routes if r.lower().endswith("/service/pool-99")) == 1
+
+
+def test_a_scan_skips_the_reads_of_switched_off_rules(
+    twin: TwinHandle, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only the LOG family on: the scan reads the service, diagnostics, loggers, APIs and
+    diagnostic settings, nothing else, and finds what a full read finds for those rules."""
+    twin.seed(_estate(twin.subscription_id, 2))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("APIMR_KEY_VAULT_URL", raising=False)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\ndefaults: {mode: off}\nrules:\n  LOG-001: {mode: detect}\n"
+        "  LOG-002: {mode: detect}\n  LOG-003: {mode: detect}\n"
+    )
+    monkeypatch.setenv("APIMR_POLICY_FILE", str(policy))
+    twin.control("DELETE", "/_twin/log")
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["scan", "--format", "json", "--quiet"], out=out, err=err) == 0, err.getvalue()
+    narrow = json.loads(out.getvalue())["instances"]
+    _, body = twin.control("GET", "/_twin/log?service=arm")
+    kinds = {
+        e["path"].split("/service/", 1)[1].split("/", 1)[1].split("/")[0]
+        for e in body["entries"]
+        if "/service/pool-" in e["path"] and e["path"].count("/") > 8
+    }
+    assert kinds == {"diagnostics", "loggers", "apis", "providers"}, kinds
+    for instance in narrow:  # skipped parts are not reported; the key ledger is unset in the settings
+        assert instance["unreadable"] == []
+        assert all("APIMR_KEY_VAULT_URL" in part for part in instance["not_configured"])
+
+    policy.write_text("version: 1\n")  # every rule: every part
+    full_out = io.StringIO()
+    assert main(["scan", "--format", "json", "--quiet"], out=full_out, err=err) == 0, err.getvalue()
+    full = json.loads(full_out.getvalue())["instances"]
+    log_findings = [[f for f in i["findings"] if f["rule"].startswith("LOG-")] for i in full]
+    assert [i["findings"] for i in narrow] == log_findings
+    assert any(log_findings), "the LOG rules find something on these instances"
