@@ -17,8 +17,8 @@ Printed per run, each beside its target:
   pool's limit (`shared.connections.POOL_CONNECTIONS`).
 - wasted 429s: the twin's 429 answers over all attempts: < 5%.
 - CPU per instance (user + system of the scanning process, less the socket sampler's own,
-  / N): at most half of what it
-  was before the shared pool (0.15 s on the same machine class, issue 14's table).
+  / N): at most half of what it was before the shared pool (0.15 s on the same machine
+  class, issue 14's table).
 
 `make bench` runs the small version (N=100 spread, N=40 in one subscription, about a
 minute); `make bench-scale` (`python -m bench scale --full`) runs N=100 and 1,000 in both
