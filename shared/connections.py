@@ -15,7 +15,7 @@ composition root (`ClientFactory`) owns the pool and closes it on shutdown
 (`ClientFactory.aclose` / `close`).
 
 The async session is created on first use inside the running event loop (aiohttp binds
-a session to its loop); a factory is used from one loop, as its async clients are.
+a session to its loop), one per loop.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,8 +45,11 @@ class ConnectionPool:
         self.ca_bundle = ca_bundle
         self.limit = limit
         self._ssl: ssl.SSLContext | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._session_loop: asyncio.AbstractEventLoop | None = None
+        # One session per event loop (aiohttp binds a session to its loop); a loop that has
+        # gone takes its entry with it.
+        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
+            weakref.WeakKeyDictionary()
+        )
         self._sync_session: requests.Session | None = None
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -64,19 +68,18 @@ class ConnectionPool:
         import aiohttp
 
         loop = asyncio.get_running_loop()
-        if self._session is None or self._session.closed or self._session_loop is not loop:
-            # A session of a loop that has ended cannot be closed from here; it holds no
-            # live sockets once that loop is gone.
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
             connector = aiohttp.TCPConnector(
                 ssl=self.ssl_context(), limit=self.limit, keepalive_timeout=KEEPALIVE_SECONDS
             )
             # What azure-core's own transport sets: proxies from the environment, no cookies,
             # bodies left compressed (azure-core decodes them itself).
-            self._session = aiohttp.ClientSession(
+            session = aiohttp.ClientSession(
                 connector=connector, trust_env=True, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
             )
-            self._session_loop = loop
-        return self._session
+            self._sessions[loop] = session
+        return session
 
     def async_transport(self, **connection: Any) -> Any:
         """A transport for one async client over the shared session (`connection`: azure-core's
@@ -84,16 +87,19 @@ class ConnectionPool:
         return _pooled_aiohttp_transport(self, **connection)
 
     def open_sockets(self) -> int:
-        """Connections the async pool holds now (in use or idle), for benchmarks and tests."""
-        session = self._session
+        """Connections the running loop's pool holds now (in use or idle), for benchmarks
+        and tests."""
+        session = self._sessions.get(asyncio.get_running_loop())
         if session is None or session.closed or session.connector is None:
             return 0
+        # aiohttp keeps these private; a benchmark and test aid only, so absent means zero.
         connector: Any = session.connector
-        idle = sum(len(conns) for conns in connector._conns.values())
-        return idle + len(connector._acquired)
+        idle = sum(len(conns) for conns in getattr(connector, "_conns", {}).values())
+        return idle + len(getattr(connector, "_acquired", ()))
 
     async def aclose(self) -> None:
-        session, self._session, self._session_loop = self._session, None, None
+        """Close the running loop's session (another loop's belongs to that loop)."""
+        session = self._sessions.pop(asyncio.get_running_loop(), None)
         if session is not None and not session.closed:
             await session.close()
 

@@ -10,8 +10,9 @@ bucket empty on its own, backs off on its own, and a third of the attempts are w
 
 - The first request of a bucket goes alone (a probe): until an answer says how much is
   left, nothing is known, and a burst could overrun a small bucket.
-- Each answer's header resets the estimate: what the service says is left, minus the
-  requests this process has sent (or reserved) that the answer did not yet count.
+- Each answer's header can lower the estimate to what the service says is left, minus
+  the requests this process has sent (or reserved) that the answer did not yet count;
+  only the refill raises it (answers overtake each other, so a late one's count is stale).
 - A request takes a token; when none is left it reserves the next one and sleeps until
   the refill brings it (reservations queue up in order, so waiters do not stampede).
 - The refill rate is ARM's documented ratio of refill to capacity (reads 1/10, writes and
@@ -143,10 +144,16 @@ class Bucket:
         assumed = self.capacity * documented_refill / documented_capacity
         self._learn(now, remaining, assumed)
         self.refill = min(assumed, self.learned) if self.learned else assumed
-        self.known = True
-        self.stamp = now
         # What ARM says is left, less what we have in flight or queued that it has not seen.
-        self.tokens = remaining - self.outstanding
+        said = remaining - self.outstanding
+        if not self.known:
+            self.known, self.stamp, self.tokens = True, now, said
+            return
+        # Answers overtake each other: one ARM counted early can arrive after later ones, its
+        # count stale and too high. A header can only lower the estimate; the estimate rises
+        # by the refill alone.
+        self._advance(now)
+        self.tokens = min(self.tokens, said)
 
     def _learn(self, now: float, remaining: float, assumed: float) -> None:
         if remaining + 1 >= self.capacity - RESERVE:

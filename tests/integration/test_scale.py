@@ -67,10 +67,12 @@ def _arm_log(twin: TwinHandle) -> list[dict[str, Any]]:
     ]
 
 
-async def _scan(factory: ClientFactory) -> None:
+async def _scan(factory: ClientFactory, *, after: Any = None) -> None:
     source = AzureInstanceSource(factory, factory.settings)
     try:
         report = await scan(ScanRequest(), source, Policy(), policy_file="-")
+        if after is not None:
+            after()
     finally:
         await factory.aclose()
     assert report.instances, "the scan found the seeded instances"
@@ -82,7 +84,9 @@ async def _scan(factory: ClientFactory) -> None:
 async def test_a_scan_reuses_connections_under_a_ca_bundle(twin: TwinHandle, factory: ClientFactory) -> None:
     twin.seed(_estate(twin.subscription_id, 6))
     twin.control("DELETE", "/_twin/log")
-    await _scan(factory)
+    held: list[int] = []
+    await _scan(factory, after=lambda: held.append(factory.pool.open_sockets()))
+    assert 0 < held[0] <= MAX_PARALLEL_INSTANCES * MAX_CONCURRENT_READS, "kept alive for reuse, bounded"
     entries = _arm_log(twin)
     connections = {e["connection"] for e in entries}
     assert len(entries) > 6 * 15, "each instance takes a snapshot's worth of reads"

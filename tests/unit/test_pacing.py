@@ -193,3 +193,21 @@ def test_resource_graph_waits_for_its_quota_window() -> None:
 )
 def test_parse_quota_reset(text: str, seconds: float | None) -> None:
     assert parse_quota_reset(text) == seconds
+
+
+def test_a_late_answer_with_a_stale_count_does_not_raise_the_estimate() -> None:
+    """Answers overtake each other: one ARM counted right after the probe (46 left) arrives
+    after later ones (18 left). Believing it would let 25 more requests into a bucket that
+    has none for them."""
+    bucket = Bucket(kind="reads")
+    bucket.reserve(0.0)
+    bucket.observe(0.0, 49, answered=True, throttled=False, retry_after=None)  # capacity 50, refill 5/s
+    for _ in range(32):
+        bucket.reserve(0.0)
+    for remaining in range(47, 17, -1):  # 30 answers in order
+        bucket.observe(0.0, remaining, answered=True, throttled=False, retry_after=None)
+    low = bucket.tokens
+    bucket.observe(0.0, 46, answered=True, throttled=False, retry_after=None)  # the straggler
+    assert bucket.tokens <= low
+    bucket.reserve(2.0)
+    assert bucket.tokens == pytest.approx(low + 2 * 5 - 1), "the refill still raises it"
