@@ -96,7 +96,7 @@ class Bucket:
     unmetered: bool = False  # answers carry no remaining count: nothing to pace by
     learned: float | None = None  # refill observed over a window, when lower than assumed
     _anchor: tuple[float, float, int] | None = None  # (time, remaining, answers) for learning
-    answers: int = 0
+    answers: int = 0  # answered requests ARM counted (not refused), for learning the refill
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def _advance(self, now: float) -> None:
@@ -134,11 +134,12 @@ class Bucket:
         if throttled:
             pause = min(MAX_BLOCK, retry_after if retry_after is not None else 1.0)
             self.blocked_until = max(self.blocked_until, now + pause)
+        if answered and not throttled:
+            self.answers += 1  # ARM counted it, whether or not it said what is left
         if remaining is None:
             if answered and not self.known:
                 self.unmetered = True
             return
-        self.answers += 1
         self.capacity = max(self.capacity, remaining + 1)
         documented_capacity, documented_refill = ARM_BUCKETS.get(self.kind, (250.0, 25.0))
         assumed = self.capacity * documented_refill / documented_capacity

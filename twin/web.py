@@ -326,7 +326,12 @@ def make_app(state: TwinState, service: str, issuer: TokenIssuer, auth: AuthPoli
                 f"principal '{principal}' exceeded the limit. Please try again after '{seconds}' seconds.",
                 headers={"Retry-After": str(seconds), header: "0"},
             )
-        response = await handler(request)
+        # ARM's front door counts and reports on every answer, errors (a 404, a 409) included.
+        try:
+            response = await handler(request)
+        except ServiceError as error:
+            error.headers = {**error.headers, header: str(int(bucket.tokens))}
+            raise
         response.headers[header] = str(int(bucket.tokens))
         return response
 

@@ -211,3 +211,19 @@ def test_a_late_answer_with_a_stale_count_does_not_raise_the_estimate() -> None:
     assert bucket.tokens <= low
     bucket.reserve(2.0)
     assert bucket.tokens == pytest.approx(low + 2 * 5 - 1), "the refill still raises it"
+
+
+def test_answers_without_a_count_still_count_for_the_refill() -> None:
+    """ARM counts every request it answers (a 404 too): a share of answers without the header
+    must not read as a slow refill."""
+    bucket = Bucket(kind="reads")
+    bucket.reserve(0.0)
+    bucket.observe(0.0, 99, answered=True, throttled=False, retry_after=None)  # capacity 100, refill 10/s
+    remaining, now = 60.0, 0.0
+    for _ in range(10):  # 10 requests a second, the refill puts 10 back: the count holds
+        now += 1.0
+        for n in range(10):
+            bucket.reserve(now)
+            has_header = n % 3 != 0
+            bucket.observe(now, remaining if has_header else None, answered=True, throttled=False, retry_after=None)
+    assert bucket.refill == pytest.approx(10.0)
