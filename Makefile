@@ -10,7 +10,7 @@ NODE_STAMP := node_modules/.installed-$(shell cat package.json package-lock.json
 INFRA_VENV  := .venv-infra
 INFRA_STAMP := $(INFRA_VENV)/.installed-$(shell cat requirements-infra.txt | sha256sum | cut -c1-16)
 
-.PHONY: all test lint lint-infra unit bench demo clean venv node package
+.PHONY: all test lint lint-infra unit bench bench-scale demo clean venv node package
 
 all: test
 
@@ -54,6 +54,10 @@ test: lint $(NODE_STAMP)
 
 bench: $(VENV_STAMP)
 	$(PY) -m bench
+
+# The scale benchmark at N = 100 and 1,000 (spread and single-subscription): about 20 minutes.
+bench-scale: $(VENV_STAMP)
+	$(PY) -m bench scale --full
 
 demo: $(VENV_STAMP) $(NODE_STAMP)
 	$(PY) -m devhost.demo

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import sys
 from collections.abc import Sequence
@@ -26,8 +27,10 @@ from shared.azure import ClientFactory
 from shared.errors import RemediatorError
 from shared.journal import Trigger, TriggerKind
 from shared.model import Severity
-from shared.policy import load_policy
+from shared.policy import Policy, load_policy
+from shared.read_plan import parts_needed
 from shared.report import RENDERERS, ScanReport, render_rules_markdown
+from shared.report_stream import STREAM_WRITERS
 from shared.rules import REGISTRY
 from shared.settings import load_settings
 from shared.source import AzureInstanceSource
@@ -41,7 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     scan_cmd.add_argument("--subscription", action="append", default=[], metavar="ID", help="only this subscription")
     scan_cmd.add_argument("--resource-group", action="append", default=[], metavar="NAME", help="only this group")
     scan_cmd.add_argument("--instance", action="append", default=[], metavar="ID", help="only this APIM resource id")
-    scan_cmd.add_argument("--format", choices=sorted(RENDERERS), default="table")
+    scan_cmd.add_argument("--format", choices=sorted({*RENDERERS, *STREAM_WRITERS}), default="table")
+    scan_cmd.add_argument(
+        "--stream",
+        action="store_true",
+        help="write each instance's result as soon as it is read instead of the whole report at the end "
+        "(jsonl always streams; sarif with --stream): memory stays flat for a large estate",
+    )
     scan_cmd.add_argument("--output", metavar="FILE", help="write the report here instead of stdout")
     scan_cmd.add_argument(
         "--fail-on",
@@ -179,15 +188,24 @@ async def _scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if outside:
         print(f"apim-remediator: subscription(s) outside APIMR_SUBSCRIPTION_IDS: {', '.join(outside)}", file=err)
         return 2
+    streaming = args.format == "jsonl" or (args.stream and args.format in STREAM_WRITERS)
+    if args.stream and not streaming:
+        print(f"apim-remediator: --stream writes jsonl or sarif, not {args.format}", file=err)
+        return 2
     factory = ClientFactory(settings)
+    # A scan reads only what the rules the policy runs read (shared/read_plan.py).
+    source = AzureInstanceSource(factory, settings, parts=parts_needed(policy))
+    request = ScanRequest(
+        subscription_ids=tuple(args.subscription),
+        resource_groups=tuple(args.resource_group),
+        instance_ids=tuple(args.instance),
+    )
     try:
+        if streaming:
+            return await _stream_scan(request, source, policy, settings.policy_file, args, out, err)
         report = await scan(
-            ScanRequest(
-                subscription_ids=tuple(args.subscription),
-                resource_groups=tuple(args.resource_group),
-                instance_ids=tuple(args.instance),
-            ),
-            AzureInstanceSource(factory, settings),
+            request,
+            source,
             policy,
             policy_file=settings.policy_file,
             progress=None if args.quiet else _progress(err),
@@ -196,6 +214,35 @@ async def _scan(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         await factory.aclose()
         factory.close()
     return _print_report(report, args, out)
+
+
+async def _stream_scan(
+    request: ScanRequest,
+    source: AzureInstanceSource,
+    policy: Policy,
+    policy_file: str,
+    args: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """Each instance's result goes to the report file as it is ready; only a tally is kept."""
+    with contextlib.ExitStack() as stack:
+        target: TextIO = out
+        if args.output:
+            target = stack.enter_context(await asyncio.to_thread(Path(args.output).open, "w", encoding="utf-8"))
+        writer = STREAM_WRITERS[args.format](target, policy.catalogue())
+        writer.begin(datetime.now(UTC), policy_file)
+        report = await scan(
+            request,
+            source,
+            policy,
+            policy_file=policy_file,
+            progress=None if args.quiet else _progress(err),
+            on_result=writer.add,
+        )
+        writer.end(report.finished)
+    threshold = Severity(args.fail_on) if args.fail_on else None
+    return 1 if writer.tally.fails(threshold, allow_partial=args.allow_partial) else 0
 
 
 async def _remediate(args: argparse.Namespace, out: TextIO) -> int:

@@ -137,7 +137,7 @@ async def locate(subscription_id: str, resource_group: str, name: str, deps: Man
     groups = deps.settings.scope.resource_groups
     if groups and resource_group.lower() not in groups:
         raise outside
-    ref = next((r for r in await deps.source.discover() if r.id.lower() == instance_id.lower()), None)
+    ref = await deps.source.locate(instance_id)
     if ref is not None:
         if not _in_scope(ref, deps.policy):
             raise outside

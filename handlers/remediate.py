@@ -389,8 +389,7 @@ class WriteBudget:
 
 
 async def _resolve(request: RemediateRequest, deps: RemediationDeps) -> InstanceRef:
-    refs = await deps.source.discover()
-    ref = next((r for r in refs if r.id.lower() == request.instance_id.lower()), None)
+    ref = await deps.source.locate(request.instance_id)  # one GET, not a listing of the estate
     if ref is None or not deps.policy.in_scope(ref.subscription_id, ref.resource_group, dict(ref.tags)):
         raise OutOfScopeError(
             f"not an APIM instance in the configured scope: {request.instance_id} "

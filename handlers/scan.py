@@ -36,6 +36,11 @@ class InstanceSource(Protocol):
 
     async def discover(self) -> tuple[InstanceRef, ...]: ...
 
+    async def locate(self, instance_id: str) -> InstanceRef | None:
+        """One instance in the settings' scope by id (None: not there), without listing
+        the estate."""
+        ...
+
     async def read(self, ref: InstanceRef) -> Snapshot: ...
 
 
@@ -69,8 +74,13 @@ async def scan(
     policy_file: str,
     today: date | None = None,
     progress: Progress | None = None,
+    on_result: Callable[[InstanceResult], None] | None = None,
 ) -> ScanReport:
     """Scan every instance in scope; one instance's failure never stops the others.
+
+    With `on_result`, each instance's result is handed over as soon as it is ready and not
+    kept (the report's `instances` stays empty): a large estate streams to its report
+    (`shared/report_stream.py`) instead of accumulating in memory.
 
     An instance that cannot be read (`RemediatorError`) becomes a result with its error;
     a rule that raises becomes a rule failure in that instance's result. Anything else is a
@@ -78,7 +88,12 @@ async def scan(
     Azure after the scan has failed) and the error propagates.
     """
     started = datetime.now(UTC)
-    refs = await source.discover()
+    if request.instance_ids:
+        # Named instances are read one GET each instead of listing the whole estate.
+        located = [await source.locate(i) for i in dict.fromkeys(i.lower() for i in request.instance_ids)]
+        refs = tuple(ref for ref in located if ref is not None)
+    else:
+        refs = await source.discover()
     known = {ref.id.lower() for ref in refs}
     missing = [i for i in request.instance_ids if i.lower() not in known]
     if missing:
@@ -90,7 +105,7 @@ async def scan(
     gate = asyncio.Semaphore(MAX_PARALLEL_INSTANCES)
     done = 0
 
-    async def one(ref: InstanceRef) -> InstanceResult:
+    async def one(ref: InstanceRef) -> InstanceResult | None:
         nonlocal done
         async with gate:
             try:
@@ -110,6 +125,9 @@ async def scan(
         done += 1
         if progress is not None:
             progress(done, len(selected), ref.id)
+        if on_result is not None:
+            on_result(result)
+            return None
         return result
 
     try:
@@ -119,7 +137,7 @@ async def scan(
         # The first error as itself (not wrapped in a group), with its own cause.
         error = failed.exceptions[0]
         raise error from error.__cause__
-    results = [task.result() for task in tasks]
+    results = [result for task in tasks if (result := task.result()) is not None]
     return ScanReport(
         started=started,
         finished=datetime.now(UTC),

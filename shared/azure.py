@@ -11,6 +11,13 @@ scopes, and the operator's CA bundle when one is configured.
 Sync clients serve one-shot paths (CLI, HTTP API); async clients serve fan-out (sweeps,
 scans). Async clients are bound to the event loop that first uses them: one factory per
 loop.
+
+Every client sends through the factory's one `ConnectionPool` (`shared/connections.py`:
+one SSL context, one aiohttp session for async clients, one `requests` session for sync
+ones; closed by `aclose` / `close`), and every ARM client (APIM, Monitor, Resource Graph,
+the raw pipeline) through the factory's one `ArmPacer` (`shared/pacing.py`), which waits
+for ARM's capacity instead of spending attempts on 429s. A new client gets both by
+building with `self._client_kwargs(is_async=...)` (plus `self._arm_policies(...)` for ARM).
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ if TYPE_CHECKING:
     from azure.storage.queue.aio import QueueServiceClient as AsyncQueueServiceClient
 
 from shared import __version__
+from shared.connections import ConnectionPool
 from shared.errors import PermanentError
+from shared.pacing import ArmPacer, pacing_policy
 from shared.settings import CloudName, Settings
 
 USER_AGENT = f"apim-remediator/{__version__}"
@@ -53,6 +62,8 @@ USER_AGENT = f"apim-remediator/{__version__}"
 # end in a retry (or a reported failure) long before the Functions host's 10-minute limit.
 ARM_CONNECTION_TIMEOUT = 15.0
 ARM_READ_TIMEOUT = 60.0
+STORAGE_CONNECTION_TIMEOUT = 20.0
+STORAGE_READ_TIMEOUT = 60.0
 
 # Diagnostic settings live in the multi-api monitor client; pin the version the product
 # and the twin speak.
@@ -75,20 +86,22 @@ class ClientFactory:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._cache: dict[tuple[str, str], Any] = {}
+        # One SSL context and connection pool, one view of ARM's throttling buckets.
+        self.pool = ConnectionPool(settings.ca_bundle)
+        self.pacer = ArmPacer()
 
     # -- shared configuration ------------------------------------------------------------
 
-    def _transport_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"user_agent": USER_AGENT}
-        if self.settings.ca_bundle:
-            kwargs["connection_verify"] = self.settings.ca_bundle
-        return kwargs
+    def _transport_kwargs(self, *, is_async: bool) -> dict[str, Any]:
+        """The user agent and a transport over the shared pool (which carries the CA bundle)."""
+        transport = self.pool.async_transport() if is_async else self.pool.sync_transport()
+        return {"user_agent": USER_AGENT, "transport": transport}
 
-    def _client_kwargs(self) -> dict[str, Any]:
+    def _client_kwargs(self, *, is_async: bool) -> dict[str, Any]:
         """Retry + transport options for azure-core pipelines (ARM, Key Vault, Logs)."""
         retry = self.settings.retry
         return {
-            **self._transport_kwargs(),
+            **self._transport_kwargs(is_async=is_async),
             "retry_total": retry.total,
             "retry_backoff_factor": retry.backoff_factor,
             "retry_backoff_max": retry.backoff_max,
@@ -135,12 +148,17 @@ class ClientFactory:
 
     # -- ARM -----------------------------------------------------------------------------
 
-    def _arm_kwargs(self) -> dict[str, Any]:
+    def _arm_policies(self, *, is_async: bool) -> list[Any]:
+        """Policies every ARM pipeline runs per attempt, after its retry policy: pacing."""
+        return [pacing_policy(self.pacer, is_async=is_async)]
+
+    def _arm_kwargs(self, *, is_async: bool) -> dict[str, Any]:
         cloud = self.settings.cloud
         return {
-            **self._client_kwargs(),
+            **self._client_kwargs(is_async=is_async),
             "base_url": cloud.resource_manager,
             "credential_scopes": [cloud.arm_scope],
+            "per_retry_policies": self._arm_policies(is_async=is_async),
         }
 
     def apim(self, subscription_id: str) -> ApiManagementClient:
@@ -149,7 +167,7 @@ class ClientFactory:
         client: ApiManagementClient = self._memo(
             "apim",
             subscription_id,
-            lambda: ApiManagementClient(self.credential(), subscription_id, **self._arm_kwargs()),
+            lambda: ApiManagementClient(self.credential(), subscription_id, **self._arm_kwargs(is_async=False)),
         )
         return client
 
@@ -159,7 +177,9 @@ class ClientFactory:
         client: AsyncApiManagementClient = self._memo(
             "apim_async",
             subscription_id,
-            lambda: AsyncApiManagementClient(self.async_credential(), subscription_id, **self._arm_kwargs()),
+            lambda: AsyncApiManagementClient(
+                self.async_credential(), subscription_id, **self._arm_kwargs(is_async=True)
+            ),
         )
         return client
 
@@ -174,7 +194,7 @@ class ClientFactory:
                 self.credential(),
                 subscription_id,
                 api_version=DIAGNOSTIC_SETTINGS_API_VERSION,
-                **self._arm_kwargs(),
+                **self._arm_kwargs(is_async=False),
             ),
         )
         return client
@@ -189,7 +209,7 @@ class ClientFactory:
                 self.async_credential(),
                 subscription_id,
                 api_version=DIAGNOSTIC_SETTINGS_API_VERSION,
-                **self._arm_kwargs(),
+                **self._arm_kwargs(is_async=True),
             ),
         )
         return client
@@ -209,7 +229,6 @@ class ClientFactory:
 
         cloud = self.settings.cloud
         retry = self.settings.retry
-        transport = self._transport_kwargs()
         pipeline = [
             policies.RequestIdPolicy(),
             policies.HeadersPolicy(),
@@ -220,6 +239,7 @@ class ClientFactory:
             policies.AsyncRetryPolicy(
                 retry_total=retry.total, retry_backoff_factor=retry.backoff_factor, retry_backoff_max=retry.backoff_max
             ),
+            *self._arm_policies(is_async=True),
             AsyncARMChallengeAuthenticationPolicy(self.async_credential(), cloud.arm_scope),
             policies.DistributedTracingPolicy(),
             # Where the generated SDK clients put it: after authentication (which adds the
@@ -228,23 +248,22 @@ class ClientFactory:
             policies.SensitiveHeaderCleanupPolicy(),
             ARMHttpLoggingPolicy(),
         ]
-        kwargs: dict[str, Any] = {k: v for k, v in transport.items() if k == "connection_verify"}
         return AsyncARMPipelineClient(
             base_url=cloud.resource_manager,
             policies=pipeline,
-            connection_timeout=ARM_CONNECTION_TIMEOUT,
-            read_timeout=ARM_READ_TIMEOUT,
-            **kwargs,
+            transport=self.pool.async_transport(
+                connection_timeout=ARM_CONNECTION_TIMEOUT, read_timeout=ARM_READ_TIMEOUT
+            ),
         )
 
-    def _graph_kwargs(self) -> dict[str, Any]:
-        return {**self._arm_kwargs(), "base_url": self.settings.cloud.resource_graph}
+    def _graph_kwargs(self, *, is_async: bool) -> dict[str, Any]:
+        return {**self._arm_kwargs(is_async=is_async), "base_url": self.settings.cloud.resource_graph}
 
     def resource_graph(self) -> ResourceGraphClient:
         from azure.mgmt.resourcegraph import ResourceGraphClient
 
         client: ResourceGraphClient = self._memo(
-            "resource_graph", "", lambda: ResourceGraphClient(self.credential(), **self._graph_kwargs())
+            "resource_graph", "", lambda: ResourceGraphClient(self.credential(), **self._graph_kwargs(is_async=False))
         )
         return client
 
@@ -254,7 +273,7 @@ class ClientFactory:
         client: AsyncResourceGraphClient = self._memo(
             "resource_graph_async",
             "",
-            lambda: AsyncResourceGraphClient(self.async_credential(), **self._graph_kwargs()),
+            lambda: AsyncResourceGraphClient(self.async_credential(), **self._graph_kwargs(is_async=True)),
         )
         return client
 
@@ -272,9 +291,9 @@ class ClientFactory:
             )
         return f"https://{parts.netloc.lower()}"
 
-    def _secrets_kwargs(self) -> dict[str, Any]:
+    def _secrets_kwargs(self, *, is_async: bool) -> dict[str, Any]:
         return {
-            **self._client_kwargs(),
+            **self._client_kwargs(is_async=is_async),
             "verify_challenge_resource": self.settings.cloud.keyvault_verify_challenge_resource,
         }
 
@@ -283,7 +302,7 @@ class ClientFactory:
 
         url = self._vault_url(vault_url)
         client: SecretClient = self._memo(
-            "secrets", url, lambda: SecretClient(url, self.credential(), **self._secrets_kwargs())
+            "secrets", url, lambda: SecretClient(url, self.credential(), **self._secrets_kwargs(is_async=False))
         )
         return client
 
@@ -294,22 +313,26 @@ class ClientFactory:
         client: AsyncSecretClient = self._memo(
             "secrets_async",
             url,
-            lambda: AsyncSecretClient(url, self.async_credential(), **self._secrets_kwargs()),
+            lambda: AsyncSecretClient(url, self.async_credential(), **self._secrets_kwargs(is_async=True)),
         )
         return client
 
     # -- Log Analytics -------------------------------------------------------------------
 
-    def _logs_kwargs(self) -> dict[str, Any]:
+    def _logs_kwargs(self, *, is_async: bool) -> dict[str, Any]:
         cloud = self.settings.cloud
         # Without audience the SDK asks for a token scoped to the endpoint's own host.
-        return {**self._client_kwargs(), "endpoint": cloud.log_analytics, "audience": cloud.log_analytics}
+        return {
+            **self._client_kwargs(is_async=is_async),
+            "endpoint": cloud.log_analytics,
+            "audience": cloud.log_analytics,
+        }
 
     def logs(self) -> LogsQueryClient:
         from azure.monitor.query import LogsQueryClient
 
         client: LogsQueryClient = self._memo(
-            "logs", "", lambda: LogsQueryClient(self.credential(), **self._logs_kwargs())
+            "logs", "", lambda: LogsQueryClient(self.credential(), **self._logs_kwargs(is_async=False))
         )
         return client
 
@@ -317,7 +340,7 @@ class ClientFactory:
         from azure.monitor.query.aio import LogsQueryClient as AsyncLogsQueryClient
 
         client: AsyncLogsQueryClient = self._memo(
-            "logs_async", "", lambda: AsyncLogsQueryClient(self.async_credential(), **self._logs_kwargs())
+            "logs_async", "", lambda: AsyncLogsQueryClient(self.async_credential(), **self._logs_kwargs(is_async=True))
         )
         return client
 
@@ -340,14 +363,7 @@ class ClientFactory:
         """One client SSL context for plain HTTPS outside the SDKs (the authority's OpenID
         documents and signing keys): the system store plus APIMR_CA_BUNDLE."""
 
-        def build() -> ssl.SSLContext:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-            if self.settings.ca_bundle:
-                context.load_verify_locations(cafile=self.settings.ca_bundle)
-            return context
-
-        built: ssl.SSLContext = self._memo("https", "", build)
-        return built
+        return self.pool.ssl_context()
 
     # -- Storage (the product's own queue, journal, leases) ------------------------------
 
@@ -363,15 +379,20 @@ class ClientFactory:
 
         retry = self.settings.retry
         if service == "table":
-            return self._client_kwargs()
+            return self._client_kwargs(is_async=is_async)
         policy_class: Any = {
             ("blob", False): BlobRetry,
             ("blob", True): AsyncBlobRetry,
             ("queue", False): QueueRetry,
             ("queue", True): AsyncQueueRetry,
         }[(service, is_async)]
+        # The storage SDKs' own connection and read timeouts (20 s, 60 s), which they give
+        # only to a transport they build themselves.
+        pool = self.pool
+        timeouts = {"connection_timeout": STORAGE_CONNECTION_TIMEOUT, "read_timeout": STORAGE_READ_TIMEOUT}
         kwargs: dict[str, Any] = {
-            **self._transport_kwargs(),
+            "user_agent": USER_AGENT,
+            "transport": pool.async_transport(**timeouts) if is_async else pool.sync_transport(**timeouts),
             "retry_policy": policy_class(
                 initial_backoff=max(1, round(retry.backoff_factor)),
                 increment_base=2,
@@ -470,14 +491,17 @@ class ClientFactory:
     # -- lifetime ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close every sync client and the sync credential (async ones: `aclose`)."""
+        """Close every sync client, the sync credential and the sync pool (async ones: `aclose`)."""
         for (kind, _), client in list(self._cache.items()):
             if not kind.endswith("_async") and hasattr(client, "close"):
                 client.close()
                 del self._cache[(kind, _)]
+        self.pool.close()
 
     async def aclose(self) -> None:
+        """Close every async client, the async credential and the shared aiohttp session."""
         for (kind, key), client in list(self._cache.items()):
             if kind.endswith("_async") and hasattr(client, "close"):
                 await client.close()
                 del self._cache[(kind, key)]
+        await self.pool.aclose()

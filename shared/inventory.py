@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from azure.core.exceptions import AzureError, HttpResponseError
+from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
 from azure.mgmt.resourcegraph.models import QueryRequest, QueryRequestOptions, QueryResponse
 
 from shared.azure import ClientFactory
@@ -330,6 +330,29 @@ async def _from_lists(factory: ClientFactory, settings: Settings) -> list[Instan
             raise result
         refs.extend(result)
     return refs
+
+
+async def locate(factory: ClientFactory, settings: Settings, instance_id: str) -> InstanceRef | None:
+    """One instance by its id without listing the estate: one GET of the service.
+
+    None when the id is not an APIM service's, lies outside the configured subscriptions,
+    resource groups or tags, or names no service (404). The ref carries the id as ARM spells
+    it, as discovery would return it. Other failures propagate as the SDK's errors.
+    """
+    named = instance_ref(instance_id.rstrip("/"), None, None)
+    if named is None or named.subscription_id not in {s.lower() for s in settings.subscription_ids}:
+        return None
+    groups = settings.scope.resource_groups
+    if groups and named.resource_group.lower() not in groups:
+        return None  # decided without a call
+    apim = factory.apim_async(named.subscription_id)
+    try:
+        service = await apim.api_management_service.get(named.resource_group, named.name)
+    except ResourceNotFoundError:
+        return None
+    ref = instance_ref(str(service.id or named.id), service.location, service.tags)
+    found = select([ref], settings) if ref is not None else ()
+    return found[0] if found else None
 
 
 async def discover(factory: ClientFactory, settings: Settings) -> tuple[InstanceRef, ...]:

@@ -346,6 +346,9 @@ class Snapshot:
     # What the gateway logs say now (LOG-004, THR-*): read on the signals schedule only, so
     # None on most snapshots; the signal rules are silent without it.
     signals: RuntimeSignals | None = None
+    # Parts not read because no rule the policy runs reads them (shared/read_plan.py): not
+    # reported (nobody asked about them), but a rule that reads one anyway stays silent.
+    skipped: tuple[str, ...] = ()
 
     def policy(self, scope: PolicyScope, owner: str = "") -> Policy | None:
         for p in self.policies:
@@ -354,7 +357,9 @@ class Snapshot:
         return None
 
     def readable(self, part: str) -> bool:
-        """Whether `part` was read: neither failed nor left out by configuration."""
+        """Whether `part` was read: neither failed nor left out by configuration or the policy."""
+        if part in self.skipped:
+            return False
         return not any(u.split(":", 1)[0] == part for u in (*self.unreadable, *self.not_configured))
 
 

@@ -6,6 +6,7 @@ location). Pure functions; no secret ever reaches a finding, so none reaches a r
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -145,24 +146,26 @@ def _finding_json(f: Finding) -> dict[str, Any]:
     }
 
 
+def instance_json(r: InstanceResult) -> dict[str, Any]:
+    """One instance's result as the JSON report (and each JSON line) carries it."""
+    return {
+        "id": r.instance_id,
+        "error": r.error,
+        "unreadable": list(r.unreadable),
+        "not_configured": list(r.not_configured),
+        "notes": list(r.notes),
+        "rule_failures": [{"rule": f.rule_id, "reason": f.reason} for f in r.rule_failures],
+        "findings": [_finding_json(f) for f in _sorted(list(r.findings))],
+    }
+
+
 def render_json(report: ScanReport) -> str:
     body = {
         "tool": {"name": "apim-remediator", "version": __version__},
         "started": report.started.isoformat(),
         "finished": report.finished.isoformat(),
         "policy": report.policy_file,
-        "instances": [
-            {
-                "id": r.instance_id,
-                "error": r.error,
-                "unreadable": list(r.unreadable),
-                "not_configured": list(r.not_configured),
-                "notes": list(r.notes),
-                "rule_failures": [{"rule": f.rule_id, "reason": f.reason} for f in r.rule_failures],
-                "findings": [_finding_json(f) for f in _sorted(list(r.findings))],
-            }
-            for r in report.instances
-        ],
+        "instances": [instance_json(r) for r in report.instances],
     }
     return json.dumps(body, indent=2) + "\n"
 
@@ -195,40 +198,71 @@ def _sarif_rule(rule: Rule) -> dict[str, Any]:
 def render_sarif(report: ScanReport) -> str:
     """SARIF 2.1.0: every catalogue rule (and custom rule), one result per finding at its resource id."""
     catalogue = report.catalogue()
-    rule_ids = sorted(catalogue)
-    index = {rule_id: i for i, rule_id in enumerate(rule_ids)}
-    results = []
-    for f in _sorted(report.findings):
-        result: dict[str, Any] = {
-            "ruleId": f.rule_id,
-            "ruleIndex": index[f.rule_id],
-            "level": _SARIF_LEVEL[f.severity],
-            "message": {
-                "text": f"{f.message} ({f.evidence.path}: {f.evidence.actual}; expected {f.evidence.expected})"
-            },
-            "locations": [
-                {
-                    "physicalLocation": {"artifactLocation": {"uri": f.resource_id.lstrip("/")}},
-                    "logicalLocations": [{"fullyQualifiedName": f.resource_id, "kind": "resource"}],
-                }
-            ],
-            "partialFingerprints": {"apimRemediator/v1": fingerprint(f)},
-            "properties": {"severity": f.severity.value, "instance": f.instance_id, "remediable": f.remediable},
+    index = sarif_rule_index(catalogue)
+    results = [sarif_result(f, index) for f in _sorted(report.findings)]
+    notifications = [n for r in report.instances for n in sarif_notifications(r, index)]
+    run: dict[str, Any] = {
+        "tool": sarif_tool(catalogue),
+        "invocations": [
+            sarif_invocation(
+                report.started,
+                report.finished,
+                successful=not any(r.error or r.rule_failures for r in report.instances),
+                notifications=notifications,
+            )
+        ],
+        "results": results,
+    }
+    return json.dumps({"$schema": SARIF_SCHEMA, "version": "2.1.0", "runs": [run]}, indent=2) + "\n"
+
+
+def sarif_rule_index(catalogue: Mapping[str, Rule]) -> dict[str, int]:
+    """Each rule's index in the SARIF driver's `rules` (sorted by id): the catalogue's and the
+    policy's custom rules (`ScanReport.catalogue()` / `Policy.catalogue()`)."""
+    return {rule_id: i for i, rule_id in enumerate(sorted(catalogue))}
+
+
+def sarif_tool(catalogue: Mapping[str, Rule]) -> dict[str, Any]:
+    return {
+        "driver": {
+            "name": "apim-remediator",
+            "version": __version__,
+            "rules": [_sarif_rule(catalogue[rule_id]) for rule_id in sorted(catalogue)],
         }
-        if f.exemption is not None:
-            result["suppressions"] = [{"kind": "external", "justification": f.exemption.reason}]
-        results.append(result)
-    notifications: list[dict[str, Any]] = [
-        {"level": "error", "message": {"text": f"{r.instance_id}: {r.error}"}} for r in report.instances if r.error
-    ] + [
-        {"level": "warning", "message": {"text": f"{r.instance_id}: could not read {part}"}}
-        for r in report.instances
-        for part in r.unreadable
+    }
+
+
+def sarif_result(f: Finding, index: dict[str, int]) -> dict[str, Any]:
+    """One finding as a SARIF result at its resource id."""
+    result: dict[str, Any] = {
+        "ruleId": f.rule_id,
+        "ruleIndex": index[f.rule_id],
+        "level": _SARIF_LEVEL[f.severity],
+        "message": {"text": f"{f.message} ({f.evidence.path}: {f.evidence.actual}; expected {f.evidence.expected})"},
+        "locations": [
+            {
+                "physicalLocation": {"artifactLocation": {"uri": f.resource_id.lstrip("/")}},
+                "logicalLocations": [{"fullyQualifiedName": f.resource_id, "kind": "resource"}],
+            }
+        ],
+        "partialFingerprints": {"apimRemediator/v1": fingerprint(f)},
+        "properties": {"severity": f.severity.value, "instance": f.instance_id, "remediable": f.remediable},
+    }
+    if f.exemption is not None:
+        result["suppressions"] = [{"kind": "external", "justification": f.exemption.reason}]
+    return result
+
+
+def sarif_notifications(r: InstanceResult, index: dict[str, int]) -> list[dict[str, Any]]:
+    """What kept an instance's checks from being complete, as tool execution notifications."""
+    notifications: list[dict[str, Any]] = []
+    if r.error:
+        notifications.append({"level": "error", "message": {"text": f"{r.instance_id}: {r.error}"}})
+    notifications += [
+        {"level": "warning", "message": {"text": f"{r.instance_id}: could not read {part}"}} for part in r.unreadable
     ]
     notifications += [
-        {"level": "note", "message": {"text": f"{r.instance_id}: did not read {part}"}}
-        for r in report.instances
-        for part in r.not_configured
+        {"level": "note", "message": {"text": f"{r.instance_id}: did not read {part}"}} for part in r.not_configured
     ]
     notifications += [
         {
@@ -237,28 +271,20 @@ def render_sarif(report: ScanReport) -> str:
             "associatedRule": {"id": failure.rule_id, "index": index[failure.rule_id]},
             "locations": [{"logicalLocations": [{"fullyQualifiedName": failure.instance_id, "kind": "resource"}]}],
         }
-        for r in report.instances
         for failure in r.rule_failures
     ]
-    run: dict[str, Any] = {
-        "tool": {
-            "driver": {
-                "name": "apim-remediator",
-                "version": __version__,
-                "rules": [_sarif_rule(catalogue[rule_id]) for rule_id in rule_ids],
-            }
-        },
-        "invocations": [
-            {
-                "executionSuccessful": not any(r.error or r.rule_failures for r in report.instances),
-                "startTimeUtc": report.started.isoformat().replace("+00:00", "Z"),
-                "endTimeUtc": report.finished.isoformat().replace("+00:00", "Z"),
-                "toolExecutionNotifications": notifications,
-            }
-        ],
-        "results": results,
+    return notifications
+
+
+def sarif_invocation(
+    started: datetime, finished: datetime, *, successful: bool, notifications: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "executionSuccessful": successful,
+        "startTimeUtc": started.isoformat().replace("+00:00", "Z"),
+        "endTimeUtc": finished.isoformat().replace("+00:00", "Z"),
+        "toolExecutionNotifications": notifications,
     }
-    return json.dumps({"$schema": SARIF_SCHEMA, "version": "2.1.0", "runs": [run]}, indent=2) + "\n"
 
 
 RENDERERS = {"table": render_table, "json": render_json, "sarif": render_sarif}

@@ -29,7 +29,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from enum import Enum
@@ -402,6 +402,10 @@ def align_ledger(ledger: Iterable[TrackedKey], subscriptions: Iterable[ApimSubsc
 # -- reading ----------------------------------------------------------------------------------
 
 
+async def _value(value: T) -> T:
+    return value
+
+
 async def _all(pager: AsyncIterable[T]) -> list[T]:
     return [item async for item in pager]
 
@@ -424,7 +428,10 @@ def _etagged(call: Callable[..., Awaitable[Any]], *args: Any) -> Callable[[], Aw
 class _Reader:
     """One snapshot's reads; collects the parts that could not be read."""
 
-    def __init__(self, factory: ClientFactory, ref: InstanceRef, hash_key: bytes) -> None:
+    def __init__(
+        self, factory: ClientFactory, ref: InstanceRef, hash_key: bytes, parts: frozenset[str] | None = None
+    ) -> None:
+        self.parts = parts  # None: every part
         self.factory = factory
         self.ref = ref
         self.hash_key = hash_key
@@ -433,7 +440,15 @@ class _Reader:
         self.name = ref.name
         self.failures: dict[str, str] = {}
         self.not_configured: dict[str, str] = {}  # parts the settings leave out, not failures
+        self.skipped: set[str] = set()  # parts no rule the policy runs reads
         self.gate = asyncio.Semaphore(MAX_CONCURRENT_READS)
+
+    def wants(self, part: str) -> bool:
+        """Whether `part` is read; one the policy's rules do not read is recorded as skipped."""
+        if self.parts is None or part in self.parts:
+            return True
+        self.skipped.add(part)
+        return False
 
     def fail(self, part: str, what: str, reason: str) -> None:
         self.failures.setdefault(part, f"{part}: {reason}")
@@ -459,7 +474,10 @@ class _Reader:
 
     async def service(self) -> Service:
         try:
-            model = await self.apim.api_management_service.get(self.rg, self.name)
+            # Through the gate like every other read: a scan's requests in flight (and so its
+            # pooled connections) stay within instances x MAX_CONCURRENT_READS.
+            async with self.gate:
+                model = await self.apim.api_management_service.get(self.rg, self.name)
         except ResourceNotFoundError as error:
             raise PermanentError(f"APIM instance {self.ref.id} no longer exists ({describe_failure(error)})") from error
         return map_service(model, self.ref)
@@ -566,6 +584,8 @@ class _Reader:
             )
             return None if model is None else map_policy(model, PolicyScope.API, api_name)
 
+        if not self.wants("policies"):
+            return tuple(map_api(a) for a in apis), ()
         policies = await asyncio.gather(*(policy(a) for a in apis))
         return tuple(map_api(a) for a in apis), tuple(p for p in policies if p is not None)
 
@@ -573,6 +593,9 @@ class _Reader:
         found = await self.read(
             "products", "products", lambda: _all(self.apim.product.list_by_service(self.rg, self.name))
         )
+
+        async def absent() -> None:
+            return None
 
         async def one(product: apim_models.ProductContract) -> tuple[Product, Policy | None]:
             pid = product.name or ""
@@ -587,7 +610,9 @@ class _Reader:
                     f"the policy of product {pid}",
                     lambda: self.apim.product_policy.get(self.rg, self.name, pid, "policy", format=POLICY_FORMAT),
                     absent_ok=True,
-                ),
+                )
+                if self.wants("policies")
+                else absent(),
             )
             policy = None if model is None else map_policy(model, PolicyScope.PRODUCT, pid)
             return map_product(product, apis or ()), policy
@@ -684,33 +709,48 @@ async def read_snapshot(
     key_vault_url: str | None,
     hash_key: bytes,
     now: datetime,
+    parts: frozenset[str] | None = None,
 ) -> Snapshot:
     """Read `ref` and every sub-resource the rules need, concurrently, into a Snapshot.
+
+    `parts` (see `read_plan.parts_needed`): only these optional parts are read; the others
+    are named in `Snapshot.not_configured`. None reads everything.
 
     Raises PermanentError when the service is gone; other failures of the service GET
     propagate as the SDK's errors (the caller tells transient from permanent). Failures of
     any other part are listed in `Snapshot.unreadable`.
     """
-    reader = _Reader(factory, ref, hash_key)
+    reader = _Reader(factory, ref, hash_key, parts)
+
+    def part(name: str, read: Coroutine[Any, Any, T], skipped: T) -> Coroutine[Any, Any, T]:
+        if reader.wants(name):
+            return read
+        read.close()  # never started
+        return _value(skipped)
+
     try:
         async with asyncio.TaskGroup() as group:
             service = group.create_task(reader.service())
-            subscriptions = group.create_task(reader.subscriptions())
-            tenant_access = group.create_task(reader.access("tenant_access", "access"))
-            git_access = group.create_task(reader.access("git_access", "gitAccess"))
-            portal = group.create_task(reader.portal())
-            identity_providers = group.create_task(reader.identity_providers())
-            named_values = group.create_task(reader.named_values())
-            apis = group.create_task(reader.apis())
-            backends = group.create_task(reader.backends())
-            products = group.create_task(reader.products())
-            service_policy = group.create_task(reader.service_policy())
-            apim_diagnostics = group.create_task(reader.apim_diagnostics())
-            loggers = group.create_task(reader.loggers())
-            certificates = group.create_task(reader.certificates())
-            diagnostic_settings = group.create_task(reader.diagnostic_settings())
-            ledger = group.create_task(reader.key_ledger(key_vault_url))
-            key_hashes = group.create_task(reader.key_hashes(subscriptions, ledger))
+            subscriptions = group.create_task(part("subscriptions", reader.subscriptions(), None))
+            tenant_access = group.create_task(part("tenant_access", reader.access("tenant_access", "access"), None))
+            git_access = group.create_task(part("git_access", reader.access("git_access", "gitAccess"), None))
+            portal = group.create_task(part("portal", reader.portal(), map_portal(None, None, None)))
+            identity_providers = group.create_task(part("identity_providers", reader.identity_providers(), ()))
+            named_values = group.create_task(part("named_values", reader.named_values(), ()))
+            apis = group.create_task(part("apis", reader.apis(), ((), ())))
+            backends = group.create_task(part("backends", reader.backends(), ()))
+            products = group.create_task(part("products", reader.products(), ((), ())))
+            service_policy = group.create_task(part("policies", reader.service_policy(), ()))
+            apim_diagnostics = group.create_task(part("apim_diagnostics", reader.apim_diagnostics(), ()))
+            loggers = group.create_task(part("loggers", reader.loggers(), ()))
+            certificates = group.create_task(part("certificates", reader.certificates(), ()))
+            diagnostic_settings = group.create_task(part("diagnostic_settings", reader.diagnostic_settings(), ()))
+            # Without a vault the key parts are "not configured" (what the settings say),
+            # whatever the policy reads; they make no request then.
+            ledger_read = reader.key_ledger(key_vault_url)
+            ledger = group.create_task(part("key_ledger", ledger_read, None) if key_vault_url else ledger_read)
+            hashes_read = reader.key_hashes(subscriptions, ledger)
+            key_hashes = group.create_task(part("key_hashes", hashes_read, ()) if key_vault_url else hashes_read)
     except BaseExceptionGroup as failed:
         # One task's error cancelled the rest: raise it as itself, not wrapped in a group,
         # keeping its own cause.
@@ -739,4 +779,5 @@ async def read_snapshot(
         certificates=certificates.result(),
         unreadable=tuple(sorted(reader.failures.values())),
         not_configured=tuple(sorted(reader.not_configured.values())),
+        skipped=tuple(sorted(reader.skipped)),
     )

@@ -22,7 +22,7 @@ from azure.core.exceptions import (
 from shared.azure import ClientFactory
 from shared.backup_store import BackupStore
 from shared.errors import PermanentError, RemediatorError, TransientError
-from shared.inventory import InstanceRef, describe_failure, discover
+from shared.inventory import InstanceRef, describe_failure, discover, locate
 from shared.model import Snapshot
 from shared.settings import Settings
 from shared.snapshot import read_snapshot
@@ -48,9 +48,11 @@ def translate(error: AzureError, what: str) -> TransientError | PermanentError:
 
 
 class AzureInstanceSource:
-    def __init__(self, factory: ClientFactory, settings: Settings) -> None:
+    def __init__(self, factory: ClientFactory, settings: Settings, *, parts: frozenset[str] | None = None) -> None:
+        """`parts`: read only these optional snapshot parts (`read_plan.parts_needed`); None: all."""
         self.factory = factory
         self.settings = settings
+        self.parts = parts
         # Keyed hashes compare secrets without holding them; the key lives and dies with
         # the process, so a hash in a snapshot is useless anywhere else.
         self.hash_key = secrets.token_bytes(32)
@@ -61,6 +63,12 @@ class AzureInstanceSource:
         except AzureError as error:
             raise translate(error, "listing APIM instances") from error
 
+    async def locate(self, instance_id: str) -> InstanceRef | None:
+        try:
+            return await locate(self.factory, self.settings, instance_id)
+        except AzureError as error:
+            raise translate(error, f"reading {instance_id}") from error
+
     async def read(self, ref: InstanceRef) -> Snapshot:
         try:
             snapshot = await read_snapshot(
@@ -69,6 +77,7 @@ class AzureInstanceSource:
                 key_vault_url=self.settings.key_vault_url,
                 hash_key=self.hash_key,
                 now=datetime.now(UTC),
+                parts=self.parts,
             )
         except AzureError as error:
             raise translate(error, f"reading {ref.id}") from error

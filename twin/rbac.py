@@ -37,6 +37,7 @@ State lives in `state.extra["rbac"]` so `reset()` restores the seeded assignment
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import Iterable
@@ -248,8 +249,10 @@ def _pattern(operation: str) -> re.Pattern[str]:
     return re.compile("^" + ".*".join(re.escape(part) for part in operation.split("*")) + "$", re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=8192)
 def action_matches(granted: str, action: str) -> bool:
-    """Whether a role's operation string (wildcards allowed) covers `action`, as ARM compares them."""
+    """Whether a role's operation string (wildcards allowed) covers `action`, as ARM compares them.
+    Remembered: every request asks about the same few actions and roles."""
     return _pattern(granted).match(action) is not None
 
 
@@ -340,16 +343,49 @@ def decide(state: TwinState, object_id: str | None, action: str, scope: str, *, 
         return Decision(True)
     if not object_id:
         return Decision(False)
-    by_id = {r.id.lower(): r for r in roles(state)}
-    for assignment in _rbac(state)["assignments"]:
-        if assignment["principal_id"].lower() != object_id.lower():
-            continue
-        if not scope_covers(assignment["scope"], scope):
-            continue
-        role = by_id.get(assignment["role_id"].lower())
+    index = _index(state)
+    mine = index.by_principal.get(object_id.lower(), {})
+    # The assignments at the scope and above it, in the order they were made.
+    candidates = sorted(entry for at in _ancestors(scope) for entry in mine.get(at, ()))
+    for _, assignment in candidates:
+        role = index.roles.get(assignment["role_id"].lower())
         if role is not None and permits(role, action, data=data):
             return Decision(True, role, assignment["scope"])
     return Decision(False)
+
+
+@dataclass(frozen=True)
+class _Index:
+    """Assignments by principal and scope (lowercased), with their position; roles by id."""
+
+    fingerprint: tuple[int, int, int, int]
+    by_principal: dict[str, dict[str, list[tuple[int, dict[str, Any]]]]]
+    roles: dict[str, RoleDefinition]
+
+
+def _index(state: TwinState) -> _Index:
+    """Every request is authorized: look assignments up by scope instead of walking them all
+    (a large estate has one or more per subscription). Rebuilt when they change: assignments
+    are only ever appended (`apply_estate`), which also drops the index, and reset() empties
+    `state.memo`."""
+    rbac = _rbac(state)
+    fingerprint = (id(rbac["assignments"]), len(rbac["assignments"]), id(rbac["roles"]), len(rbac["roles"]))
+    found = state.memo.get("rbac")
+    if isinstance(found, _Index) and found.fingerprint == fingerprint:
+        return found
+    by_principal: dict[str, dict[str, list[tuple[int, dict[str, Any]]]]] = {}
+    for position, assignment in enumerate(rbac["assignments"]):
+        scopes = by_principal.setdefault(str(assignment["principal_id"]).lower(), {})
+        scopes.setdefault(str(assignment["scope"]).rstrip("/").lower(), []).append((position, assignment))
+    built = _Index(fingerprint, by_principal, {r.id.lower(): r for r in roles(state)})
+    state.memo["rbac"] = built
+    return built
+
+
+def _ancestors(scope: str) -> list[str]:
+    """The scope and every scope above it, as `scope_covers` compares them ("" is the root)."""
+    child = scope.rstrip("/").lower()
+    return [child[:i] for i, char in enumerate(child) if char == "/"] + [child]
 
 
 def allowed(state: TwinState, object_id: str | None, action: str, scope: str, *, data: bool = False) -> bool:
@@ -360,11 +396,12 @@ def has_any_assignment_under(state: TwinState, object_id: str | None, scope: str
     """Whether the principal holds any role at, above or below `scope` (what ARM's subscription list shows)."""
     if not enabled(state):
         return True
-    for assignment in _rbac(state)["assignments"]:
-        mine = bool(object_id) and assignment["principal_id"].lower() == str(object_id).lower()
-        if mine and (scope_covers(assignment["scope"], scope) or scope_covers(scope, assignment["scope"])):
-            return True
-    return False
+    if not object_id:
+        return False
+    mine = _index(state).by_principal.get(str(object_id).lower(), {})
+    if any(at in mine for at in _ancestors(scope)):
+        return True
+    return any(scope_covers(scope, at) for at in mine)
 
 
 # -- deriving the ARM operation of a request ---------------------------------------------------
@@ -666,6 +703,7 @@ def apply_estate(state: TwinState, data: dict[str, Any], *, source: str, top_lev
         entry = {"principal_id": object_id, "role_id": found_role.id, "scope": scope.rstrip("/") or "/"}
         if entry not in rbac["assignments"]:
             rbac["assignments"].append(entry)
+    state.memo.pop("rbac", None)
 
 
 _APIM_SERVICE = "Microsoft.ApiManagement/service"
@@ -737,7 +775,7 @@ def assignments_json(state: TwinState) -> list[dict[str, Any]]:
 
 from aiohttp import web  # noqa: E402
 
-from twin.web import CLAIMS, ROUTES_KEY, ServiceError, clean_path, state_of  # noqa: E402
+from twin.web import CLAIMS, ServiceError, clean_path, routes_for, state_of  # noqa: E402
 
 _SUBSCRIPTION_ONLY = re.compile(r"^/subscriptions/[^/]+/?$", re.IGNORECASE)
 
@@ -757,7 +795,7 @@ async def authorize_arm(request: web.Request) -> None:
     path = clean_path(request)
     if path.rstrip("/").lower() == "/subscriptions":
         return
-    if not any(route.regex.match(path) for route in request.app[ROUTES_KEY]):
+    if not any(route.regex.match(path) for route in routes_for(request.app, path)):
         return  # ARM resolves the resource type first: an unknown one is its 404, not a 403
     operation = arm_operation(request.method, path)
     if operation is None:

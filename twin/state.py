@@ -6,10 +6,12 @@ aiohttp handlers run on that loop). `reset()` brings it back to the seeded estat
 
 from __future__ import annotations
 
+import bisect
 import copy
 import re
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,10 +51,35 @@ class Resource:
 
 
 class ArmStore:
-    """Every ARM resource by normalised id. Children are found by id prefix."""
+    """Every ARM resource by normalised id, with indexes so a list answers in time
+    proportional to what it returns, not to the whole estate (a 1,000-instance estate holds
+    tens of thousands of resources, and a scan lists children thousands of times):
+
+    - direct children by their collection (`{parent}/{child_type}`), in insertion order;
+    - every id in sorted order, so the resources under an id are one contiguous range;
+    - ids by resource type.
+
+    Change resources only through `put`, `delete` and `load` (which keep the indexes).
+    """
 
     def __init__(self) -> None:
         self.resources: dict[str, Resource] = {}
+        self._collections: dict[str, dict[str, None]] = {}
+        self._sorted: list[str] = []
+        self._types: dict[str, dict[str, None]] = {}
+
+    def load(self, resources: dict[str, Resource]) -> None:
+        """Replace everything (reset to the seeded estate) and rebuild the indexes."""
+        self.resources = resources
+        self._collections = {}
+        self._types = {}
+        self._sorted = sorted(resources)
+        for key, resource in resources.items():
+            self._index(key, resource)
+
+    def _index(self, key: str, resource: Resource) -> None:
+        self._collections.setdefault(key.rsplit("/", 1)[0], {})[key] = None
+        self._types.setdefault(_type_of(resource), {})[key] = None
 
     def get(self, resource_id: str) -> Resource | None:
         return self.resources.get(norm(resource_id))
@@ -61,29 +88,60 @@ class ArmStore:
         key = norm(resource_id)
         existing = self.resources.get(key)
         if existing is not None:
+            before = _type_of(existing)
             existing.body = body
             existing.etag = new_etag()
+            if _type_of(existing) != before:
+                self._types.get(before, {}).pop(key, None)
+                self._types.setdefault(_type_of(existing), {})[key] = None
             return existing
         resource = Resource(id=resource_id.rstrip("/"), body=body)
         self.resources[key] = resource
+        bisect.insort(self._sorted, key)
+        self._index(key, resource)
         return resource
+
+    def _remove(self, key: str) -> Resource | None:
+        gone = self.resources.pop(key, None)
+        if gone is None:
+            return None
+        self._collections.get(key.rsplit("/", 1)[0], {}).pop(key, None)
+        self._types.get(_type_of(gone), {}).pop(key, None)
+        at = bisect.bisect_left(self._sorted, key)
+        if at < len(self._sorted) and self._sorted[at] == key:
+            del self._sorted[at]
+        return gone
 
     def delete(self, resource_id: str) -> Resource | None:
         key = norm(resource_id)
-        gone = self.resources.pop(key, None)
+        gone = self._remove(key)
         if gone is not None:
-            for child in [k for k in self.resources if k.startswith(key + "/")]:
-                del self.resources[child]
+            for child in self.descendant_keys(key):
+                self._remove(child)
         return gone
+
+    def descendant_keys(self, resource_id: str) -> list[str]:
+        """The keys of every resource under `resource_id` (not itself), in id order."""
+        prefix = norm(resource_id) + "/"
+        start = bisect.bisect_left(self._sorted, prefix)
+        # "/" + 1 is "0": every key starting with the prefix sorts below prefix[:-1] + "0".
+        end = bisect.bisect_left(self._sorted, prefix[:-1] + "0")
+        return self._sorted[start:end]
+
+    def descendants(self, resource_id: str) -> list[Resource]:
+        return [self.resources[k] for k in self.descendant_keys(resource_id)]
 
     def children(self, parent_id: str, child_type: str) -> list[Resource]:
         """Direct children `{parent}/{child_type}/{name}` in insertion order."""
-        prefix = norm(parent_id) + "/" + child_type.lower() + "/"
-        return [r for k, r in self.resources.items() if k.startswith(prefix) and "/" not in k[len(prefix) :]]
+        collection = norm(parent_id) + "/" + child_type.lower()
+        return [self.resources[k] for k in self._collections.get(collection, ())]
 
     def by_type(self, resource_type: str) -> list[Resource]:
-        wanted = resource_type.lower()
-        return [r for r in self.resources.values() if str(r.body.get("type", "")).lower() == wanted]
+        return [self.resources[k] for k in self._types.get(resource_type.lower(), ())]
+
+
+def _type_of(resource: Resource) -> str:
+    return str(resource.body.get("type", "")).lower()
 
 
 @dataclass
@@ -97,6 +155,9 @@ class LogEntry:
     status: int
     principal: str | None
     subscription: str | None
+    # The TCP connection it came on, numbered in the order the twin first saw them: tests
+    # count connections to show that clients reuse them.
+    connection: int | None = None
 
     @property
     def kind(self) -> str:
@@ -247,6 +308,11 @@ class TwinState:
     # Set by the server: runs after an estate fragment is merged at run time (new vault ports).
     after_seed: Callable[[], Awaitable[None]] | None = None
     _seed: dict[str, Any] | None = None
+    # Derived lookups providers rebuild from the state at will (RBAC's assignment index);
+    # never part of the estate, emptied by reset().
+    memo: dict[str, Any] = field(default_factory=dict)
+    _connections: weakref.WeakKeyDictionary[Any, int] = field(default_factory=weakref.WeakKeyDictionary)
+    _connection_count: int = 0
 
     # -- snapshots for reset ----------------------------------------------------------------
 
@@ -261,7 +327,8 @@ class TwinState:
         """Back to the seeded estate: state, clock, log, faults, throttling, operations, events."""
         assert self._seed is not None, "reset() before the estate was seeded"
         self.subscriptions = copy.deepcopy(self._seed["subscriptions"])
-        self.store.resources = copy.deepcopy(self._seed["resources"])
+        self.store.load(copy.deepcopy(self._seed["resources"]))
+        self.memo.clear()
         self.extra = copy.deepcopy(self._seed["extra"])
         self.clock = Clock()
         self.log.clear()
@@ -273,6 +340,16 @@ class TwinState:
         self.latency.clear()
 
     # -- helpers for services ---------------------------------------------------------------
+
+    def connection_of(self, transport: Any) -> int | None:
+        """A number per TCP connection (its transport), the same for every request on it."""
+        if transport is None:
+            return None
+        found = self._connections.get(transport)
+        if found is None:
+            self._connection_count += 1
+            found = self._connections[transport] = self._connection_count
+        return found
 
     def principal(self, client_id: str) -> Principal | None:
         found = self.principals.get(client_id)
@@ -320,4 +397,6 @@ class TwinState:
             "by_route": dict(Counter(f"{e.method} {e.route}" for e in self.log)),
             "by_principal": dict(Counter(e.principal or "-" for e in self.log)),
             "by_status": dict(Counter(str(e.status) for e in self.log)),
+            "throttled": sum(1 for e in self.log if e.status == 429),
+            "connections": dict(Counter(e.service for e in {(e.service, e.connection): e for e in self.log}.values())),
         }

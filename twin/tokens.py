@@ -54,12 +54,20 @@ def _new_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
+VERIFIED_CACHE = 1024  # verified tokens remembered (the twin serves a handful of principals)
+
+
 class TokenIssuer:
     def __init__(self, tenant_id: str) -> None:
         self.tenant_id = tenant_id
         self.issuer = f"https://sts.windows.net/{tenant_id}/"
         # kid -> key; the last one signs. Rotation keeps the old ones in the JWKS.
         self._keys: dict[str, rsa.RSAPrivateKey] = {uuid.uuid4().hex: _new_key()}
+        # Tokens whose signature and issuer were verified -> their claims. A client sends the
+        # same token for an hour; checking its RS256 signature (and PyJWT's base64 checks)
+        # on each of a large scan's requests made the twin, not the client, the bottleneck.
+        # Time (exp/nbf) and audience are still checked on every request.
+        self._verified: dict[str, Mapping[str, Any]] = {}
 
     @property
     def kid(self) -> str:
@@ -73,6 +81,7 @@ class TokenIssuer:
         """Sign with a new key from now on (the JWKS keeps the old ones); returns its kid."""
         kid = uuid.uuid4().hex
         self._keys[kid] = _new_key()
+        self._verified.clear()
         return kid
 
     def jwks(self) -> dict[str, Any]:
@@ -140,6 +149,29 @@ class TokenIssuer:
                 "InvalidAuthenticationToken", "The 'Authorization' header must be of the form 'Bearer <token>'."
             )
         allowed = [a.rstrip("/") for a in audiences]
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self._verify_signed(token)
+            if len(self._verified) >= VERIFIED_CACHE:
+                self._verified.clear()
+            self._verified[token] = claims
+        else:
+            now = time.time()
+            if now >= float(claims["exp"]):
+                raise TokenError("ExpiredAuthenticationToken", "The access token expiry UTC time is in the past.")
+            if now < float(claims["nbf"]):
+                raise TokenError("InvalidAuthenticationToken", "The access token is not yet valid (nbf).")
+        audience = str(claims.get("aud", "")).rstrip("/")
+        if audience not in allowed:
+            raise TokenError(
+                "InvalidAuthenticationTokenAudience",
+                f"The access token has been obtained for wrong audience or resource '{claims.get('aud')}'. "
+                f"It should exactly match with one of the allowed audiences {allowed}.",
+            )
+        return claims
+
+    def _verify_signed(self, token: str) -> Mapping[str, Any]:
+        """Signature, algorithm, issuer, required claims and time, by PyJWT."""
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except jwt.PyJWTError as error:
@@ -167,11 +199,4 @@ class TokenIssuer:
             raise TokenError("InvalidAuthenticationToken", "The access token signature is invalid.") from error
         except jwt.PyJWTError as error:
             raise TokenError("InvalidAuthenticationToken", f"The access token is invalid: {error}.") from error
-        audience = str(claims.get("aud", "")).rstrip("/")
-        if audience not in allowed:
-            raise TokenError(
-                "InvalidAuthenticationTokenAudience",
-                f"The access token has been obtained for wrong audience or resource '{claims.get('aud')}'. "
-                f"It should exactly match with one of the allowed audiences {allowed}.",
-            )
         return claims

@@ -117,6 +117,33 @@ class Route:
 
 ROUTES_KEY: web.AppKey[list[Route]] = web.AppKey("routes", list)
 PARAMS: web.RequestKey[dict[str, str]] = web.RequestKey("params", dict)
+# Routes by (segment count, last segment if literal, else ""): a request is matched against
+# the few routes of its shape, not all of them (the ARM app has a couple of hundred).
+_ShapeIndex = dict[tuple[int, str], list[tuple[int, Route]]]
+ROUTE_SHAPES_KEY: web.AppKey[dict[int, _ShapeIndex]] = web.AppKey("route_shapes", dict)
+
+
+def _segments(path: str) -> list[str]:
+    return path.rstrip("/").split("/")
+
+
+def routes_for(app: web.Application, path: str) -> list[Route]:
+    """The routes that can match `path`, in registration order."""
+    routes = app[ROUTES_KEY]
+    built = app[ROUTE_SHAPES_KEY]
+    index = built.get(len(routes))
+    if index is None:  # routes are registered before the app serves: built once
+        index = {}
+        for position, route in enumerate(routes):
+            parts = _segments(route.pattern)
+            last = parts[-1].lower() if "{" not in parts[-1] else ""
+            index.setdefault((len(parts), last), []).append((position, route))
+        built.clear()
+        built[len(routes)] = index
+    parts = _segments(path)
+    literal = index.get((len(parts), parts[-1].lower()), [])
+    wild = index.get((len(parts), ""), [])
+    return [route for _, route in sorted((*literal, *wild), key=lambda entry: entry[0])]
 
 
 def add_route(
@@ -146,10 +173,9 @@ def clean_path(request: web.Request) -> str:
 
 
 async def _dispatch(request: web.Request) -> web.StreamResponse:
-    routes = request.app[ROUTES_KEY]
     methods = set()
     path = clean_path(request)
-    for route in routes:
+    for route in routes_for(request.app, path):
         match = route.regex.match(path)
         if match is None:
             continue
@@ -217,6 +243,7 @@ def make_app(state: TwinState, service: str, issuer: TokenIssuer, auth: AuthPoli
                     status=status,
                     principal=claims.get("appid"),
                     subscription=match.group(1).lower() if match else None,
+                    connection=state.connection_of(request.transport),
                 )
             )
         return response
@@ -299,7 +326,12 @@ def make_app(state: TwinState, service: str, issuer: TokenIssuer, auth: AuthPoli
                 f"principal '{principal}' exceeded the limit. Please try again after '{seconds}' seconds.",
                 headers={"Retry-After": str(seconds), header: "0"},
             )
-        response = await handler(request)
+        # ARM's front door counts and reports on every answer, errors (a 404, a 409) included.
+        try:
+            response = await handler(request)
+        except ServiceError as error:
+            error.headers = {**error.headers, header: str(int(bucket.tokens))}
+            raise
         response.headers[header] = str(int(bucket.tokens))
         return response
 
@@ -308,6 +340,7 @@ def make_app(state: TwinState, service: str, issuer: TokenIssuer, auth: AuthPoli
     app[SERVICE_KEY] = service
     app[ISSUER_KEY] = issuer
     app[ROUTES_KEY] = []
+    app[ROUTE_SHAPES_KEY] = {}
     app.router.add_route("*", "/{tail:.*}", _dispatch)
     return app
 

@@ -192,6 +192,11 @@ def test_ca_bundle_reaches_every_pipeline(tmp_path: Any) -> None:
         {"APIMR_SUBSCRIPTION_IDS": SUB, "APIMR_STORAGE_ACCOUNT": "apimrstate", "APIMR_CA_BUNDLE": str(bundle)}
     )
     factory = ClientFactory(settings)
-    assert factory._client_kwargs()["connection_verify"] == str(bundle)
+    # Every client's transport is the shared pool's: sync ones verify with the bundle's path
+    # (urllib3 pools per CA file), async ones with the pool's one SSL context.
+    assert factory.pool.ca_bundle == str(bundle)
+    sync = factory._client_kwargs(is_async=False)["transport"]
+    assert sync.connection_config.verify == str(bundle)
+    assert factory._storage_kwargs("blob", is_async=False)["transport"].connection_config.verify == str(bundle)
+    assert factory._client_kwargs(is_async=True)["transport"].connection_config.verify is True
     assert factory._credential_kwargs()["connection_verify"] == str(bundle)
-    assert factory._storage_kwargs("blob", is_async=False)["connection_verify"] == str(bundle)

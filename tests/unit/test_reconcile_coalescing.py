@@ -37,6 +37,10 @@ class SlowSource:
         result: tuple[InstanceRef, ...] = await self.inner.discover()
         return result
 
+    async def locate(self, instance_id: str) -> InstanceRef | None:
+        result: InstanceRef | None = await self.inner.locate(instance_id)
+        return result
+
     async def read(self, ref: InstanceRef) -> Snapshot:
         self.clock.now += timedelta(minutes=1)
         snapshot: Snapshot = await self.inner.read(ref)

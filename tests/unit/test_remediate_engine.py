@@ -86,6 +86,9 @@ class FakeSource:
     async def discover(self) -> tuple[InstanceRef, ...]:
         return (REF,)
 
+    async def locate(self, instance_id: str) -> InstanceRef | None:
+        return REF if instance_id.lower() == REF.id.lower() else None
+
     async def read(self, ref: InstanceRef) -> Snapshot:
         self.events.append("read")
         access = bool(self.arm.bodies[ACCESS]["properties"]["enabled"])

@@ -42,6 +42,9 @@ class RecordingSource:
     async def discover(self) -> tuple[InstanceRef, ...]:
         return tuple(self.refs)
 
+    async def locate(self, instance_id: str) -> InstanceRef | None:
+        return next((r for r in self.refs if r.id.lower() == instance_id.lower()), None)
+
     async def read(self, ref: InstanceRef) -> Snapshot:
         self.reads.append(ref.id)
         found = self.snapshots[ref.id]

@@ -68,7 +68,7 @@ def backup_document(state: TwinState, service: Resource) -> dict[str, Any]:
 def restore_document(state: TwinState, service: Resource, document: dict[str, Any]) -> None:
     """Replace the service's whole configuration (subscriptions included) with a backup's."""
     for child in _service_children(state, service.id):
-        state.store.resources.pop(norm(child.id), None)
+        state.store.delete(child.id)
     _drop_secrets_under(state, service.id, include_self=False)
     links = state.extra.setdefault("apim", {}).setdefault("product_apis", {})
     for key in [k for k in links if k.startswith(norm(service.id) + "/")]:

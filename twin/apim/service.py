@@ -370,8 +370,7 @@ def _create_defaults(state: TwinState, service: Resource) -> None:
 
 
 def _service_children(state: TwinState, service_id: str) -> list[Resource]:
-    prefix = norm(service_id) + "/"
-    return [r for k, r in state.store.resources.items() if k.startswith(prefix)]
+    return state.store.descendants(service_id)
 
 
 def _render_service(resource: Resource) -> dict[str, Any]:
@@ -389,12 +388,8 @@ async def list_services_in_group(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     p = params(request)
     arm.resource_group_or_404(state, p["sub"], p["rg"])
-    prefix = norm(f"/subscriptions/{p['sub']}/resourceGroups/{p['rg']}/providers/{PROVIDER}/service") + "/"
-    items = [
-        _render_service(r)
-        for k, r in state.store.resources.items()
-        if k.startswith(prefix) and "/" not in k[len(prefix) :] and r.body.get("type") == SERVICE_TYPE
-    ]
+    parent = f"/subscriptions/{p['sub']}/resourceGroups/{p['rg']}/providers/{PROVIDER}"
+    items = [_render_service(r) for r in state.store.children(parent, "service") if r.body.get("type") == SERVICE_TYPE]
     return json_response(page(items, request, top=None, skip=0, base_url=_base(state)))
 
 
@@ -405,8 +400,8 @@ async def list_services(request: web.Request) -> web.StreamResponse:
     prefix = norm(f"/subscriptions/{sub}") + "/"
     items = [
         _render_service(r)
-        for k, r in state.store.resources.items()
-        if k.startswith(prefix) and r.body.get("type") == SERVICE_TYPE
+        for r in state.store.by_type(SERVICE_TYPE)
+        if norm(r.id).startswith(prefix) and r.body.get("type") == SERVICE_TYPE
     ]
     return json_response(page(items, request, top=None, skip=0, base_url=_base(state)))
 
