@@ -82,6 +82,9 @@ POLICY_FORMAT = "xml"
 # ARM's read budget per principal and subscription is shared by all of them.
 MAX_CONCURRENT_READS = 8
 NOT_CONFIGURED = "not configured (APIMR_KEY_VAULT_URL is not set)"
+# The tiers that have workspaces (Learn: "Create and manage a workspace", applies to Basic v2,
+# Standard v2, Premium and Premium v2).
+WORKSPACE_SKUS = ("Premium", "BasicV2", "StandardV2", "PremiumV2")
 
 T = TypeVar("T")
 
@@ -606,9 +609,13 @@ class _Reader:
         results = await asyncio.gather(*(one(p) for p in found or ()))
         return tuple(p for p, _ in results), tuple(pol for _, pol in results if pol is not None)
 
-    async def workspaces(self) -> tuple[Workspace, ...]:
+    async def workspaces(self, service: Awaitable[Service]) -> tuple[Workspace, ...]:
         """Every workspace and its APIs (current revisions), products (with their API links),
-        subscriptions, named values, backends and policies (workspace, product, API)."""
+        subscriptions, named values, backends and policies (workspace, product, API).
+
+        Only tiers with workspaces (WORKSPACE_SKUS) are asked: the others have none."""
+        if (await service).sku_name.lower() not in {s.lower() for s in WORKSPACE_SKUS}:
+            return ()
         found = await self.read(
             "workspaces", "workspaces", lambda: _all(self.apim.workspace.list_by_service(self.rg, self.name))
         )
@@ -819,7 +826,7 @@ async def read_snapshot(
             loggers = group.create_task(reader.loggers())
             certificates = group.create_task(reader.certificates())
             diagnostic_settings = group.create_task(reader.diagnostic_settings())
-            workspaces = group.create_task(reader.workspaces())
+            workspaces = group.create_task(reader.workspaces(service))
             ledger = group.create_task(reader.key_ledger(key_vault_url))
             key_hashes = group.create_task(reader.key_hashes(subscriptions, ledger))
     except BaseExceptionGroup as failed:

@@ -149,7 +149,8 @@ def all_apis_scope(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) ->
         findings.append(
             rule.finding(
                 snapshot,
-                message=f"Active subscription {_label(sub)} has a key that opens every API of the instance.",
+                message=f"Active subscription {_label(sub)} has a key that opens every API of the "
+                + ("workspace." if "/workspaces/" in sub.id.lower() else "instance."),
                 path="properties.scope",
                 actual=sub.scope,
                 expected="/products/{productId} or /apis/{apiId}",
