@@ -101,7 +101,8 @@ def test_each_rule_fires_in_its_workspace_naming_it_and_nowhere_else(twin: TwinH
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
     [instance] = [i for i in body["instances"] if i["id"].lower() == service_id.lower()]
-    assert instance["error"] is None and instance["unreadable"] == [], instance
+    assert instance["error"] is None, instance
+    assert instance["unreadable"] == [], instance
     found = {(f["rule"], f["resource"]) for f in instance["findings"]}
     assert found == expected(service_id)
     assert len(instance["findings"]) == len(found)  # each exactly once
