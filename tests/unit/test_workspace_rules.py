@@ -139,3 +139,27 @@ def test_exemptions_and_modes_apply_to_workspace_findings_too() -> None:
     )
     [finding] = [f for f in evaluate(snap, policy, today=NOW.date()).findings if f.rule_id == "API-001"]
     assert finding.exempt
+
+
+def test_a_custom_rule_on_workspaces_sees_each_workspace_as_a_whole() -> None:
+    policy = parse_policy(
+        "version: 1\ncustom_rules:\n"
+        "  - id: X-WS-001\n    title: Workspaces hold no backends of their own\n    severity: low\n"
+        "    rationale: backends are the platform team's\n    resource: workspaces\n"
+        "    require: {field: backends, absent: true}\n",
+        source="policy.yaml",
+    )
+    snap = with_workspace(compliant(), apis=(ws_api("a"),))
+    with_backend = replace(
+        snap,
+        workspaces=(
+            *snap.workspaces,
+            Workspace(
+                id=f"{SERVICE_ID}/workspaces/team-b",
+                name="team-b",
+                backends=(replace(compliant().backends[0], id=f"{SERVICE_ID}/workspaces/team-b/backends/orders"),),
+            ),
+        ),
+    )
+    found = [f for f in evaluate(with_backend, policy, today=NOW.date()).findings if f.rule_id == "X-WS-001"]
+    assert [f.resource_id for f in found] == [f"{SERVICE_ID}/workspaces/team-b"]
