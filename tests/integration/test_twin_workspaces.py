@@ -191,3 +191,10 @@ def test_writes_are_validated_and_etags_guard_updates(twin: TwinHandle) -> None:
     deleted = twin.arm("DELETE", f"{WS}/subscriptions/s?{V}", token=token)
     assert deleted.status_code == 400
     assert "If-Match" in deleted.text
+    etag = twin.arm("GET", f"{WS}/subscriptions/s?{V}").headers["ETag"]
+    gone = twin.arm("DELETE", f"{WS}/subscriptions/s?{V}", token=token, headers={"If-Match": etag})
+    assert gone.status_code == 200
+    assert twin.arm("GET", f"{WS}/subscriptions/s?{V}").status_code == 404
+    workspace_etag = twin.arm("GET", f"{WS}?{V}").headers["ETag"]
+    assert twin.arm("DELETE", f"{WS}?{V}", token=token, headers={"If-Match": workspace_etag}).status_code == 200
+    assert twin.arm("GET", f"{WS}/apis/new?{V}").status_code == 404  # its children went with it

@@ -33,6 +33,7 @@ from twin.apim.common import (
     SUBSCRIPTION_STATES,
     _check_if_match,
     _deep,
+    _drop_secrets_under,
     _emit,
     _entity_name,
     _enum,
@@ -232,6 +233,7 @@ async def delete_workspace(request: web.Request) -> web.StreamResponse:
     if found is None:
         return web.Response(status=204)
     state.store.delete(found.id)  # children go with it, as in APIM
+    _drop_secrets_under(state, found.id, include_self=True)
     _emit(state, write_context(request), found.id, "delete")
     return web.Response(status=200)
 
@@ -332,6 +334,7 @@ async def delete_workspace_child(request: web.Request) -> web.StreamResponse:
     if found is None:
         return web.Response(status=204)
     state.store.delete(found.id)
+    _drop_secrets_under(state, found.id, include_self=True)
     _emit(state, write_context(request), found.id, "delete")
     return web.Response(status=200)
 
