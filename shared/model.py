@@ -212,6 +212,7 @@ class Product:
 
 class PolicyScope(StrEnum):
     SERVICE = "service"
+    WORKSPACE = "workspace"  # a workspace's own policy: between the global one and its products/APIs
     PRODUCT = "product"
     API = "api"
 
@@ -314,6 +315,32 @@ class BackupStatus:
 
 
 @dataclass(frozen=True)
+class Workspace:
+    """A workspace of the instance (`.../service/{name}/workspaces/{id}`) and what lives in it.
+
+    The parts have the service level's types; their ids are the workspace resources' ids
+    (`.../workspaces/{id}/apis/{api}`), so findings about them name the workspace. Its
+    policies are the workspace policy (scope WORKSPACE) and its products' and APIs' policies;
+    the global policy stays in `Snapshot.policies`. Parts of the workspace that could not be
+    read are in the snapshot's `unreadable` as "workspaces/{id}/{part}: ...".
+    """
+
+    id: str
+    name: str
+    display_name: str | None = None
+    apis: tuple[Api, ...] = ()
+    products: tuple[Product, ...] = ()
+    subscriptions: tuple[ApimSubscription, ...] = ()
+    named_values: tuple[NamedValue, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    policies: tuple[Policy, ...] = ()
+
+
+# The parts a workspace holds (the `Workspace` fields of the same names).
+WORKSPACE_PARTS = ("apis", "products", "subscriptions", "named_values", "backends", "policies")
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything the rules know about one APIM instance, read at one time."""
 
@@ -337,6 +364,7 @@ class Snapshot:
     # The backup and test-restore records (part "backups"); None when not read or not configured.
     backups: BackupStatus | None = None
     certificates: tuple[ApimCertificate, ...] = ()  # the certificates collection (backend client certificates)
+    workspaces: tuple[Workspace, ...] = ()  # part "workspaces"; rules see their contents through views
     # Parts that could not be read (e.g. "diagnostic_settings: 403 AuthorizationFailed"): rules
     # whose input is missing say nothing rather than guess, and the result is partial.
     unreadable: tuple[str, ...] = ()

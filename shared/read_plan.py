@@ -37,24 +37,25 @@ OPTIONAL_PARTS = frozenset(
         "key_ledger",
         "key_hashes",
         "certificates",
+        "workspaces",
     }
 )
 
 RULE_PARTS: dict[str, frozenset[str]] = {
-    "API-001": frozenset({"apis"}),
-    "API-002": frozenset({"apis", "policies"}),
-    "API-003": frozenset({"backends"}),
-    "API-004": frozenset({"apis", "backends", "policies", "products"}),
-    "API-005": frozenset({"apis", "policies", "products"}),
-    "API-006": frozenset({"policies"}),
+    "API-001": frozenset({"apis", "workspaces"}),
+    "API-002": frozenset({"apis", "policies", "workspaces"}),
+    "API-003": frozenset({"backends", "workspaces"}),
+    "API-004": frozenset({"apis", "backends", "policies", "products", "workspaces"}),
+    "API-005": frozenset({"apis", "policies", "products", "workspaces"}),
+    "API-006": frozenset({"policies", "workspaces"}),
     "ID-001": frozenset(),
     "ID-002": frozenset({"portal"}),
     "ID-003": frozenset({"portal"}),
-    "KEY-001": frozenset({"subscriptions"}),
+    "KEY-001": frozenset({"subscriptions", "workspaces"}),
     "KEY-002": frozenset({"key_ledger", "subscriptions"}),
     "KEY-003": frozenset({"key_ledger", "subscriptions"}),
     "KEY-004": frozenset({"key_hashes", "key_ledger", "subscriptions"}),
-    "KEY-005": frozenset({"subscriptions"}),
+    "KEY-005": frozenset({"subscriptions", "workspaces"}),
     "LOG-001": frozenset({"diagnostic_settings"}),
     "LOG-002": frozenset({"apim_diagnostics", "loggers"}),
     "LOG-003": frozenset({"apim_diagnostics", "apis"}),
@@ -64,8 +65,8 @@ RULE_PARTS: dict[str, frozenset[str]] = {
     "MGMT-004": frozenset(),
     "NET-001": frozenset(),
     "NET-002": frozenset(),
-    "SEC-001": frozenset({"named_values"}),
-    "SEC-002": frozenset({"named_values"}),
+    "SEC-001": frozenset({"named_values", "workspaces"}),
+    "SEC-002": frozenset({"named_values", "workspaces"}),
     "TLS-001": frozenset(),
     "TLS-002": frozenset(),
     "TLS-003": frozenset(),
@@ -85,6 +86,7 @@ RULE_PARTS: dict[str, frozenset[str]] = {
     "THR-005": frozenset(),
 }
 
+# Rules that also run in each workspace (`@rule(in_workspaces=True)`) read "workspaces" too.
 # What reading a part takes besides itself.
 _NEEDS = {
     "key_hashes": frozenset({"subscriptions", "key_ledger"}),

@@ -310,6 +310,8 @@ def render_rules_markdown() -> str:
         refs = rule.references
         lines += ["", f"## {rule.id}", "", f"**{rule.title}** ({rule.severity.value})", "", rule.rationale, ""]
         lines.append(f"Remediation: {'yes' if rule.remediable else 'none; this rule only detects'}.")
+        if rule.workspace_note:
+            lines += ["", f"Workspaces: {rule.workspace_note}"]
         if rule.params:
             lines += ["", "| parameter | type | default | meaning |", "|---|---|---|---|"]
             for p in rule.params:

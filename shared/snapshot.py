@@ -10,7 +10,9 @@ key ledger and key hashes without APIMR_KEY_VAULT_URL) is named in
 
 Part names are the snapshot's field names: subscriptions, tenant_access, git_access, portal,
 identity_providers, named_values, apis, backends, products, policies, apim_diagnostics,
-loggers, diagnostic_settings, key_ledger, key_hashes, certificates.
+loggers, diagnostic_settings, key_ledger, key_hashes, certificates, workspaces; a part of a
+workspace is "workspaces/{id}/{part}" (apis, products, subscriptions, named_values, backends,
+policies).
 
 Secrets never enter the snapshot, the log or an exception: named values are listed (never
 `listValue`); Key Vault values of the key ledger and APIM keys (`listSecrets`, only for
@@ -66,6 +68,7 @@ from shared.model import (
     Service,
     Snapshot,
     TrackedKey,
+    Workspace,
     frozen_map,
 )
 
@@ -79,6 +82,9 @@ POLICY_FORMAT = "xml"
 # ARM's read budget per principal and subscription is shared by all of them.
 MAX_CONCURRENT_READS = 8
 NOT_CONFIGURED = "not configured (APIMR_KEY_VAULT_URL is not set)"
+# The tiers that have workspaces (Learn: "Create and manage a workspace", applies to Basic v2,
+# Standard v2, Premium and Premium v2).
+WORKSPACE_SKUS = ("Premium", "BasicV2", "StandardV2", "PremiumV2")
 
 T = TypeVar("T")
 
@@ -295,6 +301,14 @@ def map_product(model: apim_models.ProductContract, apis: Iterable[apim_models.A
         approval_required=model.approval_required,
         subscriptions_limit=model.subscriptions_limit,
     )
+
+
+def map_workspace_product(
+    model: apim_models.ProductContract, links: Iterable[apim_models.ProductApiLinkContract]
+) -> Product:
+    """A workspace product: its APIs are the `apiLinks` (apiId is the API's full id)."""
+    names = tuple((link.api_id or "").rstrip("/").rsplit("/", 1)[-1] for link in links if link.api_id)
+    return replace(map_product(model, ()), api_ids=names)
 
 
 def map_policy(model: apim_models.PolicyContract, scope: PolicyScope, owner: str) -> Policy:
@@ -620,6 +634,109 @@ class _Reader:
         results = await asyncio.gather(*(one(p) for p in found or ()))
         return tuple(p for p, _ in results), tuple(pol for _, pol in results if pol is not None)
 
+    async def workspaces(self, service: Awaitable[Service]) -> tuple[Workspace, ...]:
+        """Every workspace and its APIs (current revisions), products (with their API links),
+        subscriptions, named values, backends and policies (workspace, product, API).
+
+        Only tiers with workspaces (WORKSPACE_SKUS) are asked: the others have none."""
+        if (await service).sku_name.lower() not in {s.lower() for s in WORKSPACE_SKUS}:
+            return ()
+        found = await self.read(
+            "workspaces", "workspaces", lambda: _all(self.apim.workspace.list_by_service(self.rg, self.name))
+        )
+        return tuple(await asyncio.gather(*(self._workspace(w) for w in found or ())))
+
+    async def _workspace(self, model: apim_models.WorkspaceContract) -> Workspace:
+        ws = model.name or ""
+        rg, name = self.rg, self.name
+
+        def part(what: str) -> str:
+            return f"workspaces/{ws}/{what}"
+
+        async def apis() -> tuple[tuple[Api, ...], tuple[Policy, ...]]:
+            listed = await self.read(
+                part("apis"),
+                f"the APIs of workspace {ws}",
+                lambda: _all(self.apim.workspace_api.list_by_service(rg, name, ws)),
+            )
+            current = current_apis(listed or ())
+
+            async def policy(api: apim_models.ApiContract) -> Policy | None:
+                api_name = api.name or ""
+                found = await self.read(
+                    part("policies"),
+                    f"the policy of API {api_name} in workspace {ws}",
+                    lambda: self.apim.workspace_api_policy.get(rg, name, ws, api_name, "policy", format=POLICY_FORMAT),
+                    absent_ok=True,
+                )
+                return None if found is None else map_policy(found, PolicyScope.API, api_name)
+
+            policies = await asyncio.gather(*(policy(a) for a in current))
+            return tuple(map_api(a) for a in current), tuple(p for p in policies if p is not None)
+
+        async def products() -> tuple[tuple[Product, ...], tuple[Policy, ...]]:
+            listed = await self.read(
+                part("products"),
+                f"the products of workspace {ws}",
+                lambda: _all(self.apim.workspace_product.list_by_service(rg, name, ws)),
+            )
+
+            async def one(product: apim_models.ProductContract) -> tuple[Product, Policy | None]:
+                pid = product.name or ""
+                links, found = await asyncio.gather(
+                    self.read(
+                        part("products"),
+                        f"the API links of product {pid} in workspace {ws}",
+                        lambda: _all(self.apim.workspace_product_api_link.list_by_product(rg, name, ws, pid)),
+                    ),
+                    self.read(
+                        part("policies"),
+                        f"the policy of product {pid} in workspace {ws}",
+                        lambda: self.apim.workspace_product_policy.get(
+                            rg, name, ws, pid, "policy", format=POLICY_FORMAT
+                        ),
+                        absent_ok=True,
+                    ),
+                )
+                policy = None if found is None else map_policy(found, PolicyScope.PRODUCT, pid)
+                return map_workspace_product(product, links or ()), policy
+
+            results = await asyncio.gather(*(one(p) for p in listed or ()))
+            return tuple(p for p, _ in results), tuple(pol for _, pol in results if pol is not None)
+
+        async def listed(what: str, label: str, call: Callable[[], Awaitable[list[T]]]) -> list[T]:
+            return await self.read(part(what), f"the {label} of workspace {ws}", call) or []
+
+        (api_list, api_policies), (product_list, product_policies), subs, named, backends, own = await asyncio.gather(
+            apis(),
+            products(),
+            listed("subscriptions", "subscriptions", lambda: _all(self.apim.workspace_subscription.list(rg, name, ws))),
+            listed(
+                "named_values",
+                "named values",
+                lambda: _all(self.apim.workspace_named_value.list_by_service(rg, name, ws)),
+            ),
+            listed("backends", "backends", lambda: _all(self.apim.workspace_backend.list_by_workspace(rg, name, ws))),
+            self.read(
+                part("policies"),
+                f"the policy of workspace {ws}",
+                lambda: self.apim.workspace_policy.get(rg, name, ws, "policy", format=POLICY_FORMAT),
+                absent_ok=True,
+            ),
+        )
+        workspace_policy = () if own is None else (map_policy(own, PolicyScope.WORKSPACE, ""),)
+        return Workspace(
+            id=model.id or f"{self.ref.id}/workspaces/{ws}",
+            name=ws,
+            display_name=model.display_name,
+            apis=api_list,
+            products=product_list,
+            subscriptions=tuple(map_subscription(m) for m in subs),
+            named_values=tuple(map_named_value(m) for m in named),
+            backends=tuple(map_backend(m) for m in backends),
+            policies=(*workspace_policy, *product_policies, *api_policies),
+        )
+
     async def key_ledger(self, vault_url: str | None) -> tuple[TrackedKey, ...] | None:
         if vault_url is None:
             self.not_configured["key_ledger"] = f"key_ledger: {NOT_CONFIGURED}"
@@ -745,6 +862,7 @@ async def read_snapshot(
             loggers = group.create_task(part("loggers", reader.loggers(), ()))
             certificates = group.create_task(part("certificates", reader.certificates(), ()))
             diagnostic_settings = group.create_task(part("diagnostic_settings", reader.diagnostic_settings(), ()))
+            workspaces = group.create_task(part("workspaces", reader.workspaces(service), ()))
             # Without a vault the key parts are "not configured" (what the settings say),
             # whatever the policy reads; they make no request then.
             ledger_read = reader.key_ledger(key_vault_url)
@@ -777,6 +895,7 @@ async def read_snapshot(
         key_ledger=align_ledger(ledger.result() or (), subscriptions.result() or ()),
         key_hashes=key_hashes.result(),
         certificates=certificates.result(),
+        workspaces=workspaces.result(),
         unreadable=tuple(sorted(reader.failures.values())),
         not_configured=tuple(sorted(reader.not_configured.values())),
         skipped=tuple(sorted(reader.skipped)),

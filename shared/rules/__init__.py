@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.model import Evidence, Finding, Severity, Snapshot
+from shared.rules._workspaces import in_workspace, workspace_view
 
 ParamValue = int | float | str | bool | tuple[str, ...]
 
@@ -81,6 +82,10 @@ class Rule:
     evaluate: Evaluate = field(compare=False)
     # The Log Analytics queries a runtime rule reads (name, KQL template), for the docs.
     queries: tuple[tuple[str, str], ...] = ()
+    # Whether the rule also runs inside each workspace (`_workspaces.workspace_view`), and
+    # what the docs say about workspaces (why it does not, or what differs there).
+    in_workspaces: bool = False
+    workspace_note: str = ""
 
     def defaults(self) -> dict[str, ParamValue]:
         return {p.name: p.default for p in self.params}
@@ -138,8 +143,14 @@ def rule(
     params: Sequence[Param] = (),
     remediable: bool = False,
     queries: Sequence[tuple[str, str]] = (),
+    in_workspaces: bool = False,
+    workspace_note: str = "",
 ) -> Callable[[Callable[[Rule, Snapshot, Mapping[str, Any]], list[Finding]]], Rule]:
-    """Register a rule. The decorated function gets (the Rule, the snapshot, its params)."""
+    """Register a rule. The decorated function gets (the Rule, the snapshot, its params).
+
+    With `in_workspaces` the function also runs over each workspace's view of the snapshot
+    (its APIs, products, subscriptions, named values, backends and policies in place of the
+    service's); those findings name the workspace and are detect-only."""
 
     def register(fn: Callable[[Rule, Snapshot, Mapping[str, Any]], list[Finding]]) -> Rule:
         if rule_id in REGISTRY:
@@ -148,7 +159,12 @@ def rule(
         holder: list[Rule] = []
 
         def evaluate(snapshot: Snapshot, values: Mapping[str, Any]) -> list[Finding]:
-            return fn(holder[0], snapshot, values)
+            found = fn(holder[0], snapshot, values)
+            if in_workspaces:
+                for workspace in snapshot.workspaces:
+                    view = workspace_view(snapshot, workspace)
+                    found += [f for f in (in_workspace(x, workspace) for x in fn(holder[0], view, values)) if f]
+            return found
 
         registered = Rule(
             id=rule_id,
@@ -161,6 +177,8 @@ def rule(
             remediable=remediable,
             evaluate=evaluate,
             queries=tuple(queries),
+            in_workspaces=in_workspaces,
+            workspace_note=workspace_note,
         )
         holder.append(registered)
         REGISTRY[rule_id] = registered

@@ -55,6 +55,16 @@ class _Policies:
     products: Mapping[str, PolicyDocument]  # by lower-cased product name
     apis: Mapping[str, PolicyDocument]  # by lower-cased API name
     broken: frozenset[tuple[PolicyScope, str]]
+    workspace: PolicyDocument | None = None  # in a workspace's view: the workspace policy
+
+    @property
+    def in_workspace(self) -> bool:
+        return self.workspace is not None
+
+    @property
+    def top(self) -> tuple[PolicyDocument | None, ...]:
+        """What runs before product and API policies: global, then the workspace policy if any."""
+        return (self.service,) if self.workspace is None else (self.service, self.workspace)
 
     def product(self, name: str) -> PolicyDocument | None:
         return self.products.get(name.lower())
@@ -69,6 +79,8 @@ class _Policies:
         found: list[tuple[PolicyScope, str, PolicyDocument]] = []
         if self.service is not None:
             found.append((PolicyScope.SERVICE, "", self.service))
+        if self.workspace is not None:
+            found.append((PolicyScope.WORKSPACE, "", self.workspace))
         found.extend((PolicyScope.PRODUCT, name, doc) for name, doc in self.products.items())
         found.extend((PolicyScope.API, name, doc) for name, doc in self.apis.items())
         return found
@@ -76,6 +88,7 @@ class _Policies:
 
 def _parse_all(snapshot: Snapshot) -> _Policies:
     service: PolicyDocument | None = None
+    workspace: PolicyDocument | None = None
     products: dict[str, PolicyDocument] = {}
     apis: dict[str, PolicyDocument] = {}
     broken: set[tuple[PolicyScope, str]] = set()
@@ -88,11 +101,13 @@ def _parse_all(snapshot: Snapshot) -> _Policies:
             continue
         if policy.scope is PolicyScope.SERVICE:
             service = document
+        elif policy.scope is PolicyScope.WORKSPACE:
+            workspace = document
         elif policy.scope is PolicyScope.PRODUCT:
             products[owner] = document
         else:
             apis[owner] = document
-    return _Policies(service, products, apis, frozenset(broken))
+    return _Policies(service, products, apis, frozenset(broken), workspace=workspace)
 
 
 @dataclass(frozen=True)
@@ -109,10 +124,15 @@ def _chains(policies: _Policies, snapshot: Snapshot, api: Api, *, with_products:
     global + API chain, plus (with subscriptions) one global + product + API chain per
     product that contains it.
     """
-    if policies.is_broken(PolicyScope.SERVICE) or policies.is_broken(PolicyScope.API, api.name):
+    if (
+        policies.is_broken(PolicyScope.SERVICE)
+        or policies.is_broken(PolicyScope.WORKSPACE)
+        or policies.is_broken(PolicyScope.API, api.name)
+    ):
         return None
     api_doc = policies.api(api.name)
-    chains = [_Chain("global -> API", (policies.service, api_doc))]
+    top = "global -> workspace" if policies.in_workspace else "global"
+    chains = [_Chain(f"{top} -> API", (*policies.top, api_doc))]
     if with_products:
         for product in snapshot.products:
             if not any(a.lower() == api.name.lower() for a in product.api_ids):
@@ -121,8 +141,8 @@ def _chains(policies: _Policies, snapshot: Snapshot, api: Api, *, with_products:
                 return None
             chains.append(
                 _Chain(
-                    f"global -> product '{product.name}' -> API",
-                    (policies.service, policies.product(product.name), api_doc),
+                    f"{top} -> product '{product.name}' -> API",
+                    (*policies.top, policies.product(product.name), api_doc),
                 )
             )
     return chains
@@ -166,6 +186,11 @@ def _api_label(api: Api) -> str:
 
 @rule(
     "API-001",
+    in_workspaces=True,
+    workspace_note=(
+        "Evaluated in every workspace too, over the workspace's APIs; findings there name the workspace "
+        "and are detect-only (the remediation acts on service-level resources only)."
+    ),
     title="API accepts unencrypted http or ws",
     severity=Severity.HIGH,
     rationale=(
@@ -212,6 +237,12 @@ def unencrypted_api_protocols(rule: Rule, snapshot: Snapshot, params: Mapping[st
 
 @rule(
     "API-002",
+    in_workspaces=True,
+    workspace_note=(
+        "Evaluated in every workspace too, over the workspace's APIs, composing global -> workspace -> "
+        "API (the workspace policy runs between the global and the API's); findings there name the "
+        "workspace and are detect-only (the remediation acts on service-level resources only)."
+    ),
     title="API open without subscription and without token validation",
     severity=Severity.HIGH,
     rationale=(
@@ -256,9 +287,12 @@ def anonymous_api(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> 
             continue
         notes = []
         api_doc = policies.api(api.name)
-        hidden = policies.service is not None and bool(find(effective_section([policies.service], "inbound"), wanted))
+        hidden = any(d is not None for d in policies.top) and bool(
+            find(effective_section(policies.top, "inbound"), wanted)
+        )
         if hidden and api_doc is not None and not api_doc.has_base("inbound"):
-            notes.append("the global policy validates tokens but the API's inbound has no <base />")
+            parent = "workspace" if policies.in_workspace else "global"
+            notes.append(f"the {parent} policy validates tokens but the API's inbound has no <base />")
         if fragments := _fragments(inbound):
             notes.append(f"policy fragments not inspected: {', '.join(fragments)}")
         findings.append(
@@ -266,10 +300,10 @@ def anonymous_api(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> 
                 snapshot,
                 message=(
                     f"API '{_api_label(api)}' needs no subscription and its effective inbound policy "
-                    f"(global -> API) validates no token" + (f" ({'; '.join(notes)})" if notes else "") + "."
+                    f"({chains[0].label}) validates no token" + (f" ({'; '.join(notes)})" if notes else "") + "."
                 ),
                 path="subscriptionRequired, policies.inbound",
-                actual="subscriptionRequired=false; no " + "/".join(wanted) + " in global -> API inbound",
+                actual="subscriptionRequired=false; no " + "/".join(wanted) + f" in {chains[0].label} inbound",
                 expected="subscriptionRequired=true or one of " + "/".join(wanted) + " in the effective inbound",
                 resource_id=api.id,
             )
@@ -282,6 +316,11 @@ def anonymous_api(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> 
 
 @rule(
     "API-003",
+    in_workspaces=True,
+    workspace_note=(
+        "Evaluated in every workspace too, over the workspace's backends; findings there name the "
+        "workspace and are detect-only (the remediation acts on service-level resources only)."
+    ),
     title="Backend connection does not authenticate the backend server",
     severity=Severity.HIGH,
     rationale=(
@@ -350,6 +389,12 @@ def _flag(value: bool | None) -> str:
 
 @rule(
     "API-004",
+    in_workspaces=True,
+    workspace_note=(
+        "Evaluated in every workspace too, over the workspace's backends, with the workspace's APIs, "
+        "products and policies deciding which APIs use a backend; findings there name the workspace and "
+        "are detect-only (the remediation acts on service-level resources only)."
+    ),
     title="Backend called without credentials",
     severity=Severity.MEDIUM,
     rationale=(
@@ -409,7 +454,7 @@ def _apis_using(backend: Backend, snapshot: Snapshot, policies: _Policies) -> li
         names = {e.get("backend-id", "").lower() for e in find([document.root], ["set-backend-service"])}
         if backend.name.lower() not in names:
             continue
-        if scope is PolicyScope.SERVICE:
+        if scope in (PolicyScope.SERVICE, PolicyScope.WORKSPACE):
             using.update((a.id, a) for a in snapshot.apis)
         elif scope is PolicyScope.PRODUCT:
             members: set[str] = set()
@@ -452,6 +497,12 @@ def _has_backend_auth(statements: Iterable[ET.Element]) -> bool:
 
 @rule(
     "API-005",
+    in_workspaces=True,
+    workspace_note=(
+        "Evaluated in every workspace too, over the workspace's APIs, composing global -> workspace -> "
+        "(product ->) API chains from the workspace's products; findings there name the workspace and are"
+        " detect-only (the remediation acts on service-level resources only)."
+    ),
     title="API without rate limit or quota",
     severity=Severity.MEDIUM,
     rationale=(
@@ -508,6 +559,12 @@ def api_without_limits(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]
 
 @rule(
     "API-006",
+    in_workspaces=True,
+    workspace_note=(
+        "Evaluated in every workspace too, over the workspace's workspace, product and API policies (a "
+        "workspace policy has a parent, the global policy, so it must keep <base /> too); findings there "
+        "name the workspace and are detect-only (the remediation acts on service-level resources only)."
+    ),
     title="Policy section drops the parent scope's policies (no <base />)",
     severity=Severity.MEDIUM,
     rationale=(
@@ -541,7 +598,13 @@ def policy_without_base(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any
     sections = [s for s in _names(params["sections"]) if s in SECTIONS]
     findings: list[Finding] = []
     for policy in snapshot.policies:
-        where = "global" if policy.scope is PolicyScope.SERVICE else f"{policy.scope.value} '{policy.owner}'"
+        where = (
+            "global"
+            if policy.scope is PolicyScope.SERVICE
+            else "workspace"
+            if policy.scope is PolicyScope.WORKSPACE
+            else f"{policy.scope.value} '{policy.owner}'"
+        )
         try:
             document = parse_policy(policy.xml)
         except PolicyXmlError as exc:

@@ -170,6 +170,7 @@ def ca_certificates(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -
 
 @rule(
     "CERT-003",
+    workspace_note=("Service-level certificates only: workspace certificates are not read."),
     title="Backend client certificates should not be expired or about to expire",
     severity=Severity.HIGH,
     rationale=(

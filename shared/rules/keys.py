@@ -98,6 +98,12 @@ def _days(delta: timedelta) -> str:
 
 @rule(
     "KEY-001",
+    in_workspaces=True,
+    workspace_note=(
+        "Evaluated in every workspace too, over the workspace's subscriptions (a workspace subscription "
+        "scoped to all APIs covers every API of the workspace); findings there name the workspace and are"
+        " detect-only (the remediation acts on service-level resources only)."
+    ),
     title="Subscription keys should not grant access to all APIs",
     severity=Severity.HIGH,
     rationale=(
@@ -143,7 +149,8 @@ def all_apis_scope(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) ->
         findings.append(
             rule.finding(
                 snapshot,
-                message=f"Active subscription {_label(sub)} has a key that opens every API of the instance.",
+                message=f"Active subscription {_label(sub)} has a key that opens every API of the "
+                + ("workspace." if "/workspaces/" in sub.id.lower() else "instance."),
                 path="properties.scope",
                 actual=sub.scope,
                 expected="/products/{productId} or /apis/{apiId}",
@@ -155,6 +162,10 @@ def all_apis_scope(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) ->
 
 @rule(
     "KEY-002",
+    workspace_note=(
+        "Not evaluated in workspaces: the key ledger and rotation track the service's subscriptions only,"
+        " so a workspace key would always look untracked."
+    ),
     title="Active subscription keys should be tracked in the Key Vault ledger",
     severity=Severity.MEDIUM,
     rationale=(
@@ -207,6 +218,7 @@ def untracked_key(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any]) -> 
 
 @rule(
     "KEY-003",
+    workspace_note=("Not evaluated in workspaces: the key ledger tracks the service's subscriptions only."),
     title="Tracked subscription keys should be rotated within the maximum age",
     severity=Severity.MEDIUM,
     rationale=(
@@ -305,6 +317,7 @@ def _expected_slot(key: TrackedKey) -> str:
 
 @rule(
     "KEY-004",
+    workspace_note=("Not evaluated in workspaces: the key ledger tracks the service's subscriptions only."),
     title="The Key Vault copy of a subscription key should match APIM",
     severity=Severity.HIGH,
     rationale=(
@@ -352,6 +365,11 @@ def vault_copy_mismatch(rule: Rule, snapshot: Snapshot, params: Mapping[str, Any
 
 @rule(
     "KEY-005",
+    in_workspaces=True,
+    workspace_note=(
+        "Evaluated in every workspace too, over the workspace's subscriptions; findings there name the "
+        "workspace and are detect-only (the remediation acts on service-level resources only)."
+    ),
     title="Active subscriptions should have an expiration date",
     severity=Severity.LOW,
     rationale=(

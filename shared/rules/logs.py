@@ -193,6 +193,10 @@ def _logger(loggers: tuple[Logger, ...], logger_id: str | None) -> Logger | None
 
 @rule(
     "LOG-003",
+    workspace_note=(
+        "Service-level diagnostics only: workspace diagnostics and loggers are not read, so header names "
+        "workspace APIs use are not considered."
+    ),
     title="Diagnostic logs secret-bearing headers",
     severity=Severity.HIGH,
     rationale=(

@@ -41,6 +41,11 @@ def _label(nv: NamedValue) -> str:
 
 @rule(
     "SEC-001",
+    in_workspaces=True,
+    workspace_note=(
+        "Evaluated in every workspace too, over the workspace's named values; findings there name the "
+        "workspace and are detect-only (the remediation acts on service-level resources only)."
+    ),
     title="Secret named values should be Key Vault references",
     severity=Severity.MEDIUM,
     rationale=(
@@ -110,6 +115,11 @@ def secret_not_in_key_vault(rule: Rule, snapshot: Snapshot, params: Mapping[str,
 
 @rule(
     "SEC-002",
+    in_workspaces=True,
+    workspace_note=(
+        "Evaluated in every workspace too, over the workspace's named values; findings there name the "
+        "workspace and are detect-only (the remediation acts on service-level resources only)."
+    ),
     title="Key Vault named values should refresh successfully",
     severity=Severity.HIGH,
     rationale=(

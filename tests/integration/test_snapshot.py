@@ -20,6 +20,7 @@ from shared.azure import ClientFactory
 from shared.errors import PermanentError
 from shared.inventory import InstanceRef, instance_ref
 from shared.model import PolicyScope, Snapshot
+from shared.rules._workspaces import workspace_view
 from shared.settings import load_settings
 from shared.snapshot import read_snapshot
 from tests.conftest import TwinHandle
@@ -394,6 +395,35 @@ async def test_a_failed_part_is_unreadable_and_the_rest_is_read(twin: TwinHandle
     assert not [e for e in arm_log(twin) if "/apis/" in e["path"] and e["path"].endswith("/policies/policy")]
 
 
+async def test_a_failed_workspace_part_is_unreadable_for_that_workspace_only(twin: TwinHandle) -> None:
+    workspaces = [{"id": "ws1", "apis": [{"id": "w-api"}]}, {"id": "ws2", "apis": [{"id": "w-api"}]}]
+    twin.seed(estate({**DRIFTED, "workspaces": workspaces}))
+    twin.control(
+        "POST",
+        "/_twin/faults",
+        {"service": "arm", "path": "/workspaces/ws1/apis$", "status": 503, "code": "ServiceUnavailable", "times": 0},
+    )
+    retry = {"APIMR_RETRY_TOTAL": "1", "APIMR_RETRY_BACKOFF_FACTOR": "0"}
+    async with product_factory(twin, **retry) as factory:
+        snap = await snapshot_of(factory, None)
+    assert snap.unreadable == ("workspaces/ws1/apis: 503 ServiceUnavailable",)
+    assert snap.readable("apis")  # the service level's APIs were read
+    one, two = snap.workspaces
+    assert (one.name, one.apis, two.name, [a.name for a in two.apis]) == ("ws1", (), "ws2", ["w-api"])
+    assert not workspace_view(snap, one).readable("apis")
+    assert workspace_view(snap, two).readable("apis")
+
+
+async def test_tiers_without_workspaces_are_not_asked_for_them(twin: TwinHandle) -> None:
+    twin.seed(estate({**DRIFTED, "sku": {"name": "Developer", "capacity": 1}}))
+    twin.control("DELETE", "/_twin/log")
+    async with product_factory(twin) as factory:
+        snap = await snapshot_of(factory, None)
+    assert snap.workspaces == ()
+    assert snap.unreadable == ()
+    assert not [e for e in arm_log(twin) if "/workspaces" in e["path"]]
+
+
 async def test_the_key_ledger_says_when_no_vault_is_configured(twin: TwinHandle) -> None:
     seed_drifted(twin)
     async with product_factory(twin) as factory:
@@ -460,6 +490,17 @@ async def test_a_scan_reads_each_page_and_each_sub_resource_once(twin: TwinHandl
     service = {
         **DRIFTED,
         "subscriptions": [{"generate": {"count": generated, "prefix": "bulk-"}}, *DRIFTED["subscriptions"]],
+        "workspaces": [
+            {
+                "id": "ws1",
+                "apis": [{"id": "w-api"}],
+                "products": [{"id": "w-prod", "apis": ["w-api"]}],
+                "subscriptions": [{"sid": "w-sub", "scope": "/products/w-prod"}],
+                "named_values": [{"id": "w-nv", "value": "plain"}],
+                "backends": [{"id": "w-be", "url": "https://w.internal", "protocol": "http"}],
+                "policies": {"workspace": POLICY, "apis": {"w-api": POLICY}, "products": {"w-prod": POLICY}},
+            }
+        ],
     }
     secrets = [ledger_secret("apim-drift-tracked-a", KEY_A_PRIMARY, sub_id("tracked-a"), "primary")]
     twin.seed(estate(service, secrets=secrets))
@@ -506,7 +547,30 @@ async def test_a_scan_reads_each_page_and_each_sub_resource_once(twin: TwinHandl
     ):
         assert paths[part] == 1, part
     assert paths["/subscriptions"] == 2
-    assert len(entries) == 1 + 20 + 2
+    workspace_parts = [
+        "/workspaces",
+        *(
+            f"/workspaces/ws1{part}"
+            for part in (
+                "/apis",
+                "/apis/w-api/policies/policy",
+                "/products",
+                "/products/w-prod/apiLinks",
+                "/products/w-prod/policies/policy",
+                "/subscriptions",
+                "/namedValues",
+                "/backends",
+                "/policies/policy",
+            )
+        ),
+    ]
+    for part in workspace_parts:
+        assert paths[part] == 1, part
+    assert len(entries) == 1 + 20 + 2 + len(workspace_parts)
+    [workspace] = snap.workspaces
+    assert [a.name for a in workspace.apis] == ["w-api"]
+    assert workspace.products[0].api_ids == ("w-api",)
+    assert {p.scope for p in workspace.policies} == {PolicyScope.WORKSPACE, PolicyScope.PRODUCT, PolicyScope.API}
 
 
 async def test_no_key_vault_url_is_not_configured_not_a_failed_read(twin: TwinHandle) -> None:

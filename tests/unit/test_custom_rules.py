@@ -397,7 +397,7 @@ custom_rules:
     title: t
     severity: low
     rationale: r
-    resource: workspaces
+    resource: operations
     require: {field: name, eq: x}
   - id: X-BAD-001
     title: t
@@ -436,14 +436,14 @@ def test_a_malformed_custom_rule_names_file_line_and_key() -> None:
         "policy.yaml:18: custom_rules[0].require.any[7].all: expected a non-empty list of conditions, got a list",
         "policy.yaml:19: custom_rules[1].id: 'TLS-001' is not a custom rule id: expected X- then upper-case "
         "letters, digits and dashes (e.g. X-JWT-001); the catalogue's ids are reserved",
-        "policy.yaml:23: custom_rules[1].resource: workspaces: workspaces are not read by the snapshot yet; "
+        "policy.yaml:23: custom_rules[1].resource: operations: API operations are not read by the snapshot yet; "
         "allowed: service, apis, products, subscriptions, named_values, backends, diagnostics, loggers, policies, "
-        "certificates",
+        "certificates, workspaces",
         "policy.yaml:25: custom_rules[2].severity: is required",
         "policy.yaml:25: custom_rules[2].rationale: is required",
         "policy.yaml:25: custom_rules[2].id: X-BAD-001 is declared twice (first at line 3)",
         "policy.yaml:27: custom_rules[2].resource: unknown resource kind 'sql'; allowed: service, apis, products, "
-        "subscriptions, named_values, backends, diagnostics, loggers, policies, certificates",
+        "subscriptions, named_values, backends, diagnostics, loggers, policies, certificates, workspaces",
         "policy.yaml:34: custom_rules[3].require.older-than-days: expected a number of days (an integer >= 0), "
         "got 'soon'",
         "policy.yaml:36: rules.X-NOPE: unknown rule id; known: " + ", ".join(sorted(REGISTRY)),

@@ -81,7 +81,8 @@ def test_switched_off_families_take_their_reads_with_them() -> None:
     assert parts_needed(_policy({"TLS-001", "NET-001"})) == frozenset()
     assert parts_needed(_policy({"LOG-001"})) == {"diagnostic_settings"}
     assert parts_needed(_policy({"KEY-004"})) == {"key_hashes", "key_ledger", "subscriptions"}
-    assert parts_needed(_policy({"API-006"})) == {"policies", "apis", "products"}, "policies are found through lists"
+    # policies are found through lists; API-006 also runs in each workspace
+    assert parts_needed(_policy({"API-006"})) == {"policies", "apis", "products", "workspaces"}
 
 
 def test_a_rule_without_a_declaration_reads_everything(monkeypatch: pytest.MonkeyPatch) -> None:

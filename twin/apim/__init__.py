@@ -4,7 +4,8 @@ Routes follow azure-mgmt-apimanagement 5.0.0 (api-version 2024-05-01) and the RE
 service GET/PUT/PATCH/DELETE (LROs), lists, subscriptions (with $filter/$top/$skip and keys
 only through listSecrets), tenant access, portal settings and the portal config that holds
 `enableBasicAuth`, identity providers, named values (LROs), APIs, backends, diagnostics,
-loggers, products, policies, backup and restore into real Azurite blobs.
+loggers, products, policies, workspaces and their children (`workspaces.py`), backup and
+restore into real Azurite blobs.
 
 Secrets (subscription keys, tenant keys, secret named values, identity provider client
 secrets, logger credentials) live in `state.extra["apim"]["secrets"]`, never in the ARM
@@ -101,6 +102,7 @@ from twin.apim.subscriptions import (
     put_subscription,
     subscription_secrets,
 )
+from twin.apim.workspaces import workspace_routes
 from twin.arm import WriteContext, resource_event, write_context
 from twin.web import add_route
 
@@ -210,6 +212,9 @@ def setup(app: web.Application) -> None:
         route("GET", prefix + "/policies/{policy}", get_policy)
         route("PUT", prefix + "/policies/{policy}", put_policy)
         route("DELETE", prefix + "/policies/{policy}", delete_policy)
+
+    for method, path, handler in workspace_routes(SVC):
+        route(method, path, handler)
 
     add_route(app, "POST", "/_twin/gateway/check", gateway_check_route, versions=None)
 

@@ -32,6 +32,8 @@ from twin.apim.common import (
 from twin.apim.named_values import _named_value, read_key_vault_reference, store_named_value
 from twin.apim.service import _apply_service_update, _create_defaults, _new_service_body
 from twin.apim.subscriptions import _full_scope, _owner, _subscription_body
+from twin.apim.workspaces import KINDS as WORKSPACE_KINDS
+from twin.apim.workspaces import WORKSPACE_TYPE, _workspace_props, link_api, store_workspace, upsert_workspace_child
 from twin.estate import EstateError, SeedContext, register_finisher, register_seeder
 from twin.state import Resource, TwinState, norm
 from twin.web import (
@@ -64,6 +66,7 @@ _SEED_KEYS = {
     "users",
     "certificates",
     "created_at",
+    "workspaces",
 }
 
 
@@ -148,6 +151,7 @@ def _seed_service(state: TwinState, ctx: SeedContext, item: dict[str, Any], wher
         ("subscriptions", _seed_subscriptions),
         ("policies", _seed_policies),
         ("certificates", _seed_certificates),
+        ("workspaces", _seed_workspaces),
     ):
         if section in item and item[section] is not None:
             seeder(state, service, item[section], f"{where}.{section}")
@@ -479,3 +483,69 @@ def _seed_portal(state: TwinState, service: Resource, value: dict[str, Any], whe
         )
     if "signin_enabled" in value:
         config.body["properties"]["signin"] = {"require": bool(value["signin_enabled"])}
+
+
+_WORKSPACE_KEYS = {"id", "name", "displayName", "description", "apis", "products", "backends", "named_values",
+                   "subscriptions", "policies"}  # fmt: skip
+
+
+def _seed_workspaces(state: TwinState, service: Resource, value: Any, where: str) -> None:
+    """Workspaces and their children, each validated as the workspace routes validate it.
+
+    `named_values[].keyVault.lastStatus` states APIM's last read of a reference (the twin does
+    not read workspace references itself); `products[].apis` links APIs of the workspace."""
+    for j, entry in enumerate(_seed_list(value, where)):
+        spot = f"{where}[{j}]"
+        unknown = set(entry) - _WORKSPACE_KEYS
+        if unknown:
+            raise EstateError(f"{spot}: unknown keys {sorted(unknown)}")
+        name = _seed_id(entry, spot)
+        given = {"displayName": entry.get("displayName", name), "description": entry.get("description")}
+        props = _seed_call(spot, _workspace_props, given, None, patch=False)
+        ws = _seed_call(spot, store_workspace, state, service, name, props)
+        for section, segment in (("apis", "apis"), ("backends", "backends"), ("products", "products"),
+                                 ("named_values", "namedvalues"), ("subscriptions", "subscriptions")):  # fmt: skip
+            kind = WORKSPACE_KINDS[segment]
+            for k, child in enumerate(_seed_list(entry.get(section) or [], f"{spot}.{section}")):
+                at = f"{spot}.{section}[{k}]"
+                child_name = str(child.get("sid") or _seed_id(child, at))
+                child_given = {x: v for x, v in child.items() if x not in ("id", "name", "sid", "apis")}
+                if segment == "apis":
+                    child_given = {"displayName": child_name, "path": f"{name}/{child_name}", **child_given}
+                if segment in ("products", "namedvalues", "subscriptions"):
+                    child_given.setdefault("displayName", child_name)
+                if segment == "products":
+                    child_given.setdefault("state", "published")
+                if segment == "subscriptions":
+                    child_given.setdefault("scope", "/apis")
+                    child_given.setdefault("state", "active")
+                stated = None
+                if segment == "namedvalues" and isinstance(child_given.get("keyVault"), dict):
+                    child_given["keyVault"] = dict(child_given["keyVault"])
+                    stated = child_given["keyVault"].pop("lastStatus", None)
+                resource, _ = _seed_call(
+                    at, upsert_workspace_child, state, ws, kind, child_name, child_given, patch=False
+                )
+                if stated is not None:
+                    resource.body["properties"]["keyVault"]["lastStatus"] = {
+                        "message": None,
+                        "timeStampUtc": _iso(_now(state)),
+                        **stated,
+                    }
+                for api in child.get("apis") or [] if segment == "products" else []:
+                    _seed_call(f"{at}.apis", link_api, state, ws, resource, f"{api}-link", f"{ws.id}/apis/{api}")
+        policies = entry.get("policies") or {}
+        if not isinstance(policies, dict):
+            raise EstateError(f"{spot}.policies: expected a mapping {{workspace, apis, products}}")
+        targets: list[tuple[str, str, Any]] = []
+        if policies.get("workspace") is not None:
+            targets.append((f"{ws.id}/policies/policy", f"{WORKSPACE_TYPE}/policies", policies["workspace"]))
+        for section in ("apis", "products"):
+            for owner, xml_value in (policies.get(section) or {}).items():
+                parent = state.store.get(f"{ws.id}/{section}/{owner}")
+                if parent is None:
+                    raise EstateError(f"{spot}.policies.{section}.{owner}: no such {section[:-1]} in the workspace")
+                targets.append((f"{parent.id}/policies/policy", f"{WORKSPACE_TYPE}/{section}/policies", xml_value))
+        for rid, rtype, xml_value in targets:
+            xml_text = _seed_call(f"{spot}.policies", validate_policy_xml, xml_value)
+            state.store.put(rid, _policy_body(rid, rtype, xml_text))
