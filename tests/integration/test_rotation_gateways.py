@@ -142,7 +142,8 @@ def test_onboard_then_renew_keeps_the_gateway_connected(twin: TwinHandle, world:
     edge = f"{service_id}/gateways/edge"
     dry = cli(env, "rotate", "--instance", service_id, "--gateways")
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert "dry run" in dry.stdout and dry.stdout.count("WOULD     onboard") == 2, dry.stdout
+    assert "dry run" in dry.stdout, dry.stdout
+    assert dry.stdout.count("WOULD     onboard") == 2, dry.stdout
     onboarded = cli(env, "rotate", "--instance", service_id, "--gateways", "--apply", "--format", "json")
     assert onboarded.returncode == 0, onboarded.stdout + onboarded.stderr
     report = {r["gateway"].rsplit("/", 1)[-1]: r for r in json.loads(onboarded.stdout)["gateways"]}
@@ -160,7 +161,8 @@ def test_onboard_then_renew_keeps_the_gateway_connected(twin: TwinHandle, world:
     assert regenerates(twin) == []  # onboarding regenerates nothing
 
     not_due = cli(env, "rotate", "--instance", service_id, "--gateways", "--apply")
-    assert not_due.returncode == 0 and not_due.stdout.count("not due") == 2, not_due.stdout
+    assert not_due.returncode == 0, not_due.stdout
+    assert not_due.stdout.count("not due") == 2, not_due.stdout
 
     renewed = cli(env, "rotate", "--instance", service_id, "--gateways", "--gateway", "edge", "--force", "--apply")
     assert renewed.returncode == 0, renewed.stdout + renewed.stderr
@@ -184,7 +186,8 @@ def test_onboard_then_renew_keeps_the_gateway_connected(twin: TwinHandle, world:
     assert len(versions(vault, name)) == 3
 
     unknown = cli(env, "rotate", "--instance", service_id, "--gateways", "--gateway", "nowhere", "--apply")
-    assert unknown.returncode == 1 and "is not a gateway of" in unknown.stdout, unknown.stdout
+    assert unknown.returncode == 1, unknown.stdout
+    assert "is not a gateway of" in unknown.stdout, unknown.stdout
     everything = dry.stdout + onboarded.stdout + not_due.stdout + renewed.stdout + again.stdout + unknown.stdout
     everything += dry.stderr + onboarded.stderr + renewed.stderr + again.stderr
     no_key_in(everything, first, second, third, *keys_of(twin, edge).values(), gw_key("edge", "secondary"))
@@ -317,7 +320,8 @@ def test_a_run_killed_between_regenerate_and_store_is_finished_by_the_next(
     # The header and the regenerate, both left open: the next run judges the regenerate by the
     # slot's key fingerprint (it landed) and does not repeat it.
     assert len(open_rows) == 2
-    assert resumed.status is Status.DONE and resumed.resumed, resumed
+    assert resumed.status is Status.DONE, resumed
+    assert resumed.resumed
     assert len(regenerates(twin)) == 1  # the next run made the token from the regenerated key
     new = world.vault.get_secret(name).value
     assert new is not None
