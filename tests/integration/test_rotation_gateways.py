@@ -423,3 +423,22 @@ def test_the_probe_never_sees_a_refused_token_while_renewals_crash_and_fail(
     final = world.vault.get_secret(name)
     assert final.value is not None
     assert token_ok(twin, final.value)["valid"]
+
+
+def test_every_gateway_is_listed_across_pages(twin: TwinHandle, world: World) -> None:
+    """APIM pages gateways 100 at a time ($top/$skip with a nextLink): all 105 are renewed."""
+    spec = compliant("gwmany", twin.subscription_id)
+    spec["gateways"] = [{"id": f"gw-{i:03d}"} for i in range(105)]
+    fragment, ids = fragment_for({"gwmany": spec}, twin.subscription_id)
+    twin.seed(fragment)
+    first = twin.arm("GET", f"{ids['gwmany']}/gateways?{API}").json()
+    assert len(first["value"]) == 100
+    assert first.get("nextLink")
+
+    async def listed() -> list[str]:
+        rotator = world.context().gateway_rotator()
+        assert rotator is not None
+        return await rotator.api.gateways(ids["gwmany"])
+
+    found = asyncio.run(listed())
+    assert sorted(g.rsplit("/", 1)[-1] for g in found) == [f"gw-{i:03d}" for i in range(105)]
