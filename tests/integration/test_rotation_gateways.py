@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,8 +49,11 @@ def gw_key(gateway: str, slot: str) -> str:
     return f"{CANARY}-gw-{gateway}-{slot}"
 
 
-def seed(twin: TwinHandle) -> str:
-    spec = compliant(NAME, twin.subscription_id)
+def seed(twin: TwinHandle, name: str | None = None) -> str:
+    """An instance with gateways `edge` and `branch` (canary keys). A fresh name each time: the
+    journal in Azurite outlives the twin's reset between tests."""
+    name = name or f"{NAME}{uuid.uuid4().hex[:6]}"
+    spec = compliant(name, twin.subscription_id)
     spec["gateways"] = [
         {
             "id": g,
@@ -59,13 +63,13 @@ def seed(twin: TwinHandle) -> str:
         }
         for g in ("edge", "branch")
     ]
-    fragment, ids = fragment_for({NAME: spec}, twin.subscription_id)
+    fragment, ids = fragment_for({name: spec}, twin.subscription_id)
     twin.seed(fragment)
-    return ids[NAME]
+    return ids[name]
 
 
 def secret_of(service_id: str, gateway: str) -> str:
-    return gateway_secret_name(NAME, gateway, f"{service_id}/gateways/{gateway}")
+    return gateway_secret_name(service_id.rsplit("/", 1)[-1], gateway, f"{service_id}/gateways/{gateway}")
 
 
 def keys_of(twin: TwinHandle, gateway_id: str) -> dict[str, str]:
@@ -442,3 +446,82 @@ def test_every_gateway_is_listed_across_pages(twin: TwinHandle, world: World) ->
 
     found = asyncio.run(listed())
     assert sorted(g.rsplit("/", 1)[-1] for g in found) == [f"gw-{i:03d}" for i in range(105)]
+
+
+KILLED_RENEWALS = 10
+KILLS = 3
+
+
+def test_a_worker_killed_with_sigkill_mid_renewal_never_leaves_a_refused_token(
+    twin: TwinHandle, world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real worker process (tests/integration/gateway_worker.py) renews two gateways'
+    tokens KILLED_RENEWALS times and is killed with SIGKILL at KILLS random steps, then
+    started again; a probe keeps presenting both vault tokens to the management plane."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    service_id = seed(twin)
+    gateways = [f"{service_id}/gateways/{g}" for g in ("edge", "branch")]
+    for g in ("edge", "branch"):
+        _near_expiry_token(twin, world, service_id, g)
+    env = {**world.env, "PYTHONPATH": str(root), "APIMR_RETRY_TOTAL": "2", "APIMR_RETRY_BACKOFF_FACTOR": "0.01"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    probes = [Probe(twin, secret_of(service_id, g)) for g in ("edge", "branch")]
+    for probe in probes:
+        probe.start()
+    rng = random.Random(3)
+    kills: list[str] = []
+    outputs: list[str] = []
+    command = [sys.executable, "-m", "tests.integration.gateway_worker", service_id, str(KILLED_RENEWALS), *gateways]
+    started = time.monotonic()
+    try:
+        while True:
+            worker = subprocess.Popen(
+                command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            assert worker.stdout is not None
+            step, nth = rng.choice(STEPS), rng.randint(1, 3)
+            seen, killed = 0, False
+            for line in worker.stdout:
+                outputs.append(line)
+                if len(kills) < KILLS and line.startswith(f"step {step} "):
+                    seen += 1
+                    if seen == nth:
+                        worker.send_signal(signal.SIGKILL)
+                        kills.append(step)
+                        killed = True
+                        break
+            worker.wait(timeout=120)
+            if not killed:
+                break
+            assert time.monotonic() - started < 400, "the worker never finished"
+        assert worker.returncode == 0, "".join(outputs[-40:])
+    finally:
+        for probe in probes:
+            probe.stop.set()
+            probe.join(timeout=30)
+    names = [secret_of(service_id, g) for g in ("edge", "branch")]
+    stored = sum(len(versions(world.vault, n)) - 1 for n in names)
+    with capsys.disabled():
+        print(
+            f"\ngateway SIGKILL soak: {stored} renewals stored, {len(regenerates(twin))} regenerates, "
+            f"{len(kills)} SIGKILLs at {kills}; probes {sum(p.probes for p in probes)}, "
+            f"refused {sum(len(p.failures) for p in probes)}; {os.cpu_count()} cpus"
+        )
+    assert [f for p in probes for f in p.failures] == []
+    assert all(p.probes > 0 for p in probes)
+    assert len(kills) == KILLS
+    assert stored == KILLED_RENEWALS  # each renewal stored exactly one token
+    assert len(regenerates(twin)) == KILLED_RENEWALS  # and regenerated exactly one key
+    tokens = {v for n in names for _, v, _ in versions(world.vault, n)}
+    for n in names:
+        current = world.vault.get_secret(n).value
+        assert current is not None
+        assert token_ok(twin, current)["valid"]
+    keys = [v for g in gateways for v in keys_of(twin, g).values()]
+    no_key_in("".join(outputs), *tokens, *keys, gw_key("edge", "primary"), gw_key("branch", "primary"))
