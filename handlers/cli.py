@@ -131,6 +131,17 @@ def _rotate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     rotate.add_argument(
         "--grace", type=float, default=0.0, metavar="SECONDS", help="with --revoke: how long the old key still works"
     )
+    rotate.add_argument(
+        "--gateways",
+        action="store_true",
+        help="renew self-hosted gateway tokens (ledger secrets tagged apim-gateway-id) instead of subscription keys",
+    )
+    rotate.add_argument(
+        "--gateway", action="append", default=[], metavar="NAME", help="with --gateways: only this gateway (repeatable)"
+    )
+    rotate.add_argument(
+        "--force", action="store_true", help="with --gateways: renew tokens that are not near expiry too"
+    )
     rotate.add_argument("--apply", action="store_true", help="make the changes; without it: a dry run")
     rotate.add_argument("--format", choices=["table", "json"], default="table")
 
@@ -138,6 +149,8 @@ def _rotate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
 async def _rotate(args: argparse.Namespace, out: TextIO) -> int:
     from handlers.rotate_keys import RotateKeysRequest, render_rotation, rotate_keys
 
+    if args.gateways or args.gateway or args.force:
+        return await _rotate_gateways(args, out)
     context = AppContext.load()
     user = getpass.getuser()
     try:
@@ -156,6 +169,30 @@ async def _rotate(args: argparse.Namespace, out: TextIO) -> int:
     finally:
         await context.aclose()
     out.write(render_rotation(report, args.format))
+    return 1 if report.failed else 0
+
+
+async def _rotate_gateways(args: argparse.Namespace, out: TextIO) -> int:
+    from handlers.rotate_gateways import RotateGatewaysRequest, render_gateways, rotate_gateways
+
+    if args.subscription or args.stale or args.revoke:
+        raise RemediatorError("--gateways renews gateway tokens: --subscription, --stale and --revoke do not apply")
+    context = AppContext.load()
+    user = getpass.getuser()
+    try:
+        report = await rotate_gateways(
+            RotateGatewaysRequest(
+                instance_id=args.instance,
+                trigger=Trigger(TriggerKind.CLI, f"apim-remediator rotate --gateways by {user}"),
+                gateways=tuple(args.gateway),
+                force=args.force,
+                apply=args.apply,
+            ),
+            context.gateway_deps(),
+        )
+    finally:
+        await context.aclose()
+    out.write(render_gateways(report, args.format))
     return 1 if report.failed else 0
 
 

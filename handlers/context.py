@@ -41,8 +41,10 @@ if TYPE_CHECKING:
     from handlers.backup import BackupJobDeps
     from handlers.incidents import RunIncidents
     from handlers.manual import ManualDeps
+    from handlers.rotate_gateways import GatewayDeps
     from handlers.rotate_keys import RotationDeps
     from shared.entra import TokenValidator
+    from shared.gateway_rotation import GatewayRotator
     from shared.incidents import IncidentReporter
     from shared.operations import OperationsStore
     from shared.rotation import Rotator
@@ -138,11 +140,37 @@ class AppContext:
             ),
         )
 
+    def gateway_rotator(self) -> GatewayRotator | None:
+        """Self-hosted gateway tokens through the ledger vault (None without APIMR_KEY_VAULT_URL);
+        leases per gateway beside the subscriptions'."""
+        from shared.gateway_rotation import GatewayRotator
+        from shared.gateway_rotation_azure import AzureGatewayApi, AzureTokenVault
+
+        if self.settings.key_vault_url is None:
+            return None
+        return GatewayRotator(
+            api=AzureGatewayApi(AzureArm(self.factory)),
+            vault=AzureTokenVault(self.factory, self.settings.key_vault_url),
+            journal=Journal(self.factory.table_service_async()),
+            locks=InstanceLocks(
+                self.factory.blob_service_async(), ROTATION_LOCKS, duration=self.settings.lease_seconds
+            ),
+        )
+
+    def gateway_deps(self) -> GatewayDeps:
+        from handlers.rotate_gateways import GatewayDeps
+
+        return GatewayDeps(source=self.source(), policy=self.policy, rotator=self.gateway_rotator())
+
     def rotation_deps(self) -> RotationDeps:
         from handlers.rotate_keys import RotationDeps
 
         return RotationDeps(
-            source=self.source(), policy=self.policy, rotator=self.rotator(), vault_url=self.settings.key_vault_url
+            source=self.source(),
+            policy=self.policy,
+            rotator=self.rotator(),
+            vault_url=self.settings.key_vault_url,
+            gateways=self.gateway_rotator(),
         )
 
     def reconcile_deps(self) -> ReconcileDeps:

@@ -12,8 +12,9 @@ function). Routing is a table keyed by event type:
   delivery itself (with back-off, for 24 hours), so the queue's retries are not needed.
 - Key Vault `SecretNearExpiry` / `SecretExpired`, APIM `SubscriptionCreated` /
   `GatewayTokenNearExpiry` -> key rotation (handlers/rotate_keys.py `event_rotator`): the
-  secret or subscription is read again and rotated or onboarded once (gateway tokens are
-  acknowledged, not built); a rotation left pending raises so Event Grid delivers again.
+  secret or subscription is read again and rotated or onboarded once (a gateway's ledger
+  token is renewed once, handlers/rotate_gateways.py); a rotation left pending raises so
+  Event Grid delivers again.
 - Anything else, and anything malformed, is logged and acknowledged: never retried forever.
 
 Never trusting the payload: the event only says which service to look at. The id must

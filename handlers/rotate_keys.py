@@ -20,8 +20,8 @@ Event triggers act only where the policy puts the rule (KEY-003 for expiry, KEY-
 subscription) in `remediate` mode, and on the event's facts only as pointers: the secret or subscription is
 read again, the vault version a `SecretNearExpiry` names must still be the current one (so
 the event delivered twice rotates once), and scope is checked as for any run.
-`GatewayTokenNearExpiry` is acknowledged and logged: self-hosted gateway tokens are not
-built (event `rotation.gateway_not_built`).
+`GatewayTokenNearExpiry` goes to `handlers/rotate_gateways.py` (self-hosted gateway tokens,
+renewed once through the same ledger vault).
 
 Azure actions:
     Microsoft.ApiManagement/service/read
@@ -44,6 +44,7 @@ from typing import Any
 from handlers.scan import InstanceSource
 from shared.errors import OutOfScopeError, PermanentError, TransientError
 from shared.evaluation import evaluate_snapshot
+from shared.gateway_rotation import GatewayRotator
 from shared.inventory import InstanceRef
 from shared.journal import Trigger, TriggerKind
 from shared.model import ApimSubscription, Mode, Snapshot
@@ -97,6 +98,8 @@ class RotationDeps:
     policy: Policy
     rotator: Rotator | None  # None: no key-ledger vault configured (APIMR_KEY_VAULT_URL)
     vault_url: str | None = None
+    # Self-hosted gateway tokens (handlers/rotate_gateways.py); None: not configured.
+    gateways: GatewayRotator | None = None
 
 
 def _rotator(deps: RotationDeps) -> Rotator:
@@ -214,7 +217,7 @@ class RotationRequest:
 
 @dataclass(frozen=True)
 class RotationOutcome:
-    status: str  # a shared.rotation.Status value, or ignored / not_configured / gateway_not_built
+    status: str  # a shared.rotation.Status value, or ignored / not_configured
     detail: str
     instance_id: str | None = None
 
@@ -250,11 +253,9 @@ def event_rotator(deps: RotationDeps) -> Callable[[RotationRequest], Awaitable[R
     async def handle(request: RotationRequest) -> RotationOutcome:
         kind = request.event_type.lower()
         if kind == GATEWAY_TYPE:
-            return _outcome(
-                "gateway_not_built",
-                "self-hosted gateway token renewal is not built; nothing was regenerated",
-                request,
-            )
+            from handlers.rotate_gateways import GatewayDeps, gateway_event
+
+            return await gateway_event(request, GatewayDeps(deps.source, deps.policy, deps.gateways))
         if deps.rotator is None or deps.vault_url is None:
             return await rotation_not_configured(request)
         rule_id = "KEY-003" if kind in NEAR_EXPIRY_TYPES else "KEY-002" if kind == CREATED_TYPE else None

@@ -35,6 +35,11 @@ var writeActions = [
   // Key rotation (KEY-002/003/004, handlers/rotate_keys.py): regenerate the slot clients do not use.
   'Microsoft.ApiManagement/service/subscriptions/regeneratePrimaryKey/action'
   'Microsoft.ApiManagement/service/subscriptions/regenerateSecondaryKey/action'
+  // Self-hosted gateway tokens (handlers/rotate_gateways.py): read the keys, regenerate the one
+  // the vault's token was not made from, make a token from it.
+  'Microsoft.ApiManagement/service/gateways/listKeys/action'
+  'Microsoft.ApiManagement/service/gateways/regenerateKey/action'
+  'Microsoft.ApiManagement/service/gateways/generateToken/action'
   'Microsoft.ApiManagement/service/namedValues/write'
   'Microsoft.ApiManagement/service/namedValues/listValue/action'
   'Microsoft.ApiManagement/service/apis/write'

@@ -376,7 +376,8 @@ def _data(entry: JournalEntry) -> dict[str, Any]:
 def is_rotation_entry(entry: JournalEntry) -> bool:
     """Whether a journal entry belongs to a key rotation (settled by the rotator, not the engine)."""
     data = _data(entry)
-    return "rotation" in data or "rotation_step" in data
+    # Gateway token renewals (shared/gateway_rotation.py) journal under their own keys.
+    return any(k in data for k in ("rotation", "rotation_step", "gateway_rotation", "gateway_rotation_step"))
 
 
 StepObserver = Callable[[str, str], None]

@@ -70,10 +70,16 @@ USED_BY: dict[str, str] = {
     "Microsoft.OperationalInsights/workspaces/read": "KEY-001",
     "Microsoft.OperationalInsights/workspaces/query/read": "KEY-001",
 }
-# The write actions only the backup jobs use (tests/integration/test_backup_jobs.py).
+# The write actions only the jobs and event-driven use cases use: the backup jobs
+# (tests/integration/test_backup_jobs.py) and the renewal of self-hosted gateway tokens
+# (`rotate --gateways`, also what GatewayTokenNearExpiry runs). Each is proven below by
+# running that job under the role without it and seeing the 403 that names it.
 USED_BY_JOBS: dict[str, str] = {
     "Microsoft.ApiManagement/service/backup/action": "backup",
     "Microsoft.ApiManagement/service/restore/action": "restore-test",
+    "Microsoft.ApiManagement/service/gateways/listKeys/action": "rotate --gateways",
+    "Microsoft.ApiManagement/service/gateways/regenerateKey/action": "rotate --gateways",
+    "Microsoft.ApiManagement/service/gateways/generateToken/action": "rotate --gateways",
 }
 FIXABLE = sorted(set(USED_BY.values()) | {"NET-001", "TLS-002", "TLS-003", "MGMT-002", "MGMT-003", "ID-001"})
 
@@ -201,8 +207,12 @@ def remediate(service_id: str, rule: str) -> tuple[int, str]:
 
 def test_every_write_action_of_the_role_is_used_by_a_remediation() -> None:
     """writeActions (with the two reads only KEY-001's evidence needs) is exactly USED_BY, with
-    the two actions of the backup jobs."""
+    the actions of the jobs (backup, restore-test, gateway token renewal), and every job action
+    has its own run-without-it test below."""
     assert set(WRITES) == set(USED_BY) | set(USED_BY_JOBS)
+    assert not set(USED_BY) & set(USED_BY_JOBS)
+    proven = {"backup", "restore-test", "rotate --gateways"}
+    assert set(USED_BY_JOBS.values()) == proven
 
 
 @pytest.mark.usefixtures("as_least_privilege")
@@ -329,3 +339,48 @@ def test_the_backup_jobs_run_with_only_the_role_and_need_each_of_their_actions(
         return
     assert code == 0, text
     assert text.startswith("passed"), text
+
+
+GATEWAY_ACTIONS = sorted(a for a, job in USED_BY_JOBS.items() if job == "rotate --gateways")
+
+
+@pytest.mark.parametrize("missing", [None, *GATEWAY_ACTIONS])
+@pytest.mark.usefixtures("as_least_privilege")
+def test_gateway_token_renewal_runs_with_only_the_role_and_needs_each_of_its_actions(
+    twin: TwinHandle, monkeypatch: pytest.MonkeyPatch, missing: str | None
+) -> None:
+    """`rotate --gateways --apply` onboards (generateToken), then `--force` renews (listKeys,
+    regenerateKey, generateToken): with the whole role both pass, without one action the run
+    that needs it fails with the 403 naming it."""
+    suffix = uuid.uuid4().hex[:6]
+    spec = compliant(f"lp-gw-{suffix}", twin.subscription_id)
+    spec["gateways"] = [{"id": "edge", "locationData": {"name": "edge site"}}]
+    fragment, ids = fragment_for({"gw": spec}, twin.subscription_id)
+    vault = f"/subscriptions/{twin.subscription_id}/resourceGroups/{RG}/providers/Microsoft.KeyVault/vaults/{VAULT}"
+    role = f"APIM Remediator gateways under test {suffix}"
+    fragment.update(
+        principals=[PRINCIPAL],
+        custom_roles=[{"name": role, "actions": [a for a in READS + WRITES if a != missing]}],
+        role_assignments=[
+            *fragment["role_assignments"],
+            {"principal": PRINCIPAL["name"], "role": role, "scope": f"/subscriptions/{twin.subscription_id}"},
+            {"principal": PRINCIPAL["name"], "role": "Key Vault Secrets Officer", "scope": vault},
+        ],
+    )
+    twin.seed(fragment)
+    set_vault_url(twin, monkeypatch)
+    code, text = run("rotate", "--instance", ids["gw"], "--gateways", "--apply")
+    if missing == "Microsoft.ApiManagement/service/gateways/generateToken/action":
+        assert code == 1, text
+        assert f"'{missing}'" in text, text
+        return
+    assert code == 0, text
+    assert "DONE      onboard  edge" in text, text
+    code, text = run("rotate", "--instance", ids["gw"], "--gateways", "--force", "--apply")
+    if missing is not None:
+        assert code == 1, text
+        assert "403 AuthorizationFailed" in text, text
+        assert f"'{missing}'" in text, text
+        return
+    assert code == 0, text
+    assert "DONE      renew    edge" in text, text

@@ -280,13 +280,15 @@ async def test_rotation_events_reach_the_rotation_route_with_their_data(kind: st
     assert fakes.reconciles == []
 
 
-async def test_gateway_token_events_say_gateways_are_not_built(caplog: pytest.LogCaptureFixture) -> None:
+async def test_gateway_token_events_without_a_ledger_vault_renew_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """The renewal itself is tests/integration/test_rotation_gateways.py (against the twin)."""
     caplog.set_level(logging.INFO, logger="apim_remediator.rotate_keys")
     route = event_rotator(RotationDeps(source=None, policy=None, rotator=None))  # type: ignore[arg-type]
     request = RotationRequest("g-1", "Microsoft.ApiManagement.GatewayTokenNearExpiry", "/gateways/gw", "/svc")
     outcome = await route(request)
-    assert outcome.status == "gateway_not_built"
-    assert [r for r in caplog.records if getattr(r, "event", "") == "rotation.event.gateway_not_built"]
+    assert outcome.status == "not_configured"
+    assert "nothing renewed" in outcome.detail
+    assert [r for r in caplog.records if getattr(r, "event", "") == "rotation.event.not_configured"]
 
 
 async def test_without_a_ledger_vault_rotation_events_are_acknowledged_not_rotated() -> None:

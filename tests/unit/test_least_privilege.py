@@ -27,14 +27,19 @@ def test_scan_docstring_matches_the_read_role() -> None:
 def test_remediate_and_backup_docstrings_match_the_write_role() -> None:
     import handlers.backup
     import handlers.restore_test
+    import handlers.rotate_gateways
 
     named = set(ACTION.findall(handlers.remediate.__doc__ or ""))
     jobs = set(ACTION.findall(handlers.backup.__doc__ or "")) | set(ACTION.findall(handlers.restore_test.__doc__ or ""))
+    jobs |= set(ACTION.findall(handlers.rotate_gateways.__doc__ or ""))
     read = bicep_list("readActions")
     assert named | (jobs - read) == bicep_list("writeActions")
     assert {
         "Microsoft.ApiManagement/service/backup/action",
         "Microsoft.ApiManagement/service/restore/action",
+        "Microsoft.ApiManagement/service/gateways/listKeys/action",
+        "Microsoft.ApiManagement/service/gateways/regenerateKey/action",
+        "Microsoft.ApiManagement/service/gateways/generateToken/action",
     } <= jobs - read
 
 
@@ -49,12 +54,14 @@ def test_the_sweep_needs_only_reads_the_read_role_grants() -> None:
 def test_every_trigger_handler_names_its_azure_actions_within_the_roles() -> None:
     import handlers.events
     import handlers.reconcile
+    import handlers.rotate_gateways
     import handlers.rotate_keys
     import handlers.sweep
     import handlers.work
 
     granted = bicep_list("readActions") | bicep_list("writeActions")
-    for module in (handlers.sweep, handlers.work, handlers.events, handlers.reconcile, handlers.rotate_keys):
+    modules = (handlers.sweep, handlers.work, handlers.events, handlers.reconcile, handlers.rotate_keys)
+    for module in (*modules, handlers.rotate_gateways):
         doc = module.__doc__ or ""
         assert "Azure actions" in doc, module.__name__
         assert set(ACTION.findall(doc)) <= granted, module.__name__

@@ -11,7 +11,9 @@ Secrets (subscription keys, tenant keys, secret named values, identity provider 
 secrets, logger credentials) live in `state.extra["apim"]["secrets"]`, never in the ARM
 bodies other modules can read. Every successful write emits an Event Grid event
 (`resource_event`), APIM subscription writes also `Microsoft.ApiManagement.Subscription*`.
-The control route `POST /_twin/gateway/check` answers whether a key would pass the gateway.
+The control route `POST /_twin/gateway/check` answers whether a key would pass the gateway;
+self-hosted gateways, their keys and tokens are `twin/apim/gateways.py` (with the control
+routes `/_twin/gateway/token-check` and `/_twin/gateway/expiry-scan`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ from twin.apim.children import (
     put_child,
 )
 from twin.apim.common import APIM_VERSIONS, SVC, apim_event, compile_filter
+from twin.apim.gateways import (
+    expiry_scan_route,
+    gateway_keys,
+    generate_gateway_token,
+    regenerate_gateway_key,
+    token_check,
+    token_check_route,
+)
 from twin.apim.named_values import (
     delete_named_value,
     get_named_value,
@@ -180,6 +190,9 @@ def setup(app: web.Application) -> None:
         route("PATCH", base + "/{name}", patch_child)
         route("DELETE", base + "/{name}", delete_child)
     route("POST", SVC + "/identityProviders/{name}/listSecrets", identity_provider_secrets)
+    route("POST", SVC + "/gateways/{gateway}/listKeys", gateway_keys)
+    route("POST", SVC + "/gateways/{gateway}/regenerateKey", regenerate_gateway_key)
+    route("POST", SVC + "/gateways/{gateway}/generateToken", generate_gateway_token)
     route("GET", SVC + "/products/{name}/apis", list_product_apis)
     route("PUT", SVC + "/products/{name}/apis/{api}", link_product_api)
 
@@ -217,6 +230,8 @@ def setup(app: web.Application) -> None:
         route(method, path, handler)
 
     add_route(app, "POST", "/_twin/gateway/check", gateway_check_route, versions=None)
+    add_route(app, "POST", "/_twin/gateway/token-check", token_check_route, versions=None)
+    add_route(app, "POST", "/_twin/gateway/expiry-scan", expiry_scan_route, versions=None)
 
 
 __all__ = [
@@ -231,6 +246,7 @@ __all__ = [
     "resource_event",
     "seed",
     "setup",
+    "token_check",
     "validate_policy_xml",
     "write_context",
 ]

@@ -34,6 +34,7 @@ from twin.apim.common import (
     _str,
     _with_etag,
 )
+from twin.apim.gateways import gateway_builder
 from twin.arm import write_context
 from twin.state import Resource, TwinState, norm
 from twin.web import (
@@ -320,6 +321,7 @@ COLLECTIONS: dict[str, Collection] = {
     ),
     "products": Collection("products", "Product", "Microsoft.ApiManagement/service/products", _product),
     "users": Collection("users", "User", "Microsoft.ApiManagement/service/users", _user),
+    "gateways": Collection("gateways", "Gateway", "Microsoft.ApiManagement/service/gateways", gateway_builder),
 }
 _COLLECTION_FILTER_FIELDS: dict[str, tuple[str, ...]] = {
     "name": _ALL_OPS,

@@ -65,6 +65,7 @@ _SEED_KEYS = {
     "products",
     "users",
     "certificates",
+    "gateways",
     "created_at",
     "workspaces",
 }
@@ -146,6 +147,7 @@ def _seed_service(state: TwinState, ctx: SeedContext, item: dict[str, Any], wher
         ("diagnostics", _seed_collection("diagnostics")),
         ("backends", _seed_collection("backends")),
         ("users", _seed_collection("users")),
+        ("gateways", _seed_gateways),
         ("identity_providers", _seed_identity_providers),
         ("named_values", _seed_named_values),
         ("subscriptions", _seed_subscriptions),
@@ -191,6 +193,19 @@ def _seed_collection(segment: str) -> Callable[[TwinState, Resource, Any, str], 
             _seed_call(f"{where}[{j}]", upsert_child, state, service, coll, name, given, patch=False)
 
     return seeder
+
+
+def _seed_gateways(state: TwinState, service: Resource, value: Any, where: str) -> None:
+    """Self-hosted gateways: `{id, locationData, description, primaryKey?, secondaryKey?}`."""
+    coll = COLLECTIONS["gateways"]
+    for j, entry in enumerate(_seed_list(value, where)):
+        name = _seed_id(entry, f"{where}[{j}]")
+        given = {k: v for k, v in entry.items() if k not in ("id", "name", "primaryKey", "secondaryKey")}
+        given.setdefault("locationData", {"name": "on-premises"})
+        resource, _ = _seed_call(f"{where}[{j}]", upsert_child, state, service, coll, name, given, patch=False)
+        for slot in ("primary", "secondary"):
+            if isinstance(entry.get(f"{slot}Key"), str):
+                _secret(state, resource.id)[slot] = entry[f"{slot}Key"]
 
 
 def _seed_certificate_data(state: TwinState, entry: Any, where: str, data_key: str, with_key: bool) -> Any:
