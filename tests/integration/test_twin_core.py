@@ -205,8 +205,10 @@ def test_api_version_is_required_and_checked(twin: TwinHandle) -> None:
 
 def test_throttling_answers_429_with_retry_after(twin: TwinHandle) -> None:
     path = f"/subscriptions/{twin.subscription_id}?api-version={SUBS_VERSION}"
-    unthrottled = twin.arm("GET", path)
-    assert unthrottled.headers["x-ms-ratelimit-remaining-subscription-reads"] == "249"
+    # Off: a subscription with room to spare, nothing counted, a full bucket reported.
+    for _ in range(2):
+        unthrottled = twin.arm("GET", path)
+        assert unthrottled.headers["x-ms-ratelimit-remaining-subscription-reads"] == "250"
     assert twin.control("PUT", "/_twin/throttle", {"enabled": True, "scale": 0.02}) == (
         200,
         {"enabled": True, "scale": 0.02},
@@ -215,6 +217,8 @@ def test_throttling_answers_429_with_retry_after(twin: TwinHandle) -> None:
     statuses = [twin.arm("GET", path, token=token) for _ in range(8)]
     codes = [r.status_code for r in statuses]
     assert codes[:5] == [200] * 5  # bucket of 250 * 0.02 reads
+    # On: every answer counts down, as ARM's front door does.
+    assert [r.headers["x-ms-ratelimit-remaining-subscription-reads"] for r in statuses[:5]] == ["4", "3", "2", "1", "0"]
     throttled = statuses[codes.index(429)]
     assert error_code(throttled) == "SubscriptionRequestsThrottled"
     assert int(throttled.headers["Retry-After"]) >= 1
