@@ -171,6 +171,7 @@ class AppContext:
             rotator=self.rotator(),
             vault_url=self.settings.key_vault_url,
             gateways=self.gateway_rotator(),
+            incidents=self.incidents(),
         )
 
     def reconcile_deps(self) -> ReconcileDeps:

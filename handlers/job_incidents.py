@@ -1,8 +1,12 @@
-"""Incidents of the jobs that are not a reconcile: backups and test-restores.
+"""Incidents of the jobs that are not a reconcile: backups, test-restores, key rotations.
 
 A failed backup or a failed or refused test-restore opens (or counts again) one incident per
 instance and job (`BACKUP:{instance}`, `RESTORE-TEST:{instance}`); the next success resolves
-it with a note. A transient failure (storage or ARM briefly unreachable) is retried by the
+it with a note. A key rotation that could not finish (refused or failed, from an event, the
+CLI or the HTTP API) opens `ROTATION:{subscription}`; the next rotation that finishes
+resolves it. Rotations the engine runs for the KEY rules report through reconcile instead
+(their refusals are the findings' incidents), and a pending or busy one is finished by the
+next run, so neither opens one here. A transient failure (storage or ARM briefly unreachable) is retried by the
 next tick and opens nothing. Telling people must never break the job: an incident that
 cannot be stored is logged and the job's own record stands (the BAK rules keep reporting
 what is missing, and their findings become incidents through reconcile).
@@ -18,8 +22,11 @@ from shared.incidents import IncidentApi, Problem, ProblemKind, fingerprint_of
 from shared.model import Severity
 
 if TYPE_CHECKING:  # the jobs call this module: their types only, no import cycle
+    from collections.abc import Sequence
+
     from handlers.backup import BackupResult, InstanceBackup
     from handlers.restore_test import RestoreTestOutcome, RestoreTestResult
+    from shared.rotation import RotationResult
 
 LOG = logging.getLogger("apim_remediator.incidents")
 BACKUP_FAMILY = "BACKUP"
@@ -106,6 +113,45 @@ async def report_restore_tests(result: RestoreTestResult, incidents: IncidentApi
                 )
         except RemediatorError as error:
             _not_told(item.source_id, "test-restore", error)
+
+
+ROTATION_FAMILY = "ROTATION"
+
+
+def rotation_problem(result: RotationResult, instance_id: str) -> Problem:
+    subscription = _name(result.subscription_id)
+    lines = [
+        f"The {result.action} of subscription `{subscription}` on `{_name(instance_id)}` {result.status.value}: "
+        f"{result.detail}",
+        "",
+        f"- Rotation `{result.op_id or '-'}`; steps done: {', '.join(result.steps) or 'none'}",
+        "- The key the Key Vault ledger holds is still one APIM accepts: nothing was cut off.",
+        "- `apim-remediator rotate --instance ... --subscription ... --apply` runs it again once the reason is fixed.",
+    ]
+    return Problem(
+        kind=ProblemKind.ROTATION,
+        family=ROTATION_FAMILY,
+        resource_id=result.subscription_id,
+        title=f"Key {result.action} of {subscription} {result.status.value}",
+        severity=Severity.HIGH,
+        description="\n".join(lines),
+        instance_id=instance_id,
+    )
+
+
+async def report_rotations(
+    results: Sequence[RotationResult], instance_id: str, incidents: IncidentApi, *, run_id: str = ""
+) -> None:
+    """Raise an incident per rotation refused or failed, resolve it when one finishes."""
+    for result in results:
+        try:
+            if result.status.value in ("refused", "failed"):
+                await incidents.raise_problem(rotation_problem(result, instance_id), run_id=run_id)
+            elif result.status.value == "done":
+                note = f"{result.action} done (rotation {result.op_id})"
+                await incidents.resolve(fingerprint_of(ROTATION_FAMILY, result.subscription_id), note, run_id=run_id)
+        except RemediatorError as error:
+            _not_told(result.subscription_id, "rotation", error)
 
 
 def _not_told(instance_id: str, job: str, error: RemediatorError) -> None:

@@ -38,13 +38,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from handlers.job_incidents import report_rotations
 from handlers.scan import InstanceSource
 from shared.errors import OutOfScopeError, PermanentError, TransientError
 from shared.evaluation import evaluate_snapshot
 from shared.gateway_rotation import GatewayRotator
+from shared.incidents import IncidentApi
 from shared.inventory import InstanceRef
 from shared.journal import Trigger, TriggerKind
 from shared.model import ApimSubscription, Mode, Snapshot
@@ -100,6 +102,8 @@ class RotationDeps:
     vault_url: str | None = None
     # Self-hosted gateway tokens (handlers/rotate_gateways.py); None: not configured.
     gateways: GatewayRotator | None = None
+    # A rotation that could not finish is an incident; None: only logged (and journaled).
+    incidents: IncidentApi | None = None
 
 
 def _rotator(deps: RotationDeps) -> Rotator:
@@ -198,9 +202,14 @@ async def rotate_keys(request: RotateKeysRequest, deps: RotationDeps) -> RotateK
         resumed = await rotator.resume_open(ref.id)
     ledger = await rotator.ledger_of(ref.id)
     results = await rotate_all(rotator, targets, apply=request.apply, concurrency=request.concurrency, ledger=ledger)
-    return RotateKeysReport(
+    report = RotateKeysReport(
         instance_id=ref.id, dry_run=not request.apply, results=tuple(refused + results), resumed=tuple(resumed)
     )
+    if request.apply and deps.incidents is not None:
+        await report_rotations(
+            (*report.resumed, *report.results), ref.id, deps.incidents, run_id=request.trigger.detail
+        )
+    return report
 
 
 # -- Event Grid ---------------------------------------------------------------------------------
@@ -220,6 +229,7 @@ class RotationOutcome:
     status: str  # a shared.rotation.Status value, or ignored / not_configured
     detail: str
     instance_id: str | None = None
+    result: RotationResult | None = None  # the rotation the event ran, if it ran one
 
 
 def _outcome(status: str, detail: str, request: RotationRequest, instance_id: str | None = None) -> RotationOutcome:
@@ -251,6 +261,12 @@ def event_rotator(deps: RotationDeps) -> Callable[[RotationRequest], Awaitable[R
     journal lets the redelivery finish it)."""
 
     async def handle(request: RotationRequest) -> RotationOutcome:
+        outcome = await route(request)
+        if outcome.result is not None and outcome.instance_id and deps.incidents is not None:
+            await report_rotations((outcome.result,), outcome.instance_id, deps.incidents, run_id=request.event_id)
+        return outcome
+
+    async def route(request: RotationRequest) -> RotationOutcome:
         kind = request.event_type.lower()
         if kind == GATEWAY_TYPE:
             from handlers.rotate_gateways import GatewayDeps, gateway_event
@@ -278,7 +294,7 @@ def event_rotator(deps: RotationDeps) -> Callable[[RotationRequest], Awaitable[R
 def _finish(result: RotationResult, request: RotationRequest, instance_id: str) -> RotationOutcome:
     if result.status in (Status.PENDING, Status.BUSY):
         raise TransientError(f"rotation of {result.subscription_id} is {result.status.value}: {result.detail}")
-    return _outcome(result.status.value, result.detail, request, instance_id)
+    return replace(_outcome(result.status.value, result.detail, request, instance_id), result=result)
 
 
 async def _near_expiry(

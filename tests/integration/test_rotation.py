@@ -18,6 +18,7 @@ from azure.keyvault.secrets import SecretClient
 
 from handlers.context import AppContext
 from handlers.events import EventStatus, GridEvent, handle_event
+from shared.incidents import fingerprint_of
 from shared.journal import Phase, Trigger, TriggerKind
 from shared.rotation import Action, RotationTarget, Status, ledger_secret_name
 from tests.conftest import TwinHandle
@@ -180,6 +181,12 @@ def test_a_mislabelled_copy_is_refused_with_the_reason_and_nothing_changes(twin:
     assert regenerates(twin) == []
     assert gateway_ok(twin, service_id, key("rot", "mislabelled"))
     no_key_in(result.stdout + result.stderr, key("rot", "mislabelled"))
+    # A rotation that could not finish is an incident (issue 11), with the reason and no key.
+    incident = asyncio.run(world.context().incidents().store.get(fingerprint_of("ROTATION", sub)))
+    assert incident is not None
+    assert incident.open
+    assert "rotating would regenerate the primary key clients use" in incident.description
+    no_key_in(incident.description + incident.title, key("rot", "mislabelled"))
 
 
 def test_revoke_rotates_then_regenerates_the_old_key(twin: TwinHandle, world: World) -> None:
