@@ -13,9 +13,10 @@ Restoring overwrites the target, so a target must be designated twice: the polic
 `backups.restore_tests.targets` maps the source to it AND the target carries the tag
 `apim-remediator-restore-target-for` naming the source's resource id. A target the request
 names that the policy does not map to the source is refused before any call to Azure; a
-target without the tag, or of another tier than the backup (Azure restores only into the
-same tier), is refused after reading it, before any restore is sent; so is a target outside
-the configured scope. Refusals are recorded as failed test-restores (`error_code`
+target outside the configured scope, without the tag, or of another tier than the source
+(Azure restores only into the same tier) is refused on what the inventory's listing says
+(its tags and sku), before any request about the target. The tag and tier are checked once
+more on a fresh read of the target (against the backup's tier), before the restore is sent. Refusals are recorded as failed test-restores (`error_code`
 RestoreRefused / TierMismatch).
 
 Azure actions:
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from enum import StrEnum
@@ -142,11 +144,34 @@ async def run_restore_tests(request: RestoreTestRequest, deps: BackupJobDeps) ->
     refs = narrow(everything, request.source_ids)
     if not request.source_ids:
         refs = [r for r in refs if policy.restore_target_of(r.id) is not None]
-    job = _Job(request, deps, deps.records, deps.azure, deps.blobs, frozenset(r.id.lower() for r in everything))
+    job = _Job(request, deps, deps.records, deps.azure, deps.blobs, {r.id.lower(): r for r in everything})
     result = RestoreTestResult(request.correlation_id, tuple([await job.one(ref) for ref in refs]))
     if deps.incidents is not None:
         await report_restore_tests(result, deps.incidents)
     return result
+
+
+def designation_refusal(
+    source: InstanceRef, target_id: str, target_tags: Mapping[str, str], target_sku: str, source_sku: str
+) -> tuple[str, str] | None:
+    """Why restoring `source`'s backup into the target is refused (error code, reason), or None.
+
+    The target must carry the tag naming the source (restoring overwrites it) and be of the
+    backup's tier. An unknown tier ("") is left to the check on the fresh read."""
+    tagged = {k.lower(): v for k, v in target_tags.items()}.get(RESTORE_TARGET_TAG, "")
+    if tagged.lower().rstrip("/") != source.id.lower().rstrip("/"):
+        return (
+            "RestoreRefused",
+            f"{target_id} does not carry the tag {RESTORE_TARGET_TAG}={source.id}: it is not designated as this "
+            "source's restore target (restoring overwrites it); nothing was restored",
+        )
+    if target_sku and source_sku and (target_sku.lower() != source_sku.lower() or not supports_backup(target_sku)):
+        return (
+            "TierMismatch",
+            f"{target_id} is {target_sku}, the backup is of a {source_sku} instance: Azure restores only into "
+            "the same tier; nothing was restored",
+        )
+    return None
 
 
 @dataclass
@@ -157,7 +182,7 @@ class _Job:
 
     azure: BackupAzure
     blobs: BackupBlobs
-    in_scope: frozenset[str]  # lowercase ids of the instances the settings and policy admit
+    in_scope: Mapping[str, InstanceRef]  # by lowercase id: the instances the settings and policy admit
 
     async def one(self, ref: InstanceRef) -> RestoreTestOutcome:
         try:
@@ -211,7 +236,8 @@ class _Job:
             target_id=target_id,
             correlation_id=self.request.correlation_id,
         )
-        if target_id.lower().rstrip("/") not in self.in_scope:
+        target = self.in_scope.get(target_id.lower().rstrip("/"))
+        if target is None:
             return await self.fail(
                 run,
                 "RestoreRefused",
@@ -219,27 +245,18 @@ class _Job:
                 "in scope; nothing was restored",
                 refused=True,
             )
+        # What the inventory already says (tags, tier) refuses before any call about the target;
+        # the same checks run again on a fresh read of it below, before the restore.
+        refusal = designation_refusal(ref, target_id, target.tags, target.sku, ref.sku)
+        if refusal is not None:
+            return await self.fail(run, refusal[0], refusal[1], refused=True)
         manifest = await self.manifest(backup.blob)
         if isinstance(manifest, str):
             return await self.fail(run, "ManifestUnreadable", manifest)
         facts = await self.azure.service(target_id)
-        tagged = {k.lower(): v for k, v in facts.tags.items()}.get(RESTORE_TARGET_TAG, "")
-        if tagged.lower().rstrip("/") != ref.id.lower().rstrip("/"):
-            return await self.fail(
-                run,
-                "RestoreRefused",
-                f"{target_id} does not carry the tag {RESTORE_TARGET_TAG}={ref.id}: it is not designated as this "
-                "source's restore target (restoring overwrites it); nothing was restored",
-                refused=True,
-            )
-        if facts.sku.lower() != manifest.sku.lower() or not supports_backup(facts.sku):
-            return await self.fail(
-                run,
-                "TierMismatch",
-                f"{target_id} is {facts.sku}, the backup is of a {manifest.sku} instance: Azure restores only into "
-                "the same tier; nothing was restored",
-                refused=True,
-            )
+        refusal = designation_refusal(ref, target_id, facts.tags, facts.sku, manifest.sku)
+        if refusal is not None:
+            return await self.fail(run, refusal[0], refusal[1], refused=True)
         await self.records.save(run)  # the intent: the target is about to be overwritten
         try:
             token = await self.azure.begin(RunKind.RESTORE_TEST, facts, backup.blob)

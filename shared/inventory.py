@@ -67,6 +67,8 @@ class InstanceRef:
     resource_group: str
     location: str  # normalised: lowercase, no spaces ("westeurope")
     tags: Mapping[str, str] = field(default_factory=frozen_map, hash=False)
+    # The pricing tier (sku name, e.g. "Premium"), as the listing reported it; "" when unknown.
+    sku: str = field(default="", compare=False)
 
 
 # -- pure helpers -------------------------------------------------------------------------------
@@ -96,11 +98,20 @@ def graph_query(scope: ScopeSettings) -> str:
     if scope.resource_groups:
         groups = ", ".join(_kql_string(g) for g in scope.resource_groups)
         parts.append(f"| where resourceGroup in~ ({groups})")
-    parts.append("| project id, name, type, location, resourceGroup, subscriptionId, tags")
+    parts.append("| project id, name, type, location, resourceGroup, subscriptionId, tags, sku")
     return " ".join(parts)
 
 
-def instance_ref(resource_id: str, location: str | None, tags: Mapping[str, Any] | None) -> InstanceRef | None:
+def _sku_name(sku: Any) -> str:
+    """A listing's sku: Resource Graph's object, an SDK model, or nothing."""
+    if isinstance(sku, Mapping):
+        return str(sku.get("name") or "")
+    return str(getattr(sku, "name", "") or "")
+
+
+def instance_ref(
+    resource_id: str, location: str | None, tags: Mapping[str, Any] | None, sku: Any = None
+) -> InstanceRef | None:
     """An InstanceRef from an ARM id, or None when the id is not an APIM service's."""
     match = _ID.match(resource_id or "")
     if match is None:
@@ -112,6 +123,7 @@ def instance_ref(resource_id: str, location: str | None, tags: Mapping[str, Any]
         resource_group=match.group("rg"),
         location=re.sub(r"\s+", "", location or "").lower(),
         tags=frozen_map({str(k): str(v) for k, v in (tags or {}).items()}),
+        sku=_sku_name(sku),
     )
 
 
@@ -263,7 +275,7 @@ async def _from_graph(factory: ClientFactory, settings: Settings) -> list[Instan
         with_rows: set[str] = set()
         for row in await _graph_rows(client, batch, query, GRAPH_PAGE):
             with_rows.add(str(row.get("subscriptionId") or "").lower())
-            ref = instance_ref(str(row.get("id") or ""), row.get("location"), row.get("tags"))
+            ref = instance_ref(str(row.get("id") or ""), row.get("location"), row.get("tags"), row.get("sku"))
             if ref is not None:
                 refs.append(ref)
         refs.extend(await _confirm_empty(factory, [s for s in batch if s.lower() not in with_rows]))
@@ -309,7 +321,7 @@ async def _confirm_empty(factory: ClientFactory, subscriptions: list[str]) -> li
 async def _list_subscription(factory: ClientFactory, subscription_id: str) -> list[InstanceRef]:
     refs: list[InstanceRef] = []
     async for service in factory.apim_async(subscription_id).api_management_service.list():
-        ref = instance_ref(str(service.id or ""), service.location, service.tags)
+        ref = instance_ref(str(service.id or ""), service.location, service.tags, service.sku)
         if ref is not None:
             refs.append(ref)
     return refs
@@ -350,7 +362,7 @@ async def locate(factory: ClientFactory, settings: Settings, instance_id: str) -
         service = await apim.api_management_service.get(named.resource_group, named.name)
     except ResourceNotFoundError:
         return None
-    ref = instance_ref(str(service.id or named.id), service.location, service.tags)
+    ref = instance_ref(str(service.id or named.id), service.location, service.tags, service.sku)
     found = select([ref], settings) if ref is not None else ()
     return found[0] if found else None
 

@@ -295,6 +295,7 @@ async def test_across_tiers_or_without_the_tag_is_refused_before_any_restore(
 ) -> None:
     ids, context = world["ids"], world["context"]
     await run_backups(BackupRequest(instance_ids=(ids["bk-src"],), max_wait=30), context.backup_deps())
+    twin.control("DELETE", "/_twin/log")
     for target, code in (("bk-dev", "TierMismatch"), ("bk-untagged", "RestoreRefused")):
         env = env_for(twin, tmp_path, ids, world["container"], target)
         other = AppContext.load(env)
@@ -307,6 +308,9 @@ async def test_across_tiers_or_without_the_tag_is_refused_before_any_restore(
         assert outcome.outcome is RestoreOutcome.REFUSED, outcome
         assert outcome.error_code == code, outcome
     assert not [e for e in arm_log(twin) if e["path"].lower().endswith("/restore")]
+    # Refused on what the inventory says (tags, tier): not one request about either target.
+    refused = (ids["bk-dev"].lower(), ids["bk-untagged"].lower())
+    assert not [e["path"] for e in arm_log(twin) if e["path"].lower().startswith(refused)]
     with pytest.raises(RestoreRefused):
         await run_restore_tests(
             RestoreTestRequest(source_ids=(ids["bk-src"],), target_id=ids["bk-dev"]), context.backup_deps()

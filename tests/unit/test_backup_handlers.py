@@ -174,3 +174,27 @@ async def test_a_target_outside_the_scope_is_refused_without_reading_it() -> Non
     assert outcome.outcome is RestoreOutcome.REFUSED
     assert "outside the configured scope" in (outcome.error or "")
     assert [c[0] for c in fakes.calls] == ["discover"]
+
+
+def test_designation_is_refused_on_the_inventorys_tags_and_tier() -> None:
+    """Pure: what the inventory says (tags, tier) decides before any call about the target."""
+    from handlers.restore_test import designation_refusal
+    from shared.inventory import instance_ref
+    from shared.policy import RESTORE_TARGET_TAG
+
+    src = "/subscriptions/3f2a1b0c-0000-4000-8000-000000000101/resourceGroups/rg/providers/Microsoft.ApiManagement"
+    src += "/service/a"
+    source = instance_ref(src, "westeurope", {}, {"name": "Premium"})
+    assert source is not None
+    assert source.sku == "Premium"
+    target = src[:-1] + "b"
+    tag = {RESTORE_TARGET_TAG: src.upper()}  # ids compare case-insensitively
+    assert designation_refusal(source, target, tag, "Premium", "Premium") is None
+    assert designation_refusal(source, target, tag, "", "Premium") is None  # unknown tier: the fresh read decides
+    code, why = designation_refusal(source, target, tag, "Developer", "Premium") or ("", "")
+    assert code == "TierMismatch"
+    assert "Developer" in why
+    assert designation_refusal(source, target, tag, "Consumption", "Consumption") is not None  # no backup tier
+    code, why = designation_refusal(source, target, {}, "Premium", "Premium") or ("", "")
+    assert code == "RestoreRefused"
+    assert RESTORE_TARGET_TAG in why

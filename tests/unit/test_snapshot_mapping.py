@@ -433,7 +433,7 @@ def test_instance_ref_parses_the_arm_id() -> None:
 def test_graph_query_filters_type_and_resource_groups_with_quoting() -> None:
     assert graph_query(ScopeSettings()) == (
         "resources | where type =~ 'microsoft.apimanagement/service' "
-        "| project id, name, type, location, resourceGroup, subscriptionId, tags"
+        "| project id, name, type, location, resourceGroup, subscriptionId, tags, sku"
     )
     query = graph_query(ScopeSettings(resource_groups=("rg-a", "o'brien")))
     assert "| where resourceGroup in~ ('rg-a', 'o\\'brien') |" in query
