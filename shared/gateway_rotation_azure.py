@@ -17,23 +17,13 @@ from datetime import datetime
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 
 from shared.actions import APIM_API_VERSION
-from shared.actions.executor import ArmApi, ArmResponse
+from shared.actions.executor import ArmApi
 from shared.azure import ClientFactory
-from shared.errors import NotFoundError, PermanentError, TransientError, error_code_and_message
+from shared.errors import PermanentError, TransientError
 from shared.gateway_rotation import GATEWAY_SLOT_TAG, GATEWAY_TAG, TOKEN_CONTENT_TYPE, GatewayKeys, TokenCopy
 from shared.inventory import describe_failure
 from shared.rotation import Key, LedgerRef
-
-_TRANSIENT = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
-def _refused(response: ArmResponse, what: str) -> Exception:
-    # ARM's message names the action and scope of a 403; it never carries a key or token.
-    code, message = error_code_and_message(response.body)
-    text = f"{what}: {response.status} {code} {message[:500]}".strip()
-    if response.status == 404:
-        return NotFoundError(text)
-    return (TransientError if response.status in _TRANSIENT else PermanentError)(text)
+from shared.rotation_azure import TRANSIENT_STATUSES, arm_refusal
 
 
 class AzureGatewayApi:
@@ -49,7 +39,7 @@ class AzureGatewayApi:
         while path is not None:
             response = await self.arm.send("GET", path, APIM_API_VERSION)
             if response.status != 200 or not isinstance(response.body, dict):
-                raise _refused(response, f"listing the gateways of {service_id}")
+                raise arm_refusal(response, f"listing the gateways of {service_id}")
             page = response.body.get("value") or []
             found.extend(str(g["id"]) for g in page if isinstance(g, dict) and g.get("id"))
             skip += len(page)
@@ -60,7 +50,7 @@ class AzureGatewayApi:
     async def list_keys(self, gateway_id: str) -> GatewayKeys:
         response = await self.arm.send("POST", f"{gateway_id}/listKeys", APIM_API_VERSION)
         if response.status != 200 or not isinstance(response.body, dict):
-            raise _refused(response, f"reading the keys of gateway {gateway_id} (listKeys)")
+            raise arm_refusal(response, f"reading the keys of gateway {gateway_id} (listKeys)")
         primary, secondary = response.body.get("primary"), response.body.get("secondary")
         if not isinstance(primary, str) or not isinstance(secondary, str) or not primary or not secondary:
             raise PermanentError(f"listKeys of gateway {gateway_id} did not return both keys")
@@ -69,13 +59,13 @@ class AzureGatewayApi:
     async def regenerate(self, gateway_id: str, slot: str) -> None:
         response = await self.arm.send("POST", f"{gateway_id}/regenerateKey", APIM_API_VERSION, body={"keyType": slot})
         if response.status not in (200, 204):
-            raise _refused(response, f"regenerateKey ({slot}) of gateway {gateway_id}")
+            raise arm_refusal(response, f"regenerateKey ({slot}) of gateway {gateway_id}")
 
     async def generate_token(self, gateway_id: str, slot: str, expiry: datetime) -> Key:
         body = {"keyType": slot, "expiry": expiry.strftime("%Y-%m-%dT%H:%M:%SZ")}
         response = await self.arm.send("POST", f"{gateway_id}/generateToken", APIM_API_VERSION, body=body)
         if response.status != 200 or not isinstance(response.body, dict):
-            raise _refused(response, f"generateToken ({slot}) of gateway {gateway_id}")
+            raise arm_refusal(response, f"generateToken ({slot}) of gateway {gateway_id}")
         value = response.body.get("value")
         if not isinstance(value, str) or not value:
             raise PermanentError(f"generateToken of gateway {gateway_id} returned no token")
@@ -91,7 +81,7 @@ class AzureTokenVault:
 
     def _failed(self, error: AzureError, what: str) -> Exception:
         status = getattr(error, "status_code", None)
-        kind = TransientError if status is None or status in _TRANSIENT else PermanentError
+        kind = TransientError if status is None or status in TRANSIENT_STATUSES else PermanentError
         return kind(f"{what} in {self.vault_url}: {describe_failure(error)}")
 
     async def gateway_ledger(self, service_id: str) -> list[LedgerRef]:

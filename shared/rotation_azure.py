@@ -23,16 +23,18 @@ from shared.inventory import describe_failure
 from shared.rotation import CONTENT_TYPE, Key, LedgerRef, SubscriptionKeys, VaultCopy
 from shared.snapshot import ledger_entry
 
-_TRANSIENT = frozenset({408, 409, 429, 500, 502, 503, 504})
+TRANSIENT_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
-def _refused(response: ArmResponse, what: str) -> Exception:
-    # ARM's message names the action and scope of a 403; it never carries a key.
+def arm_refusal(response: ArmResponse, what: str) -> Exception:
+    """The error for an ARM answer that is not a success: NotFound, Transient (408, 409, 429,
+    5xx) or Permanent, naming what was asked. ARM's message names the action and scope of a
+    403; it never carries a key or a token."""
     code, message = error_code_and_message(response.body)
     text = f"{what}: {response.status} {code} {message[:500]}".strip()
     if response.status == 404:
         return NotFoundError(text)
-    return (TransientError if response.status in _TRANSIENT else PermanentError)(text)
+    return (TransientError if response.status in TRANSIENT_STATUSES else PermanentError)(text)
 
 
 class AzureKeyApi:
@@ -44,7 +46,7 @@ class AzureKeyApi:
     async def list_keys(self, subscription_id: str) -> SubscriptionKeys:
         response = await self.arm.send("POST", f"{subscription_id}/listSecrets", APIM_API_VERSION)
         if response.status != 200 or not isinstance(response.body, dict):
-            raise _refused(response, f"reading the keys of {subscription_id} (listSecrets)")
+            raise arm_refusal(response, f"reading the keys of {subscription_id} (listSecrets)")
         primary, secondary = response.body.get("primaryKey"), response.body.get("secondaryKey")
         if not isinstance(primary, str) or not isinstance(secondary, str) or not primary or not secondary:
             raise PermanentError(f"listSecrets of {subscription_id} did not return both keys")
@@ -54,7 +56,7 @@ class AzureKeyApi:
         action = "regeneratePrimaryKey" if slot == "primary" else "regenerateSecondaryKey"
         response = await self.arm.send("POST", f"{subscription_id}/{action}", APIM_API_VERSION)
         if response.status not in (200, 204):
-            raise _refused(response, f"{action} of {subscription_id}")
+            raise arm_refusal(response, f"{action} of {subscription_id}")
 
 
 class AzureLedgerVault:
@@ -66,7 +68,7 @@ class AzureLedgerVault:
 
     def _failed(self, error: AzureError, what: str) -> Exception:
         status = getattr(error, "status_code", None)
-        kind = TransientError if status is None or status in _TRANSIENT else PermanentError
+        kind = TransientError if status is None or status in TRANSIENT_STATUSES else PermanentError
         return kind(f"{what} in {self.vault_url}: {describe_failure(error)}")
 
     async def ledger(self, service_id: str) -> list[LedgerRef]:
