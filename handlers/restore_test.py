@@ -16,8 +16,8 @@ names that the policy does not map to the source is refused before any call to A
 target outside the configured scope, without the tag, or of another tier than the source
 (Azure restores only into the same tier) is refused on what the inventory's listing says
 (its tags and sku), before any request about the target. The tag and tier are checked once
-more on a fresh read of the target (against the backup's tier), before the restore is sent. Refusals are recorded as failed test-restores (`error_code`
-RestoreRefused / TierMismatch).
+more on a fresh read of the target (against the backup's tier), before the restore is sent.
+Refusals are recorded as failed test-restores (`error_code` RestoreRefused / TierMismatch).
 
 Azure actions:
     Microsoft.ApiManagement/service/restore/action
