@@ -13,6 +13,7 @@ bound measured in the same run: one reconcile of the drifted instance called dir
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import tempfile
 import time
@@ -87,6 +88,7 @@ def run() -> bool:
         seconds, bound = asyncio.run(_measure(twin, workdir))
     finally:
         twin.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # Azurite's data and a CA
     ordered = sorted(seconds)
     p50 = statistics.median(ordered)
     p95 = ordered[max(0, round(0.95 * len(ordered)) - 1)]

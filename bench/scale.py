@@ -32,6 +32,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,6 +248,7 @@ def run(*, full: bool = False) -> bool:
     finally:
         twin.send_signal(signal.SIGTERM)
         twin.wait(timeout=60)
+        shutil.rmtree(workdir, ignore_errors=True)  # the twin's state and certificates
     spread = sorted((r for r in runs if r.shape == "spread"), key=lambda r: r.instances)
     if len(spread) > 1:
         growth = spread[-1].peak_rss_mb / spread[0].peak_rss_mb

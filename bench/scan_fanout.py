@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -84,7 +85,8 @@ def _start_twin(workdir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]
 
 
 def run() -> bool:
-    twin, env = _start_twin(Path(tempfile.mkdtemp(prefix="bench-")))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    twin, env = _start_twin(workdir)
     try:
         control = env["APIMR_ARM_ENDPOINT"] + "/_twin"
         ca = env["REQUESTS_CA_BUNDLE"]
@@ -106,6 +108,7 @@ def run() -> bool:
     finally:
         twin.send_signal(signal.SIGTERM)
         twin.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)  # Azurite's data and a CA
     bound = one * INSTANCES
     ratio = everything / bound
     verdict = "ok" if ratio <= TARGET_RATIO else "OVER TARGET"
