@@ -86,7 +86,7 @@ from shared.errors import LeaseLost, OutOfScopeError, PermanentError, Remediator
 from shared.evaluation import evaluate_snapshot
 from shared.evidence import EvidenceSource, PlanEvidence
 from shared.inventory import InstanceRef
-from shared.journal import JournalEntry, JournalRefused, Phase, Trigger
+from shared.journal import JournalApi, JournalEntry, JournalRefused, Phase, Trigger
 from shared.model import Finding, Mode, Snapshot
 from shared.policy import Policy
 from shared.rotation import Action, RotationTarget, Rotator, is_rotation_entry
@@ -148,35 +148,6 @@ class RemediateRequest:
     force_rule_ids: tuple[str, ...] = ()
     correlation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     lease_wait: float = 10.0
-
-
-class JournalApi(Protocol):
-    async def record_intent(
-        self,
-        instance_id: str,
-        *,
-        correlation_id: str,
-        rule_id: str,
-        resource_id: str,
-        action: str,
-        trigger: Trigger,
-        before: str | None,
-        after: str | None,
-        etag_before: str | None,
-    ) -> JournalEntry: ...
-
-    async def record_outcome(
-        self,
-        entry: JournalEntry,
-        phase: Phase,
-        *,
-        error: str | None = None,
-        after: str | None = None,
-        operation_url: str | None = None,
-        steps_done: int | None = None,
-    ) -> JournalEntry: ...
-
-    async def unfinished(self, instance_id: str) -> list[JournalEntry]: ...
 
 
 class Lease(Protocol):

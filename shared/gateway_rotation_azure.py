@@ -19,11 +19,10 @@ from azure.core.exceptions import AzureError, ResourceNotFoundError
 from shared.actions import APIM_API_VERSION
 from shared.actions.executor import ArmApi
 from shared.azure import ClientFactory
-from shared.errors import PermanentError, TransientError
+from shared.errors import PermanentError
 from shared.gateway_rotation import GATEWAY_SLOT_TAG, GATEWAY_TAG, TOKEN_CONTENT_TYPE, GatewayKeys, TokenCopy
-from shared.inventory import describe_failure
 from shared.rotation import Key, LedgerRef
-from shared.rotation_azure import TRANSIENT_STATUSES, arm_refusal
+from shared.rotation_azure import arm_refusal, vault_failure
 
 
 class AzureGatewayApi:
@@ -80,9 +79,7 @@ class AzureTokenVault:
         self.client = factory.secrets_async(vault_url)
 
     def _failed(self, error: AzureError, what: str) -> Exception:
-        status = getattr(error, "status_code", None)
-        kind = TransientError if status is None or status in TRANSIENT_STATUSES else PermanentError
-        return kind(f"{what} in {self.vault_url}: {describe_failure(error)}")
+        return vault_failure(error, what, self.vault_url)
 
     async def gateway_ledger(self, service_id: str) -> list[LedgerRef]:
         prefix = service_id.rstrip("/").lower() + "/gateways/"

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -522,3 +522,34 @@ def _entry(entity: TableEntity) -> JournalEntry:
         )
     except (KeyError, ValueError) as exc:
         raise PermanentError(f"journal row {entity.get('RowKey')!r} is malformed ({exc!r})") from exc
+
+
+class JournalApi(Protocol):
+    """What the engine and the rotations call on the journal (`Journal` implements it)."""
+
+    async def record_intent(
+        self,
+        instance_id: str,
+        *,
+        correlation_id: str,
+        rule_id: str,
+        resource_id: str,
+        action: str,
+        trigger: Trigger,
+        before: str | None,
+        after: str | None,
+        etag_before: str | None,
+    ) -> JournalEntry: ...
+
+    async def record_outcome(
+        self,
+        entry: JournalEntry,
+        phase: Phase,
+        *,
+        error: str | None = None,
+        after: str | None = None,
+        operation_url: str | None = None,
+        steps_done: int | None = None,
+    ) -> JournalEntry: ...
+
+    async def unfinished(self, instance_id: str) -> list[JournalEntry]: ...

@@ -51,7 +51,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from shared.errors import LeaseLost, PermanentError, RemediatorError, TransientError
-from shared.journal import JournalEntry, Phase, Trigger
+from shared.journal import JournalApi, JournalEntry, Phase, Trigger
 from shared.locks import InstanceBusy
 
 LOG = logging.getLogger("apim_remediator.rotation")
@@ -193,33 +193,8 @@ class LedgerVault(Protocol):
     async def store(self, name: str, value: Key, *, tags: Mapping[str, str], expires: datetime) -> str: ...
 
 
-class RotationJournal(Protocol):
-    async def record_intent(
-        self,
-        instance_id: str,
-        *,
-        correlation_id: str,
-        rule_id: str,
-        resource_id: str,
-        action: str,
-        trigger: Trigger,
-        before: str | None,
-        after: str | None,
-        etag_before: str | None,
-    ) -> JournalEntry: ...
-
-    async def record_outcome(
-        self,
-        entry: JournalEntry,
-        phase: Phase,
-        *,
-        error: str | None = None,
-        after: str | None = None,
-        operation_url: str | None = None,
-        steps_done: int | None = None,
-    ) -> JournalEntry: ...
-
-    async def unfinished(self, instance_id: str) -> list[JournalEntry]: ...
+class RotationJournal(JournalApi, Protocol):
+    """The journal calls of the engine, plus finding a rotation's rows by its correlation id."""
 
     async def of_correlation(self, instance_id: str, correlation_id: str) -> list[JournalEntry]: ...
 

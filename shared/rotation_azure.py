@@ -37,6 +37,14 @@ def arm_refusal(response: ArmResponse, what: str) -> Exception:
     return (TransientError if response.status in TRANSIENT_STATUSES else PermanentError)(text)
 
 
+def vault_failure(error: AzureError, what: str, vault_url: str) -> Exception:
+    """A Key Vault SDK failure as Transient (no answer, 408, 409, 429, 5xx) or Permanent,
+    naming what was asked and the vault; the SDK's message is not repeated (describe_failure)."""
+    status = getattr(error, "status_code", None)
+    kind = TransientError if status is None or status in TRANSIENT_STATUSES else PermanentError
+    return kind(f"{what} in {vault_url}: {describe_failure(error)}")
+
+
 class AzureKeyApi:
     """APIM subscription keys through the raw ARM pipeline (its retry policy honours 429 Retry-After)."""
 
@@ -67,9 +75,7 @@ class AzureLedgerVault:
         self.client = factory.secrets_async(vault_url)
 
     def _failed(self, error: AzureError, what: str) -> Exception:
-        status = getattr(error, "status_code", None)
-        kind = TransientError if status is None or status in TRANSIENT_STATUSES else PermanentError
-        return kind(f"{what} in {self.vault_url}: {describe_failure(error)}")
+        return vault_failure(error, what, self.vault_url)
 
     async def ledger(self, service_id: str) -> list[LedgerRef]:
         found = []
